@@ -1,0 +1,3 @@
+from marmot_appliance.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""nats-server: finding the binary, rendering its configuration, running it as a child process."""

@@ -1,0 +1,110 @@
+"""Render nats-server configuration files.
+
+`ServerConfig` is the plain description of one server; `render_server_config` turns it into the
+nats-server config language. The spec-to-ServerConfig mapping (embedded servers of a cluster
+spec) lives in `marmot_appliance.natsd.from_spec`, so the local appliance, the Ansible role and
+the test harness all render through this one function.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from marmot_appliance.errors import NatsServerError
+from marmot_appliance.natsd.binary import nats_server_path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server_name: str
+    host: str  # listen address for client, cluster and monitor ports
+    client_port: int
+    monitor_port: int
+    store_dir: str
+    cluster_name: str | None = None  # None: a single server, no clustering
+    cluster_port: int | None = None
+    routes: tuple[str, ...] = ()  # "host:port" of every other server's cluster port
+    advertise: str | None = None  # address advertised to clients and routes
+    max_memory: str = "256MB"
+    max_file: str = "10GB"
+    user: str | None = None  # client + route authentication, when set
+    password: str | None = None
+    nkey: str | None = None  # public nkey of the allowed client user
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _q(value: str) -> str:
+    """Quote a string for the nats config language (JSON string syntax is accepted)."""
+    return json.dumps(value)
+
+
+def render_server_config(cfg: ServerConfig) -> str:
+    lines = [
+        "# Rendered by marmot-appliance; edits are overwritten.",
+        f"server_name: {_q(cfg.server_name)}",
+        f"listen: {_q(f'{cfg.host}:{cfg.client_port}')}",
+        f"http: {_q(f'{cfg.host}:{cfg.monitor_port}')}",
+    ]
+    if cfg.advertise:
+        lines.append(f"client_advertise: {_q(f'{cfg.advertise}:{cfg.client_port}')}")
+    lines += [
+        "jetstream {",
+        f"  store_dir: {_q(cfg.store_dir)}",
+        f"  max_memory_store: {cfg.max_memory}",
+        f"  max_file_store: {cfg.max_file}",
+        "}",
+    ]
+    if cfg.user and cfg.password:
+        lines += ["authorization {", f"  user: {_q(cfg.user)}", f"  password: {_q(cfg.password)}", "}"]
+    elif cfg.nkey:
+        lines += ["authorization {", f"  users: [ {{ nkey: {_q(cfg.nkey)} }} ]", "}"]
+    if cfg.tls_cert and cfg.tls_key:
+        lines += ["tls {", f"  cert_file: {_q(cfg.tls_cert)}", f"  key_file: {_q(cfg.tls_key)}"]
+        if cfg.tls_ca:
+            lines += [f"  ca_file: {_q(cfg.tls_ca)}"]
+        lines += ["}"]
+    if cfg.cluster_name and cfg.cluster_port:
+        route_auth = ""
+        if cfg.user and cfg.password:
+            route_auth = f"{cfg.user}:{cfg.password}@"
+        routes = ", ".join(_q(f"nats-route://{route_auth}{r}") for r in cfg.routes)
+        lines += [
+            "cluster {",
+            f"  name: {_q(cfg.cluster_name)}",
+            f"  listen: {_q(f'{cfg.host}:{cfg.cluster_port}')}",
+        ]
+        if cfg.advertise:
+            lines.append(f"  advertise: {_q(f'{cfg.advertise}:{cfg.cluster_port}')}")
+        if cfg.user and cfg.password:
+            lines += [
+                "  authorization {",
+                f"    user: {_q(cfg.user)}",
+                f"    password: {_q(cfg.password)}",
+                "  }",
+            ]
+        lines += [f"  routes: [{routes}]", "}"]
+    for key, value in cfg.extra.items():
+        lines.append(f"{key}: {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def check_config_file(path: Path, timeout_s: float = 30.0) -> None:
+    """Ask nats-server itself whether the file is valid (`nats-server -t -c FILE`)."""
+    try:
+        result = subprocess.run(
+            [str(nats_server_path()), "-t", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise NatsServerError(f"nats-server -t timed out checking {path}") from exc
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip()
+        raise NatsServerError(f"nats-server rejected {path}: {detail}")
