@@ -1,0 +1,72 @@
+"""How a node (or any CLI command) connects to the cluster's NATS servers.
+
+One place decides servers, credentials and TLS for a spec node, so the node runtime, `status`,
+`snapshot` and `watch` connect the same way. Generated credentials live in the state directory
+(written by the local appliance with mode 0600; by the Ansible role on remote hosts).
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+
+from marmot_appliance.errors import MarmotError
+from marmot_appliance.spec.model import Cluster, Node
+
+CREDENTIALS_FILE = "secrets/nats-credentials.json"  # {"user": ..., "password": ...}
+
+
+def default_state_dir(cluster: Cluster) -> Path:
+    if cluster.deploy.state_dir:
+        return Path(cluster.deploy.state_dir)
+    base = cluster.source.parent if cluster.source else Path.cwd()
+    return base / ".marmot-appliance" / cluster.name
+
+
+def server_urls(cluster: Cluster, node: Node | None = None) -> list[str]:
+    """Client URLs, the node's own embedded server first."""
+    if not cluster.nats.embedded:
+        return list(cluster.nats.urls)
+    scheme = "tls" if cluster.nats.tls else "nats"
+    ordered = sorted(cluster.nodes, key=lambda n: (node is None or n.name != node.name, n.id))
+    return [f"{scheme}://{n.advertise}:{n.ports.client}" for n in ordered]
+
+
+def read_generated_credentials(state_dir: Path) -> tuple[str, str]:
+    path = state_dir / CREDENTIALS_FILE
+    try:
+        data = json.loads(path.read_text())
+        return data["user"], data["password"]
+    except FileNotFoundError as exc:
+        raise MarmotError(
+            f"generated NATS credentials not found at {path}; run `marmot-appliance apply` first"
+        ) from exc
+    except (ValueError, KeyError) as exc:
+        raise MarmotError(f"generated NATS credentials at {path} are unreadable: {exc}") from exc
+
+
+def connect_kwargs(cluster: Cluster, node: Node | None, state_dir: Path | None = None) -> dict:
+    """Keyword arguments for `nats.connect()`. Secrets are read here and never logged."""
+    kwargs: dict = {
+        "servers": server_urls(cluster, node),
+        "connect_timeout": cluster.nats.connect_timeout_s,
+        "name": f"marmot-{cluster.name}-{node.name}" if node else f"marmot-{cluster.name}",
+    }
+    auth = cluster.nats.auth
+    if auth.mode == "generated":
+        user, password = read_generated_credentials(state_dir or default_state_dir(cluster))
+        kwargs.update(user=user, password=password)
+    elif auth.mode == "user":
+        if not auth.password_file:
+            raise MarmotError("nats.auth.mode is 'user' but nats.auth.password_file is not set")
+        kwargs.update(user=auth.user, password=Path(auth.password_file).read_text().strip())
+    elif auth.mode == "nkey":
+        if not auth.nkey_seed_file:
+            raise MarmotError("nats.auth.mode is 'nkey' but nats.auth.nkey_seed_file is not set")
+        kwargs.update(nkeys_seed=auth.nkey_seed_file)
+    tls = cluster.nats.tls
+    if tls:
+        context = ssl.create_default_context(cafile=tls.ca) if tls.ca else ssl.create_default_context()
+        kwargs["tls"] = context
+    return kwargs

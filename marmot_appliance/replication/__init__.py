@@ -1,0 +1,1 @@
+"""The per-node replication runtime: capture, codec, publisher, applier."""

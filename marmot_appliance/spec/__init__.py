@@ -1,0 +1,1 @@
+"""The cluster spec: JSON Schema validation, defaults, semantic checks, typed model."""
