@@ -1,0 +1,143 @@
+"""`lab up` and `lab down`: build every host of a spec, and remove every trace of it again.
+
+Each step records what it created in `<state_dir>/state.json` before moving on, so a crash or
+a failed `up` is always undone by `down` (which `up` itself calls when it fails). `down` is
+safe to run any number of times, also without a state file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from marmot_appliance.lab import containers, network
+from marmot_appliance.lab.image import ensure_image
+from marmot_appliance.lab.shell import LabError, run
+from marmot_appliance.lab.ssh import generate_client_key, ssh_command, write_client_files
+from marmot_appliance.lab.topology import LabTopology
+
+SSH_READY_TIMEOUT_S = 120.0
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, mounts, systemd-nspawn)")
+    for tool in ("ip", "systemd-nspawn", "ssh", "ssh-keygen", "mount"):
+        if shutil.which(tool) is None:
+            raise LabError(f"{tool} not found; install: systemd-container openssh-client iproute2")
+
+
+class LabState:
+    """What the lab created, persisted after every change."""
+
+    def __init__(self, topology: LabTopology):
+        self.path = topology.state_dir / "state.json"
+        self.data: dict = {"route_added": False, "namespaces": [], "mounts": [], "containers": {}}
+        if self.path.is_file():
+            self.data.update(json.loads(self.path.read_text()))
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2))
+        tmp.replace(self.path)
+
+    def add(self, key: str, value) -> None:
+        if value not in self.data[key]:
+            self.data[key].append(value)
+        self.save()
+
+
+def is_up(topology: LabTopology) -> bool:
+    return (topology.state_dir / "state.json").is_file() or any(
+        network.namespace_exists(ns) for ns in topology.namespaces
+    )
+
+
+def lab_up(topology: LabTopology, progress=print) -> None:
+    require_root()
+    if is_up(topology):
+        raise LabError(f"lab {topology.lab!r} is already up (or half built); run `lab down` first")
+    image = ensure_image(topology.image_cache, progress=progress)
+    state = LabState(topology)
+    state.save()
+    try:
+        # Safety rule 1: the blackhole route exists before any lab address does.
+        state.data["route_added"] = network.add_blackhole_route()
+        state.save()
+        network.build_network(topology, record=lambda ns: state.add("namespaces", ns))
+        public_key = generate_client_key(topology)
+        host_keys = {}
+        for host in topology.hosts:
+            directory = containers.host_dir(topology, host)
+            rootfs = containers.mount_overlay(image, directory)
+            state.add("mounts", str(rootfs))
+            host_keys[host.name] = containers.personalize(rootfs, host, topology, public_key)
+        write_client_files(topology, host_keys)
+        for host in topology.hosts:
+            rootfs = containers.host_dir(topology, host) / "rootfs"
+            log = topology.state_dir / "logs" / f"{host.name}.log"
+            state.data["containers"][host.name] = containers.start_container(topology, host, rootfs, log)
+            state.save()
+        progress(f"booting {len(topology.hosts)} hosts; waiting for sshd")
+        for host in topology.hosts:
+            wait_for_ssh(topology, host.name)
+    except BaseException:
+        lab_down(topology, progress=lambda _msg: None)
+        raise
+    progress(f"lab {topology.lab} is up: " + ", ".join(f"{h.name}={h.address}" for h in topology.hosts))
+
+
+def wait_for_ssh(topology: LabTopology, host_name: str, timeout_s: float = SSH_READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        result = run(ssh_command(topology, host_name, "true"), check=False, timeout_s=30)
+        if result.returncode == 0:
+            return
+        last = (result.stderr or result.stdout).strip()
+        time.sleep(0.5)
+    raise LabError(f"lab host {host_name} not reachable over ssh within {timeout_s:.0f}s: {last}")
+
+
+def lab_down(topology: LabTopology, progress=print) -> None:
+    """Stop the containers (by PID), unmount, delete namespaces and the route. Idempotent."""
+    require_root()
+    state = LabState(topology)
+    problems = []
+    for name, record in list(state.data["containers"].items()):
+        try:
+            containers.stop_container(record)
+            del state.data["containers"][name]
+            state.save()
+        except LabError as exc:
+            problems.append(str(exc))
+    mounts = set(state.data["mounts"]) | {
+        str(containers.host_dir(topology, h) / "rootfs") for h in topology.hosts
+    }
+    for mount in sorted(mounts):
+        try:
+            containers.unmount(Path(mount))
+        except LabError as exc:
+            problems.append(str(exc))
+    for namespace in dict.fromkeys(state.data["namespaces"] + topology.namespaces):
+        leftovers = network.namespace_pids(namespace)
+        if leftovers:
+            # Not ours to kill: report them, the namespace stays until they exit.
+            problems.append(f"namespace {namespace} still has processes {leftovers}; stop them and rerun")
+            continue
+        network.delete_namespace(namespace)
+    if problems:
+        raise LabError("lab down incomplete:\n  " + "\n  ".join(problems))
+    if not _other_labs_present():
+        # The route is shared by every lab on this machine: the last one down removes it.
+        network.remove_blackhole_route()
+    shutil.rmtree(topology.state_dir, ignore_errors=True)
+    progress(f"lab {topology.lab} is down")
+
+
+def _other_labs_present() -> bool:
+    return network.NETNS_DIR.is_dir() and any(p.name.startswith("mlab-") for p in network.NETNS_DIR.iterdir())

@@ -1,0 +1,92 @@
+"""The lab's ssh identity: one client key, one host key per host, a pinned known_hosts file.
+
+Ansible and `lab exec` reach the hosts exactly as they would reach VMs: over ssh, from the
+controller namespace, with strict host key checking against keys the lab generated.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from marmot_appliance.lab.shell import run
+from marmot_appliance.lab.topology import LabTopology
+
+
+def ssh_dir(topology: LabTopology) -> Path:
+    return topology.state_dir / "ssh"
+
+
+def client_key(topology: LabTopology) -> Path:
+    return ssh_dir(topology) / "id_ed25519"
+
+
+def ssh_config_path(topology: LabTopology) -> Path:
+    return ssh_dir(topology) / "ssh_config"
+
+
+def generate_client_key(topology: LabTopology) -> str:
+    """Create the controller's key pair (once per lab); returns the public key line."""
+    directory = ssh_dir(topology)
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    key = client_key(topology)
+    if not key.exists():
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"marmot-lab-{topology.lab}", "-f", str(key)])
+    return key.with_suffix(".pub").read_text().strip()
+
+
+def generate_host_key(etc_ssh: Path, host_name: str) -> str:
+    """Write the host's ed25519 key into its root filesystem; returns the public key."""
+    key = etc_ssh / "ssh_host_ed25519_key"
+    for old in etc_ssh.glob("ssh_host_ed25519_key*"):
+        old.unlink()
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"root@{host_name}", "-f", str(key)])
+    public = key.with_suffix(".pub").read_text().split()
+    return f"{public[0]} {public[1]}"
+
+
+def write_client_files(topology: LabTopology, host_keys: dict[str, str]) -> None:
+    """known_hosts pinned to the generated host keys, and an ssh_config for every host."""
+    directory = ssh_dir(topology)
+    known = [f"{h.address},{h.name} {host_keys[h.name]}" for h in topology.hosts if h.name in host_keys]
+    (directory / "known_hosts").write_text("\n".join(known) + "\n")
+    lines = []
+    for host in topology.hosts:
+        lines += [f"Host {host.name}", f"  HostName {host.address}", ""]
+    patterns = " ".join([h.name for h in topology.hosts] + [h.address for h in topology.hosts])
+    lines += [
+        f"Host {patterns}",
+        "  User root",
+        f"  IdentityFile {client_key(topology)}",
+        "  IdentitiesOnly yes",
+        f"  UserKnownHostsFile {directory / 'known_hosts'}",
+        "  StrictHostKeyChecking yes",
+        "  BatchMode yes",
+        "  ConnectTimeout 5",
+        # No multiplexing: a ControlMaster would outlive the command and pin the namespace.
+        "  ControlMaster no",
+        "  ControlPath none",
+        "",
+    ]
+    ssh_config_path(topology).write_text("\n".join(lines))
+
+
+def ssh_command(topology: LabTopology, host_name: str, command: list[str] | str) -> list[str]:
+    """argv that runs `command` on a lab host over ssh, from inside the controller namespace."""
+    host = topology.host(host_name)
+    remote = command if isinstance(command, str) else " ".join(shlex.quote(part) for part in command)
+    return [
+        "ip", "netns", "exec", topology.controller_namespace,
+        "ssh", "-F", str(ssh_config_path(topology)), host.name, remote,
+    ]
+
+
+def ansible_environment(topology: LabTopology) -> dict[str, str]:
+    """Environment for ansible-playbook run in the controller namespace against the lab."""
+    return {
+        "ANSIBLE_SSH_ARGS": f"-F {ssh_config_path(topology)} -o ControlMaster=no -o ControlPath=none",
+        "ANSIBLE_PRIVATE_KEY_FILE": str(client_key(topology)),
+        "ANSIBLE_HOST_KEY_CHECKING": "True",
+        "ANSIBLE_REMOTE_USER": "root",
+    }
