@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class MarmotError(Exception):
     """Base for every error that is the user's or the environment's, not a bug."""
@@ -11,8 +13,13 @@ class SpecError(MarmotError):
     """A cluster spec is invalid. `problems` holds one located message per mistake."""
 
     def __init__(self, problems: list[str]):
-        self.problems = sorted(problems)
+        # Natural order, so "spec.yaml:9:1" sorts before "spec.yaml:10:1".
+        self.problems = sorted(problems, key=_natural_sort_key)
         super().__init__("\n".join(self.problems))
+
+
+def _natural_sort_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 class DatabaseStateError(MarmotError):

@@ -153,6 +153,7 @@ class SnapshotSettings:
 @dataclass(frozen=True)
 class ObservabilitySettings:
     listen_address: str = "127.0.0.1"  # metrics/health bind address; port is the node's metrics port
+    metrics_port: int = DEFAULT_METRICS_PORT  # cluster-wide default of nodes[].ports.metrics
     log_format: Literal["console", "json"] = "console"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
