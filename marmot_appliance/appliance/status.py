@@ -1,0 +1,134 @@
+"""`status`: every node's processes and health, as text or JSON.
+
+A node is healthy when its runtime process is running, its GET /health answers 200 and (for
+embedded NATS) its nats-server process is running. Everything shown about replication (NATS
+connectivity, lag per stream, last publish/apply, dead letters, last snapshot) comes from the
+node's own /health, so `status` reports what the node itself knows.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from marmot_appliance.appliance import health
+from marmot_appliance.appliance.resources import NATS_KIND, NODE_KIND, resource_name
+from marmot_appliance.appliance.state import ProcessRecord, RecordedState, StateDir
+from marmot_appliance.appliance.supervisor import is_running
+from marmot_appliance.nats_client import default_state_dir
+from marmot_appliance.spec.model import Cluster
+
+
+@dataclass
+class ProcessStatus:
+    resource: str
+    pid: int | None
+    running: bool
+
+    def to_dict(self) -> dict:
+        return {"resource": self.resource, "pid": self.pid, "running": self.running}
+
+
+@dataclass
+class NodeStatus:
+    name: str
+    runtime: ProcessStatus
+    nats_server: ProcessStatus | None  # None: NATS is not embedded
+    health: health.NodeHealth
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict:
+        return {
+            "node": self.name,
+            "healthy": self.healthy,
+            "problems": list(self.problems),
+            "runtime": self.runtime.to_dict(),
+            "nats_server": self.nats_server.to_dict() if self.nats_server else None,
+            "health_http_status": self.health.http_status,
+            "health": self.health.body,
+        }
+
+
+def _process_status(resource: str, record: ProcessRecord | None) -> ProcessStatus:
+    if record is None:
+        return ProcessStatus(resource, None, False)
+    running = is_running(record)
+    return ProcessStatus(resource, record.pid if running else None, running)
+
+
+def collect_status(cluster: Cluster) -> list[NodeStatus]:
+    state = StateDir(default_state_dir(cluster).resolve())
+    recorded = state.load(cluster.name) if state.exists() else RecordedState(cluster=cluster.name)
+    statuses = []
+    for node in sorted(cluster.nodes, key=lambda n: n.id):
+        runtime_name = resource_name(NODE_KIND, node.name)
+        runtime = _process_status(runtime_name, recorded.processes.get(runtime_name))
+        nats = None
+        if cluster.nats.embedded:
+            nats_name = resource_name(NATS_KIND, node.name)
+            nats = _process_status(nats_name, recorded.processes.get(nats_name))
+        node_health = health.fetch_node_health(cluster, node)
+        problems = []
+        if not runtime.running:
+            problems.append("node runtime not running")
+        if nats is not None and not nats.running:
+            problems.append("nats-server not running")
+        if not node_health.healthy:
+            problems.append(node_health.describe())
+        statuses.append(NodeStatus(node.name, runtime, nats, node_health, problems))
+    return statuses
+
+
+def _ago(timestamp: object) -> str:
+    if not isinstance(timestamp, (int, float)):
+        return "never"
+    seconds = max(0.0, time.time() - float(timestamp))
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
+    lines = [f"Cluster {cluster.name!r}:"]
+    for status in statuses:
+        body = status.health.body or {}
+        verdict = "healthy" if status.healthy else "UNHEALTHY"
+        lines.append(f"  {status.name}: {verdict}")
+        runtime = f"pid {status.runtime.pid}" if status.runtime.running else "not running"
+        line = f"    runtime: {runtime}"
+        if status.nats_server is not None:
+            nats_pid = f"pid {status.nats_server.pid}" if status.nats_server.running else "not running"
+            line += f"; nats-server: {nats_pid}"
+        lines.append(line)
+        if body:
+            connected = (body.get("nats") or {}).get("connected")
+            lag = body.get("lag") or {}
+            lag_text = ", ".join(f"{stream}={behind}" for stream, behind in sorted(lag.items())) or "-"
+            lines.append(f"    NATS connected: {'yes' if connected else 'no'}; lag: {lag_text}")
+            lines.append(
+                f"    last publish: {_ago(body.get('last_publish'))}; last apply: {_ago(body.get('last_apply'))}; "
+                f"dead letters: {body.get('dead_letters', '-')}; last snapshot: {_ago(body.get('last_snapshot'))}"
+            )
+        for problem in status.problems:
+            lines.append(f"    problem: {problem}")
+    healthy = sum(1 for s in statuses if s.healthy)
+    lines.append(f"{healthy} of {len(statuses)} nodes healthy.")
+    return "\n".join(lines)
+
+
+def render_status_json(cluster: Cluster, statuses: list[NodeStatus]) -> str:
+    return json.dumps(
+        {
+            "cluster": cluster.name,
+            "healthy": all(s.healthy for s in statuses),
+            "nodes": [s.to_dict() for s in statuses],
+        },
+        indent=2,
+    )

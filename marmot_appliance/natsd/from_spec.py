@@ -1,0 +1,100 @@
+"""Map a cluster spec onto embedded nats-server configurations.
+
+`server_config_for` is a pure function (no file or network access) so the local appliance, the
+Ansible role and tests render the same configuration for the same spec. Secrets arrive through
+`ServerCredentials`; reading or generating them is the caller's job
+(`marmot_appliance.appliance.credentials` locally, the Ansible role remotely).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from marmot_appliance.errors import MarmotError
+from marmot_appliance.natsd.config import ServerConfig
+from marmot_appliance.spec.model import Cluster, Node
+
+
+@dataclass(frozen=True)
+class ServerCredentials:
+    """What a server accepts from clients and other servers' routes.
+
+    user + password for `generated` and `user` auth; nkey (the *public* key) for `nkey` auth.
+    The password is excluded from repr so it never lands in a log line or traceback.
+    """
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    nkey: str | None = None
+
+
+def listen_host(node: Node) -> str:
+    """Address the node's server binds to.
+
+    Local nodes bind their loopback address (several servers share one machine, told apart by
+    port). Remote servers bind the advertised address, so they are reachable by the other hosts
+    but not on every interface of a multi-homed machine.
+    """
+    return node.host if node.is_local else node.advertise
+
+
+def server_config_for(
+    cluster: Cluster,
+    node: Node,
+    store_dir: str,
+    credentials: ServerCredentials | None,
+) -> ServerConfig:
+    """The embedded nats-server of `node`: routes to every other node's cluster port.
+
+    `credentials` is required unless the spec sets `nats.auth.mode: none`; it is ignored then.
+    """
+    if not cluster.nats.embedded:
+        raise MarmotError("nats.embedded is false: the spec describes no nats-server to configure")
+    if node not in cluster.nodes:
+        raise MarmotError(f"node {node.name!r} is not part of cluster {cluster.name!r}")
+    auth = cluster.nats.auth
+    user = password = nkey = None
+    if auth.mode != "none":
+        if credentials is None:
+            raise MarmotError(f"nats.auth.mode is {auth.mode!r} but no credentials were provided")
+        if auth.mode == "nkey":
+            if not credentials.nkey:
+                raise MarmotError("nats.auth.mode is 'nkey' but no public nkey was provided")
+            nkey = credentials.nkey
+        else:
+            if not (credentials.user and credentials.password):
+                raise MarmotError(f"nats.auth.mode is {auth.mode!r} but user or password is empty")
+            user, password = credentials.user, credentials.password
+    clustered = len(cluster.nodes) > 1
+    routes = tuple(
+        f"{other.advertise}:{other.ports.cluster}"
+        for other in sorted(cluster.nodes, key=lambda n: n.id)
+        if other.name != node.name
+    )
+    tls = cluster.nats.tls
+    return ServerConfig(
+        server_name=f"{cluster.name}-{node.name}",
+        host=listen_host(node),
+        client_port=node.ports.client,
+        monitor_port=node.ports.monitor,
+        store_dir=store_dir,
+        # A lone server runs JetStream standalone: a cluster block without peers would wait
+        # forever for a meta-group quorum.
+        cluster_name=cluster.name if clustered else None,
+        cluster_port=node.ports.cluster if clustered else None,
+        routes=routes if clustered else (),
+        advertise=node.advertise,
+        max_memory=cluster.nats.jetstream.max_memory,
+        max_file=cluster.nats.jetstream.max_file,
+        user=user,
+        password=password,
+        nkey=nkey,
+        tls_cert=tls.cert if tls else None,
+        tls_key=tls.key if tls else None,
+        tls_ca=tls.ca if tls else None,
+    )
+
+
+def monitor_endpoints(cluster: Cluster) -> list[tuple[str, int]]:
+    """(host, monitor port) of every embedded server, for waiting on the JetStream meta leader."""
+    return [(listen_host(n), n.ports.monitor) for n in cluster.nodes]

@@ -1,0 +1,130 @@
+"""The spec -> nats-server config mapping: accepted by `nats-server -t`, and it really runs."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import nats
+import pytest
+
+from marmot_appliance.errors import MarmotError, NatsServerError
+from marmot_appliance.natsd.config import check_config_file, render_server_config
+from marmot_appliance.natsd.from_spec import ServerCredentials, monitor_endpoints, server_config_for
+from marmot_appliance.natsd.process import NatsServerProcess, wait_for_meta_leader
+from marmot_appliance.spec.model import Cluster, NatsAuth, NatsSettings, Node, NodePorts
+from tests.harness import free_ports
+
+
+def local_cluster(size: int = 3, auth: str = "generated", host: str = "127.0.0.1") -> Cluster:
+    ports = free_ports(size * 4)
+    nodes = tuple(
+        Node(
+            name=f"n{i + 1}",
+            id=i + 1,
+            host=host,
+            advertise=host,
+            db=f"/tmp/unused-{i}.db",
+            ports=NodePorts(*ports[i * 4 : i * 4 + 4]),
+        )
+        for i in range(size)
+    )
+    return Cluster(name="shop", nodes=nodes, nats=NatsSettings(auth=NatsAuth(mode=auth)))
+
+
+CREDS = ServerCredentials(user="marmot", password="s3cret-Pass_word")
+
+
+def test_routes_point_at_every_other_node(tmp_path: Path):
+    cluster = local_cluster(3)
+    cfg = server_config_for(cluster, cluster.nodes[0], str(tmp_path / "js"), CREDS)
+    others = cluster.nodes[1:]
+    assert cfg.routes == tuple(f"127.0.0.1:{n.ports.cluster}" for n in others)
+    assert cfg.server_name == "shop-n1"
+    assert cfg.cluster_name == "shop"
+    assert (cfg.client_port, cfg.cluster_port, cfg.monitor_port) == (
+        cluster.nodes[0].ports.client,
+        cluster.nodes[0].ports.cluster,
+        cluster.nodes[0].ports.monitor,
+    )
+    assert cfg.user == "marmot" and cfg.password == CREDS.password
+
+
+def test_password_is_not_in_repr():
+    assert CREDS.password not in repr(CREDS)
+
+
+def test_single_node_is_standalone(tmp_path: Path):
+    cluster = local_cluster(1)
+    cfg = server_config_for(cluster, cluster.nodes[0], str(tmp_path / "js"), CREDS)
+    assert cfg.cluster_name is None and cfg.routes == ()
+
+
+def test_auth_none_ignores_credentials(tmp_path: Path):
+    cluster = local_cluster(3, auth="none")
+    cfg = server_config_for(cluster, cluster.nodes[0], str(tmp_path / "js"), CREDS)
+    assert cfg.user is None and cfg.password is None
+    assert "authorization" not in render_server_config(cfg)
+
+
+def test_missing_credentials_is_a_clear_error(tmp_path: Path):
+    cluster = local_cluster(3)
+    with pytest.raises(MarmotError, match="no credentials"):
+        server_config_for(cluster, cluster.nodes[0], str(tmp_path / "js"), None)
+
+
+def test_remote_nodes_listen_on_their_advertised_address(tmp_path: Path):
+    cluster = local_cluster(3, host="10.77.0.11")
+    cfg = server_config_for(cluster, cluster.nodes[1], "/var/lib/marmot-appliance/nats", CREDS)
+    assert cfg.host == "10.77.0.11"
+    assert cfg.advertise == "10.77.0.11"
+
+
+@pytest.mark.parametrize("auth", ["generated", "none"])
+def test_rendered_config_passes_nats_server_check(tmp_path: Path, auth: str):
+    cluster = local_cluster(3, auth=auth)
+    for node in cluster.nodes:
+        path = tmp_path / f"{node.name}.conf"
+        path.write_text(render_server_config(server_config_for(cluster, node, str(tmp_path / node.name), CREDS)))
+        check_config_file(path)
+
+
+def test_nats_server_check_rejects_garbage(tmp_path: Path):
+    path = tmp_path / "bad.conf"
+    path.write_text("listen: {{{ nonsense\n")
+    with pytest.raises(NatsServerError, match="rejected"):
+        check_config_file(path)
+
+
+def test_rendered_cluster_runs_and_enforces_auth(tmp_path: Path):
+    """Three servers from the rendered configs form a JetStream cluster that demands the password."""
+    cluster = local_cluster(3)
+    processes = []
+    try:
+        for node in cluster.nodes:
+            cfg = server_config_for(cluster, node, str(tmp_path / node.name / "js"), CREDS)
+            path = tmp_path / f"{node.name}.conf"
+            path.write_text(render_server_config(cfg))
+            proc = NatsServerProcess(config_path=path, log_path=tmp_path / f"{node.name}.log")
+            proc.start()
+            processes.append(proc)
+        for node, proc in zip(cluster.nodes, processes):
+            proc.wait_listening("127.0.0.1", node.ports.client, timeout_s=30)
+        wait_for_meta_leader(monitor_endpoints(cluster), timeout_s=60)
+        url = f"nats://127.0.0.1:{cluster.nodes[0].ports.client}"
+
+        async def probe():
+            with pytest.raises(Exception) as refused:
+                await nats.connect(url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0)
+            assert "authorization" in str(refused.value).lower()
+            nc = await nats.connect(url, user=CREDS.user, password=CREDS.password, connect_timeout=5)
+            try:
+                info = await nc.jetstream().account_info()
+                assert info is not None
+            finally:
+                await nc.close()
+
+        asyncio.run(asyncio.wait_for(probe(), timeout=60))
+    finally:
+        for proc in processes:
+            proc.stop()
