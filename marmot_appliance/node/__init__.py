@@ -1,0 +1,1 @@
+"""The node process: wires capture, publisher, consumers, HTTP endpoints and shutdown."""

@@ -1,0 +1,429 @@
+"""The node runtime: one asyncio process beside one SQLite file.
+
+Start-up order (each step's failure is a clear message and exit 1, except NATS reachability,
+which is retried while /health reports "unhealthy"):
+
+1. the database must exist and be in WAL mode (`--cleanup` removes bookkeeping and exits);
+2. /health and /metrics start listening (the appliance polls them while we connect);
+3. connect to NATS (unlimited reconnects), create or check the shard streams;
+4. install capture (triggers, log, clock; one transaction) and publish what is pending;
+5. restore a snapshot if a stream's log was truncated below our position;
+6. one consumer per shard stream from the stored position, the publisher, the maintenance loop.
+
+SIGTERM / SIGINT: stop capture-driven publishing after flushing what is in flight, let each
+consumer finish the batch it is applying (positions are committed with every batch), write the
+seq-map copy, `nc.drain()`, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+
+from marmot_appliance.errors import DatabaseStateError, MarmotError
+from marmot_appliance.node import snapshot_bridge
+from marmot_appliance.node.config import NodeConfig
+from marmot_appliance.node.db_thread import DbThread
+from marmot_appliance.node.seq_map import write_seq_map
+from marmot_appliance.node.status import RuntimeStatus
+from marmot_appliance.observability.http import ObservabilityServer
+from marmot_appliance.observability.metrics import Metrics
+from marmot_appliance.replication.consumer import ShardConsumer
+from marmot_appliance.replication.publisher import OwnPublishes, Publisher
+from marmot_appliance.replication.sharding import shard_numbers
+from marmot_appliance.replication.streams import StreamSetupError, ensure_streams
+from marmot_appliance.replication.wakeup import CommitWakeup
+
+log = logging.getLogger(__name__)
+
+STREAM_SETUP_TIMEOUT_S = 60.0
+SCHEMA_CHECK_S = 0.5
+PARKED_RETRY_S = 2.0
+STATUS_REFRESH_S = 1.0
+PUBLISH_ASYNC_WINDOW = 1024
+# A stream error with these words is a configuration problem, not a transient one.
+FATAL_STREAM_ERRORS = ("insufficient resources", "replicas", "subjects overlap", "exists with subjects")
+
+
+class NodeRuntime:
+    """Runs one node until `stop` is set. Use `await NodeRuntime(config).run(stop)`."""
+
+    def __init__(self, config: NodeConfig, metrics: Metrics | None = None):
+        self.config = config
+        self.cluster = config.cluster
+        self.node = config.node
+        self.replication = config.cluster.replication
+        self.metrics = metrics or Metrics()
+        self.status = RuntimeStatus(node=self.node.name, db_path=str(config.db_path))
+        self.http: ObservabilityServer | None = None
+        self.nc: Any = None
+        self.js: Any = None
+        self.capture: Any = None
+        self.applier: Any = None
+        self.capture_db = DbThread(f"capture-{self.node.name}")
+        self.apply_db = DbThread(f"apply-{self.node.name}")
+        self.wakeup: CommitWakeup | None = None
+        self.publisher: Publisher | None = None
+        self.consumers: list[ShardConsumer] = []
+        self.own_publishes = OwnPublishes()
+        self.snapshot_scheduler: Any = None
+        self._restore_lock = asyncio.Lock()
+        self._last_seq_map: dict[str, int] | None = None
+
+    # -- health ----------------------------------------------------------------------------
+
+    def health(self) -> dict:
+        self.status.nats_connected = bool(self.nc is not None and self.nc.is_connected)
+        return self.status.as_health()
+
+    def _refresh_gauges(self) -> None:
+        if self.status.last_snapshot:
+            self.metrics.set("snapshot_age_seconds", time.time() - self.status.last_snapshot,
+                             help="Seconds since the newest snapshot this node knows of")
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> int:
+        db_path = self.config.db_path
+        await self.capture_db.run(_check_database, db_path)
+        if self.config.cleanup:
+            from marmot_appliance.replication.capture import remove_bookkeeping
+
+            await self.capture_db.run(remove_bookkeeping, str(db_path))
+            log.info("removed triggers, change log and bookkeeping from %s; user data untouched", db_path)
+            self._shutdown_threads()
+            return 0
+        try:
+            await self._start_http()
+            if not await self._connect(stop):
+                return 0
+            await self._ensure_streams(stop)
+            if self.config.save_snapshot:
+                return await self._save_snapshot_and_exit()
+            await self._open_database()
+            tasks = await self._start_parts(stop)
+            await stop.wait()
+            await self._stop_parts(tasks)
+            return 0
+        finally:
+            await self._close()
+
+    async def _start_http(self) -> None:
+        if self.config.http_host is None:
+            return
+        self.http = ObservabilityServer(
+            self.config.http_host, self.config.http_port, self.health, self.metrics, self._refresh_gauges
+        )
+        try:
+            await self.http.start()
+        except OSError as exc:
+            self.http = None
+            raise MarmotError(
+                f"cannot serve /health and /metrics on {self.config.http_host}:{self.config.http_port}: {exc.strerror}"
+            ) from exc
+        log.info("serving /health and /metrics on http://%s:%d", self.config.http_host, self.http.port)
+
+    async def _connect(self, stop: asyncio.Event) -> bool:
+        """Connect, retrying until it works or `stop` is set (False then)."""
+        kwargs = dict(self.config.nats_connect)
+        kwargs.setdefault("connect_timeout", self.cluster.nats.connect_timeout_s)
+
+        async def disconnected():
+            self.status.nats_connected = False
+            log.warning("disconnected from NATS; reconnecting")
+
+        async def reconnected():
+            self.status.nats_connected = True
+            log.info("reconnected to NATS at %s", self.nc.connected_url.netloc if self.nc.connected_url else "?")
+
+        async def error(exc):
+            log.debug("NATS client error: %s", exc)
+
+        kwargs.update(
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            allow_reconnect=True,
+            disconnected_cb=disconnected,
+            reconnected_cb=reconnected,
+            error_cb=error,
+            pending_size=64 * 1024 * 1024,
+        )
+        attempt = 0
+        while not stop.is_set():
+            try:
+                self.nc = await nats.connect(**kwargs)
+                break
+            except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+                attempt += 1
+                delay = min(5.0, 0.2 * 2 ** min(attempt, 5))
+                servers = ", ".join(kwargs.get("servers") or [])
+                level = logging.WARNING if attempt <= 3 or attempt % 20 == 0 else logging.DEBUG
+                log.log(level, "cannot reach NATS at %s (%s); retrying in %.1fs", servers, exc or type(exc).__name__, delay)
+                try:
+                    await asyncio.wait_for(stop.wait(), delay)
+                except asyncio.TimeoutError:
+                    pass
+        if self.nc is None:
+            return False
+        self.status.nats_connected = True
+        self.js = self.nc.jetstream(timeout=10.0, publish_async_max_pending=PUBLISH_ASYNC_WINDOW)
+        log.info("connected to NATS (max payload %d bytes)", self.nc.max_payload)
+        return True
+
+    async def _ensure_streams(self, stop: asyncio.Event) -> None:
+        replicas = self.cluster.effective_log_replicas
+        deadline = time.monotonic() + STREAM_SETUP_TIMEOUT_S
+        while True:
+            try:
+                await ensure_streams(self.js, self.replication, replicas)
+                return
+            except StreamSetupError as exc:
+                if any(word in str(exc).lower() for word in FATAL_STREAM_ERRORS) or time.monotonic() > deadline:
+                    raise
+                error: Exception = exc
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise MarmotError(f"JetStream did not answer while creating the shard streams: {exc}") from exc
+                error = exc
+            log.info("JetStream not ready for stream setup (%s); retrying", error)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+                raise MarmotError("stopped before the shard streams were ready")
+            except asyncio.TimeoutError:
+                pass
+
+    async def _open_database(self) -> None:
+        from marmot_appliance.replication.applier import BatchApplier
+        from marmot_appliance.replication.capture import ChangeCapture
+
+        db = str(self.config.db_path)
+        selection = self.node.tables
+        node_id = self.node.id
+        self.capture = await self.capture_db.run(ChangeCapture, db, node_id, selection)
+        report = await self.capture_db.run(self.capture.install)
+        for warning in getattr(report, "warnings", ()):
+            log.warning("%s", warning)
+        log.info("capturing %d table(s): %s", len(report.tables), ", ".join(report.tables) or "(none yet)")
+        self.status.capture_installed = True
+        self.applier = await self.apply_db.run(BatchApplier, db, node_id, selection)
+
+    # -- parts -----------------------------------------------------------------------------
+
+    async def _start_parts(self, stop: asyncio.Event) -> list[asyncio.Task]:
+        self.wakeup = CommitWakeup(
+            self.config.db_path, self.replication.poll_interval_ms / 1000.0, use_inotify=self.config.use_inotify
+        )
+        self.wakeup.start()
+        self.status.capture_mode = self.wakeup.mode
+        self.publisher = Publisher(
+            self.js, self.capture, self.capture_db, self.node.id, self.replication, self.nc.max_payload,
+            self.wakeup, self.metrics, self.status, own_publishes=self.own_publishes,
+        )
+        # Changes committed while we were down go out first; then a lagging node may restore.
+        if self.node.publish:
+            await self.publisher.flush()
+        if self.cluster.snapshots.enabled and self.node.replicate:
+            await self._restore_if_needed()
+        self._start_snapshot_scheduler()
+        self._parts_stop = asyncio.Event()  # consumers and publisher stop on this, after `stop`
+        tasks: list[asyncio.Task] = []
+        if self.node.replicate:
+            positions = await self.apply_db.run(self.applier.positions)
+            for shard in shard_numbers(self.replication.shards):
+                stream = self.replication.stream_name(shard)
+                consumer = ShardConsumer(
+                    self.js, self.applier, self.apply_db, stream, self.replication.subject(shard), self.node.id,
+                    self.metrics, self.status, positions.get(stream, 0), own_publishes=self.own_publishes,
+                    on_truncated=self._on_truncated,
+                )
+                self.consumers.append(consumer)
+                tasks.append(asyncio.create_task(consumer.run(self._parts_stop), name=f"consume-{stream}"))
+        if self.node.publish:
+            tasks.append(asyncio.create_task(self.publisher.run(self._parts_stop), name="publish"))
+        tasks.append(asyncio.create_task(self._maintenance(self._parts_stop), name="maintenance"))
+        for task in tasks:
+            task.add_done_callback(self._part_finished)
+        log.info(
+            "node %s (id %d) running: %d shard(s), replicas %d, wake-up by %s",
+            self.node.name, self.node.id, self.replication.shards, self.cluster.effective_log_replicas,
+            self.wakeup.mode,
+        )
+        return tasks
+
+    def _part_finished(self, task: asyncio.Task) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            # A part died from a bug: say so loudly; /health keeps the node visible as degraded.
+            log.error("runtime part %s failed: %s", task.get_name(), exc, exc_info=exc)
+            self.status.database_ok = False
+            self.status.database_error = f"{task.get_name()} stopped: {exc}"
+
+    async def _stop_parts(self, tasks: list[asyncio.Task]) -> None:
+        log.info("shutting down: flushing publishes, finishing applies")
+        self._parts_stop.set()
+        if self.wakeup is not None:
+            self.wakeup.notify()
+        done, pending = await asyncio.wait(tasks, timeout=30.0)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5.0)
+        if self.snapshot_scheduler is not None:
+            stop_scheduler = getattr(self.snapshot_scheduler, "stop", None)
+            if stop_scheduler is not None:
+                result = stop_scheduler()
+                if asyncio.iscoroutine(result):
+                    await result
+        await self._write_seq_map()
+
+    async def _close(self) -> None:
+        if self.wakeup is not None:
+            await self.wakeup.close()
+        if self.nc is not None and not self.nc.is_closed:
+            try:
+                await asyncio.wait_for(self.nc.drain(), 10.0)
+            except Exception as exc:  # noqa: BLE001 - closing anyway
+                log.debug("drain incomplete: %s", exc)
+                try:
+                    await self.nc.close()
+                except Exception:  # noqa: BLE001
+                    pass
+        if self.http is not None:
+            await self.http.close()
+        for thread, part in ((self.capture_db, self.capture), (self.apply_db, self.applier)):
+            if part is not None:
+                try:
+                    await thread.run(part.close)
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("close: %s", exc)
+        self._shutdown_threads()
+
+    def _shutdown_threads(self) -> None:
+        self.capture_db.shutdown()
+        self.apply_db.shutdown()
+
+    # -- periodic work -----------------------------------------------------------------------
+
+    async def _maintenance(self, stop: asyncio.Event) -> None:
+        """Schema drift, parked rows, log purge, status, seq-map copy. One slow loop."""
+        last_purge = last_parked = last_status = time.monotonic()
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), SCHEMA_CHECK_S)
+                return
+            except asyncio.TimeoutError:
+                pass
+            now = time.monotonic()
+            try:
+                await self._check_schema()
+                if now - last_parked >= PARKED_RETRY_S:
+                    last_parked = now
+                    retried = await self.apply_db.run(self.applier.retry_parked)
+                    if retried:
+                        log.info("applied %d parked row(s) after the schema caught up", retried)
+                if now - last_purge >= self.replication.cleanup_interval_s:
+                    last_purge = now
+                    purged = await self.capture_db.run(self.capture.purge_published)
+                    if purged:
+                        log.debug("purged %d published log row(s)", purged)
+                if now - last_status >= STATUS_REFRESH_S:
+                    last_status = now
+                    await self._refresh_status()
+                self.status.database_ok = True
+                self.status.database_error = None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported on /health, retried next tick
+                self.status.database_ok = False
+                self.status.database_error = f"{type(exc).__name__}: {exc}"
+                self.metrics.inc("errors", kind="database", help="Errors by kind")
+                log.warning("database maintenance failed: %s", exc)
+
+    async def _check_schema(self) -> None:
+        changed = await self.capture_db.run(self.capture.schema_changed)
+        if not changed:
+            return
+        report = await self.capture_db.run(self.capture.install)
+        for warning in getattr(report, "warnings", ()):
+            log.warning("%s", warning)
+        log.info("schema changed: capture re-installed on %d table(s)", len(report.tables))
+        if self.publisher is not None:
+            self.publisher.schema_changed()
+        retried = await self.apply_db.run(self.applier.retry_parked)
+        if retried:
+            log.info("applied %d parked row(s) after the schema change", retried)
+        if self.wakeup is not None:
+            self.wakeup.notify()
+
+    async def _refresh_status(self) -> None:
+        self.status.pending_rows = await self.capture_db.run(self.capture.pending_count)
+        self.status.dead_letters = await self.apply_db.run(self.applier.dead_letter_count)
+        self.metrics.set("pending_rows", self.status.pending_rows, help="Captured rows not yet acknowledged")
+        await self._write_seq_map()
+
+    async def _write_seq_map(self) -> None:
+        path = self.node.seq_map_path
+        if not path or self.applier is None:
+            return
+        try:
+            positions = await self.apply_db.run(self.applier.positions)
+            if positions != self._last_seq_map:
+                await asyncio.to_thread(write_seq_map, path, positions)
+                self._last_seq_map = positions
+        except Exception as exc:  # noqa: BLE001 - the copy is advisory; the database is the truth
+            log.warning("cannot write seq map %s: %s", path, exc)
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    async def _restore_if_needed(self) -> bool:
+        async with self._restore_lock:
+            restored = await snapshot_bridge.restore_if_needed(self)
+        if restored:
+            log.info("restored a snapshot; re-installing capture")
+            await self.capture_db.run(self.capture.install)
+            if self.publisher is not None:
+                self.publisher.schema_changed()
+        return bool(restored)
+
+    async def _on_truncated(self, stream: str, expected: int, available: int) -> bool:
+        log.error("stream %s: next entry %d is gone (stream now starts at %d)", stream, expected, available)
+        if not self.cluster.snapshots.enabled:
+            return False
+        return await self._restore_if_needed()
+
+    def _start_snapshot_scheduler(self) -> None:
+        if not self.cluster.snapshots.enabled:
+            return
+        self.snapshot_scheduler = snapshot_bridge.start_scheduler(self)
+
+    async def _save_snapshot_and_exit(self) -> int:
+        await snapshot_bridge.save_snapshot_now(self)
+        return 0
+
+
+def _check_database(path: Path) -> None:
+    """The database must exist and be in WAL mode (checked without changing anything)."""
+    from marmot_appliance.replication.capture import require_wal
+
+    if not path.exists():
+        raise DatabaseStateError(f"database {path} does not exist (create it, in WAL mode, first)")
+    require_wal(str(path))
+
+
+async def run_until_signal(config: NodeConfig) -> int:
+    """The CLI entry: run until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return await NodeRuntime(config).run(stop)

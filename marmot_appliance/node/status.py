@@ -1,0 +1,43 @@
+"""What the node knows about itself, read by /health and /metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RuntimeStatus:
+    node: str
+    db_path: str
+    database_ok: bool = True
+    database_error: str | None = None
+    nats_connected: bool = False
+    capture_installed: bool = False
+    capture_mode: str | None = None  # "inotify" | "data_version"
+    lag: dict[str, int] = field(default_factory=dict)  # stream -> entries behind
+    applied: dict[str, int] = field(default_factory=dict)  # stream -> applied position
+    last_publish: float | None = None  # unix time of the last positive ack
+    last_apply: float | None = None  # unix time of the last applied batch
+    dead_letters: int = 0
+    last_snapshot: float | None = None
+    pending_rows: int = 0  # captured rows not yet acknowledged by JetStream
+
+    @property
+    def healthy(self) -> bool:
+        return self.nats_connected and self.database_ok
+
+    def as_health(self) -> dict:
+        return {
+            "status": "ok" if self.healthy else "unhealthy",
+            "node": self.node,
+            "database": {"ok": self.database_ok, "path": self.db_path, "error": self.database_error},
+            "nats": {"connected": self.nats_connected},
+            "capture": {"installed": self.capture_installed, "wakeup": self.capture_mode},
+            "lag": dict(self.lag),
+            "applied": dict(self.applied),
+            "pending_rows": self.pending_rows,
+            "last_publish": self.last_publish,
+            "last_apply": self.last_apply,
+            "dead_letters": self.dead_letters,
+            "last_snapshot": self.last_snapshot,
+        }

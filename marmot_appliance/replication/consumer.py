@@ -1,0 +1,270 @@
+"""Consume one shard stream and apply its batches in stream order, exactly once.
+
+The consumer starts at the stored applied position + 1 (an ordered push consumer, ack none,
+flow control and heartbeats, created with DeliverByStartSequence). Each message is applied by
+`BatchApplier.apply`, which writes rows and the new position in one SQLite transaction, so a
+crash at any instant neither loses nor doubles an effect. Per message:
+
+* seq <= applied position: a duplicate delivery, dropped;
+* seq > applied position + 1: the log was truncated below us (retention), the node must restore
+  a snapshot; `on_truncated` decides (it may restore and return True to restart from the new
+  position), otherwise we log loudly and continue from what the stream still has;
+* undecodable payload or a permanent apply error: dead-lettered with the reason, replication
+  continues;
+* SQLITE_BUSY / locked and other transient errors: retried with bounded exponential backoff.
+
+A watchdog re-creates the subscription when the stream has messages for us but nothing arrives
+(the ordered consumer's own recovery can stall across a long NATS outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sqlite3
+import time
+from typing import Any, Awaitable, Callable
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy
+
+from marmot_appliance.observability.metrics import Metrics
+from marmot_appliance.replication import codec
+from marmot_appliance.replication.types import ChangeBatch
+
+log = logging.getLogger(__name__)
+
+BACKOFF_INITIAL_S = 0.02
+BACKOFF_MAX_S = 5.0
+IDLE_CHECK_S = 1.0
+STALL_CHECKS = 3  # idle checks with lag and no delivery before the subscription is re-created
+HEARTBEAT_S = 2.0
+
+# sqlite3 errors worth retrying: another writer holds the lock, or the disk is momentarily
+# unavailable. Anything else (constraint, type mismatch, malformed SQL) is permanent.
+TRANSIENT_SQLITE_MARKERS = ("locked", "busy", "disk i/o", "database or disk is full", "unable to open")
+
+TruncationHandler = Callable[[str, int, int], Awaitable[bool]]
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        text = str(exc).lower()
+        return any(marker in text for marker in TRANSIENT_SQLITE_MARKERS)
+    return False
+
+
+class ShardConsumer:
+    def __init__(
+        self,
+        js: JetStreamContext,
+        applier: Any,
+        db: Any,
+        stream: str,
+        subject: str,
+        node_id: int,
+        metrics: Metrics,
+        status: Any,
+        start_position: int,
+        own_publishes: Any = None,
+        on_truncated: TruncationHandler | None = None,
+    ):
+        self.js = js
+        self.applier = applier
+        self.db = db
+        self.stream = stream
+        self.subject = subject
+        self.node_id = node_id
+        self.metrics = metrics
+        self.status = status
+        self.position = start_position
+        self.own_publishes = own_publishes
+        self.on_truncated = on_truncated
+        self._unsaved_own_seq: int | None = None  # own messages skipped, position not yet stored
+        self._failures = 0
+        self.status.applied[stream] = start_position
+
+    # -- main loop -----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            sub = None
+            try:
+                sub = await self._subscribe()
+                await self._consume(sub, stop)
+                self._failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - NATS trouble: back off, resubscribe from position
+                await self._backoff(f"consumer {self.stream}", exc, stop)
+            finally:
+                if sub is not None:
+                    try:
+                        await asyncio.wait_for(sub.unsubscribe(), 2.0)
+                    except Exception:  # noqa: BLE001 - the connection may be gone; nothing to free
+                        pass
+        await self._save_own_position()
+
+    async def _subscribe(self):
+        config = ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.position + 1,
+            idle_heartbeat=HEARTBEAT_S,
+        )
+        return await self.js.subscribe(
+            self.subject,
+            stream=self.stream,
+            ordered_consumer=True,
+            config=config,
+            pending_msgs_limit=4096,
+        )
+
+    async def _consume(self, sub, stop: asyncio.Event) -> None:
+        """Apply messages until stop, or return to have the subscription re-created."""
+        idle_checks = 0
+        while not stop.is_set():
+            try:
+                msg = await sub.next_msg(timeout=IDLE_CHECK_S)
+            except nats.errors.TimeoutError:
+                await self._save_own_position()
+                if await self._lagging():
+                    idle_checks += 1
+                    if idle_checks >= STALL_CHECKS:
+                        log.warning("stream %s: messages pending but none delivered; resubscribing", self.stream)
+                        return
+                else:
+                    idle_checks = 0
+                continue
+            idle_checks = 0
+            restart = await self.handle(msg.metadata.sequence.stream, msg.data, msg.headers, msg.metadata.num_pending)
+            if restart:
+                return
+
+    async def _lagging(self) -> bool:
+        """Refresh the lag gauge from the stream; True if messages beyond our position exist."""
+        try:
+            info = await self.js.stream_info(self.stream)
+        except Exception:  # noqa: BLE001 - reported by the NATS connection state
+            return False
+        behind = max(0, info.state.last_seq - self.position)
+        self._set_lag(behind)
+        return behind > 0
+
+    def _set_lag(self, behind: int) -> None:
+        self.status.lag[self.stream] = behind
+        self.metrics.set("stream_lag", behind, help="Stream entries not yet applied", stream=self.stream)
+
+    # -- one message ---------------------------------------------------------------------
+
+    async def handle(self, seq: int, payload: bytes, headers: dict | None, num_pending: int = 0) -> bool:
+        """Apply one delivered message. True if the subscription must restart (after a restore)."""
+        if seq <= self.position:
+            return False  # duplicate delivery (resubscribe overlap)
+        if seq > self.position + 1:
+            if await self._truncated(seq):
+                return True
+        if self.own_publishes is not None and self.own_publishes.take(self.stream, seq):
+            # Published by this very process: the rows are ours already, only the position moves.
+            self.position = seq
+            self._unsaved_own_seq = seq
+            if num_pending == 0:
+                await self._save_own_position()
+            self._after_apply(num_pending, rows=0)
+            return False
+        try:
+            batch = codec.decode_batch(payload)
+        except codec.CodecError as exc:
+            await self._dead_letter(seq, payload, f"undecodable message: {exc}")
+            self._after_apply(num_pending, rows=0)
+            return False
+        await self._apply_with_retry(batch, seq, payload)
+        self._after_apply(num_pending, rows=len(batch.rows))
+        return False
+
+    def _after_apply(self, num_pending: int, rows: int) -> None:
+        self.status.applied[self.stream] = self.position
+        self._set_lag(num_pending)
+        if rows:
+            self.status.last_apply = time.time()
+
+    async def _apply_with_retry(self, batch: ChangeBatch, seq: int, payload: bytes) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self.db.run(self.applier.apply, batch, self.stream, seq)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if is_transient(exc):
+                    attempt += 1
+                    self.metrics.inc("errors", kind="apply_transient", help="Errors by kind")
+                    delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(attempt, 10))
+                    if attempt in (1, 10) or attempt % 50 == 0:
+                        log.warning("stream %s seq %d: transient apply error (%s); retrying", self.stream, seq, exc)
+                    await asyncio.sleep(delay * (0.5 + random.random() / 2))
+                    continue
+                await self._dead_letter(seq, payload, f"apply failed: {type(exc).__name__}: {exc}")
+                return
+            self.position = seq
+            self._unsaved_own_seq = None  # the applied position covers skipped own messages too
+            self.metrics.inc("rows_applied", len(batch.rows), help="Rows applied from other nodes")
+            self.metrics.inc("batches_applied", help="Batches applied")
+            return
+
+    async def _dead_letter(self, seq: int, payload: bytes, reason: str) -> None:
+        log.error("stream %s seq %d: dead-lettered: %s", self.stream, seq, reason)
+        attempt = 0
+        while True:
+            try:
+                await self.db.run(self.applier.dead_letter, self.stream, seq, payload, reason)
+                break
+            except Exception as exc:  # noqa: BLE001 - the dead letter itself must not be lost
+                attempt += 1
+                log.warning("stream %s seq %d: cannot record dead letter (%s); retrying", self.stream, seq, exc)
+                await asyncio.sleep(min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(attempt, 10)))
+        self.position = seq
+        self._unsaved_own_seq = None
+        self.status.dead_letters += 1
+        self.metrics.inc("dead_letters", help="Messages parked in the dead-letter table")
+
+    async def _save_own_position(self) -> None:
+        """Store the position reached by skipping own messages (an empty batch moves it)."""
+        if self._unsaved_own_seq is None:
+            return
+        seq = self._unsaved_own_seq
+        try:
+            await self.db.run(self.applier.apply, ChangeBatch(origin=self.node_id, rows=()), self.stream, seq)
+            if self._unsaved_own_seq == seq:
+                self._unsaved_own_seq = None
+        except Exception as exc:  # noqa: BLE001 - retried at the next idle moment; re-delivery is harmless
+            log.debug("stream %s: position %d not stored yet (%s)", self.stream, seq, exc)
+
+    async def _truncated(self, seq: int) -> bool:
+        expected = self.position + 1
+        self.metrics.inc("errors", kind="log_truncated", help="Errors by kind")
+        if self.on_truncated is not None:
+            restored = await self.on_truncated(self.stream, expected, seq)
+            if restored:
+                self.position = (await self.db.run(self.applier.positions)).get(self.stream, 0)
+                if self.own_publishes is not None:
+                    self.own_publishes.forget_below(self.stream, self.position + 1)
+                return True
+        log.error(
+            "stream %s: entries %d..%d were dropped by retention before this node applied them; "
+            "changes in them are missing here unless a snapshot is restored "
+            "(`marmot-appliance snapshot restore`). Continuing from %d.",
+            self.stream, expected, seq - 1, seq,
+        )
+        return False
+
+    async def _backoff(self, what: str, exc: BaseException, stop: asyncio.Event) -> None:
+        self._failures += 1
+        self.metrics.inc("errors", kind="consume", help="Errors by kind")
+        delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(self._failures, 10)) * (0.5 + random.random() / 2)
+        level = logging.WARNING if self._failures <= 3 else logging.ERROR
+        log.log(level, "%s: %s: %s; retrying in %.2fs", what, type(exc).__name__, exc, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except asyncio.TimeoutError:
+            pass

@@ -1,0 +1,334 @@
+"""Publish captured rows to the shard streams: batched, pipelined, acknowledged, never skipped.
+
+One round: read up to `read_limit` pending rows (commit order), group them per shard, cut each
+shard's rows into batches bounded by rows and bytes, publish every batch with `publish_async`
+(many acks in flight), wait for the acks, then mark the acknowledged rows published in one
+SQLite transaction. Rows are marked only after a positive ack. If a batch fails, later batches of
+the same shard are not marked either (a shard stream is the order replicas see for a row), the
+round backs off exponentially (bounded) and the next round re-reads the still-pending rows in
+order: nothing is skipped. A batch re-sent after a crash or failure carries the same
+`Nats-Msg-Id` when it holds the same rows, so JetStream drops the duplicate; if the composition
+differs, the re-sent rows carry their original versions and replicas ignore what they already
+have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+
+from marmot_appliance.errors import MarmotError
+from marmot_appliance.observability.metrics import Metrics
+from marmot_appliance.replication import codec
+from marmot_appliance.replication.sharding import shard_for
+from marmot_appliance.replication.types import ChangeBatch, RowChange
+from marmot_appliance.spec.model import ReplicationSettings
+
+log = logging.getLogger(__name__)
+
+# Room left under the server's max_payload for headers and protocol framing.
+PAYLOAD_HEADROOM = 4096
+ACK_TIMEOUT_S = 10.0
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 5.0
+
+
+class OversizedRowError(MarmotError):
+    """One row alone encodes larger than the NATS server accepts in a message."""
+
+
+@dataclass(frozen=True)
+class OutgoingBatch:
+    shard: int
+    log_ids: tuple[int, ...]
+    batch: ChangeBatch
+    payload: bytes
+    msg_id: str
+
+
+def estimate_row_bytes(change: RowChange) -> int:
+    """A cheap upper-bound-ish size of a row on the wire, to cut batches before encoding."""
+    size = 16 + len(change.table)
+    for value in change.values:
+        if isinstance(value, (str, bytes)):
+            size += len(value) + 5
+        else:
+            size += 9
+    return size
+
+
+def message_id(node_id: int, log_ids: Sequence[int], payload: bytes) -> str:
+    """Deterministic for the same rows: node, first and last log id, and a payload digest.
+
+    The digest keeps two different batches from ever sharing an id (log ids can restart after
+    the log table was emptied), while a retry of identical rows yields an identical id.
+    """
+    digest = hashlib.blake2b(payload, digest_size=8).hexdigest()
+    return f"{node_id}-{log_ids[0]}-{log_ids[-1]}-{digest}"
+
+
+class BatchBuilder:
+    """Turns pending rows into encoded per-shard batches within the configured limits."""
+
+    def __init__(
+        self,
+        node_id: int,
+        replication: ReplicationSettings,
+        max_payload: int,
+        fingerprints: dict[str, str] | None = None,
+        primary_keys: dict[str, tuple[str, ...]] | None = None,
+    ):
+        self.node_id = node_id
+        self.replication = replication
+        self.max_payload = max(1024, max_payload - PAYLOAD_HEADROOM)
+        self.max_bytes = min(replication.batch.max_bytes, self.max_payload)
+        self.max_rows = max(1, replication.batch.max_rows)
+        self.fingerprints = fingerprints or {}
+        self.primary_keys = primary_keys or {}
+
+    def build(self, pending: Sequence[Any]) -> list[OutgoingBatch]:
+        """`pending` holds PendingChange(log_id, change) in commit order."""
+        shards = self.replication.shards
+        per_shard: dict[int, list[Any]] = {}
+        for item in pending:
+            change = item.change
+            shard = shard_for(change.table, change.pk, shards)
+            per_shard.setdefault(shard, []).append(item)
+        batches: list[OutgoingBatch] = []
+        for shard in sorted(per_shard):
+            chunk: list[Any] = []
+            chunk_bytes = 0
+            for item in per_shard[shard]:
+                size = estimate_row_bytes(item.change)
+                if chunk and (len(chunk) >= self.max_rows or chunk_bytes + size > self.max_bytes):
+                    batches.extend(self._encode(shard, chunk))
+                    chunk, chunk_bytes = [], 0
+                chunk.append(item)
+                chunk_bytes += size
+            if chunk:
+                batches.extend(self._encode(shard, chunk))
+        return batches
+
+    def _encode(self, shard: int, items: list[Any]) -> list[OutgoingBatch]:
+        rows = tuple(item.change for item in items)
+        tables = {row.table for row in rows}
+        batch = ChangeBatch(
+            origin=self.node_id,
+            rows=rows,
+            fingerprints={t: self.fingerprints[t] for t in tables if t in self.fingerprints},
+            primary_keys={t: tuple(self.primary_keys[t]) for t in tables if t in self.primary_keys},
+        )
+        payload = codec.encode_batch(batch, self.replication.compression)
+        if len(payload) > self.max_payload:
+            if len(items) == 1:
+                raise OversizedRowError(
+                    f"a change of table {rows[0].table!r} encodes to {len(payload)} bytes, more than the "
+                    f"NATS server's max_payload allows ({self.max_payload + PAYLOAD_HEADROOM}); "
+                    "raise max_payload on the servers"
+                )
+            middle = len(items) // 2  # the estimate was off (incompressible data): split and retry
+            return self._encode(shard, items[:middle]) + self._encode(shard, items[middle:])
+        log_ids = tuple(item.log_id for item in items)
+        return [OutgoingBatch(shard, log_ids, batch, payload, message_id(self.node_id, log_ids, payload))]
+
+
+class OwnPublishes:
+    """Stream sequences this process published and JetStream acknowledged.
+
+    The consumer of the same node can skip exactly these (their rows are already in the local
+    database) without decoding them. Messages of our origin from an earlier lifetime are applied
+    normally: after a snapshot restore they may hold rows the database no longer has.
+    """
+
+    def __init__(self) -> None:
+        self._seqs: dict[str, set[int]] = {}
+
+    def add(self, stream: str, seq: int) -> None:
+        self._seqs.setdefault(stream, set()).add(seq)
+
+    def take(self, stream: str, seq: int) -> bool:
+        """True (and forget it) if `seq` on `stream` was published by this process."""
+        seqs = self._seqs.get(stream)
+        if not seqs or seq not in seqs:
+            return False
+        seqs.discard(seq)
+        return True
+
+    def forget_below(self, stream: str, seq: int) -> None:
+        seqs = self._seqs.get(stream)
+        if seqs:
+            self._seqs[stream] = {s for s in seqs if s >= seq}
+
+
+class Publisher:
+    """Publishes a node's captured changes. `capture` runs on `db` (a DbThread)."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        capture: Any,
+        db: Any,
+        node_id: int,
+        replication: ReplicationSettings,
+        max_payload: int,
+        wakeup: Any,
+        metrics: Metrics,
+        status: Any,
+        own_publishes: "OwnPublishes | None" = None,
+        read_limit: int | None = None,
+    ):
+        self.js = js
+        self.capture = capture
+        self.db = db
+        self.node_id = node_id
+        self.replication = replication
+        self.wakeup = wakeup
+        self.metrics = metrics
+        self.status = status
+        self.builder = BatchBuilder(node_id, replication, max_payload)
+        self.own_publishes = own_publishes
+        self.read_limit = read_limit or max(1000, replication.batch.max_rows * 20)
+        self._failures = 0
+        self._schema_refresh_needed = True
+
+    def schema_changed(self) -> None:
+        """Capture was re-installed: refresh fingerprints before the next batch."""
+        self._schema_refresh_needed = True
+
+    async def _refresh_schema(self) -> None:
+        self.builder.fingerprints = await self.db.run(self.capture.fingerprints)
+        self.builder.primary_keys = await self.db.run(self.capture.primary_keys)
+        self._schema_refresh_needed = False
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Publish until `stop` is set, then flush what is pending (bounded) and return."""
+        delay_s = self.replication.batch.max_delay_ms / 1000.0
+        fallback_s = self.replication.poll_interval_ms / 1000.0
+        more = True  # start with a round: rows may be pending from before a restart
+        while not stop.is_set():
+            if not more:
+                woke = await self._wait(stop, fallback_s)
+                if stop.is_set():
+                    break
+                if woke and delay_s > 0:
+                    await asyncio.sleep(delay_s)  # let the rest of a burst commit: bigger batches
+            try:
+                more = await self.publish_round()
+                self._failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every failure means: back off, retry in order
+                await self._backoff(exc, stop)
+                more = True
+        await self.flush()
+
+    async def _wait(self, stop: asyncio.Event, timeout_s: float) -> bool:
+        stop_waiter = asyncio.ensure_future(stop.wait())
+        wake_waiter = asyncio.ensure_future(self.wakeup.wait(timeout_s))
+        try:
+            await asyncio.wait({stop_waiter, wake_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stop_waiter, wake_waiter):
+                task.cancel()
+        return wake_waiter.done() and not wake_waiter.cancelled() and bool(wake_waiter.result())
+
+    async def _backoff(self, exc: BaseException, stop: asyncio.Event) -> None:
+        self._failures += 1
+        kind = type(exc).__name__
+        self.metrics.inc("errors", kind=f"publish_{kind}", help="Errors by kind")
+        delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(self._failures, 10))
+        delay *= 0.5 + random.random() / 2  # jitter: nodes recovering together do not stampede
+        level = logging.WARNING if self._failures <= 3 else logging.ERROR
+        log.log(level, "publish failed (%s: %s); retrying in %.2fs (attempt %d)", kind, exc, delay, self._failures)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    async def flush(self, timeout_s: float = 10.0) -> None:
+        """Publish everything pending now (graceful shutdown). Gives up after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if not await self.publish_round():
+                    return
+            except Exception as exc:  # noqa: BLE001
+                log.warning("flush at shutdown incomplete (%s); the rows stay pending for the next start", exc)
+                return
+
+    async def publish_round(self) -> bool:
+        """Publish one read of pending rows. True if more rows may be waiting."""
+        if self._schema_refresh_needed:
+            await self._refresh_schema()
+        pending = await self.db.run(self.capture.read_pending, self.read_limit)
+        if not pending:
+            self.status.pending_rows = 0
+            return False
+        batches = self.builder.build(pending)
+        acked_ids, failure = await self._publish_batches(batches)
+        if acked_ids:
+            await self.db.run(self.capture.mark_published, acked_ids)
+            self.status.last_publish = time.time()
+        if failure is not None:
+            raise failure
+        return len(pending) >= self.read_limit
+
+    async def _publish_batches(self, batches: list[OutgoingBatch]) -> tuple[list[int], BaseException | None]:
+        """Send all batches with acks in flight; return log ids safe to mark, and the first error."""
+        in_flight: list[tuple[OutgoingBatch, asyncio.Future]] = []
+        failure: BaseException | None = None
+        for outgoing in batches:
+            headers = {codec.MSG_ID_HEADER: outgoing.msg_id, codec.ORIGIN_HEADER: str(self.node_id)}
+            try:
+                future = await self.js.publish_async(
+                    self.replication.subject(outgoing.shard),
+                    outgoing.payload,
+                    wait_stall=ACK_TIMEOUT_S,
+                    stream=self.replication.stream_name(outgoing.shard),
+                    headers=headers,
+                )
+            except Exception as exc:  # noqa: BLE001 - stop sending; what is in flight still counts
+                failure = exc
+                break
+            in_flight.append((outgoing, future))
+        if in_flight:
+            done, not_done = await asyncio.wait([f for _, f in in_flight], timeout=ACK_TIMEOUT_S)
+            for future in not_done:
+                future.cancel()
+            if not_done and failure is None:
+                failure = nats.errors.TimeoutError()
+        acked: list[int] = []
+        blocked_shards: set[int] = set()
+        rows = batches_count = raw_bytes = 0
+        for outgoing, future in in_flight:
+            ok = future.done() and not future.cancelled() and future.exception() is None
+            if not ok:
+                blocked_shards.add(outgoing.shard)
+                if failure is None and future.done() and not future.cancelled():
+                    failure = future.exception()
+                continue
+            if outgoing.shard in blocked_shards:
+                continue  # keep a shard's rows in order: nothing after a failed batch is marked
+            acked.extend(outgoing.log_ids)
+            if self.own_publishes is not None:
+                ack = future.result()
+                self.own_publishes.add(ack.stream, ack.seq)
+            rows += len(outgoing.log_ids)
+            batches_count += 1
+            raw_bytes += len(outgoing.payload)
+        # Batches never sent (publish_async raised) are simply not marked.
+        if rows:
+            self.metrics.inc("rows_published", rows, help="Rows acknowledged by JetStream")
+            self.metrics.inc("batches_published", batches_count, help="Batches acknowledged by JetStream")
+            self.metrics.inc("bytes_compressed", raw_bytes, help="Payload bytes sent (after compression)")
+        return acked, failure
