@@ -51,6 +51,8 @@ TruncationHandler = Callable[[str, int, int], Awaitable[bool]]
 
 
 def is_transient(exc: BaseException) -> bool:
+    if getattr(exc, "transient", False):  # e.g. sqlite_util.DatabaseBusyError
+        return True
     if isinstance(exc, sqlite3.OperationalError):
         text = str(exc).lower()
         return any(marker in text for marker in TRANSIENT_SQLITE_MARKERS)

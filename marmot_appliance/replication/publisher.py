@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
+import zstandard
 import nats.js.errors
 from nats.js import JetStreamContext
 
@@ -65,6 +66,15 @@ def estimate_row_bytes(change: RowChange) -> int:
         else:
             size += 9
     return size
+
+
+def uncompressed_size(payload: bytes) -> int:
+    """Body size before compression, read from the envelope (zstd frames declare it)."""
+    if len(payload) > 2 and payload[1] & codec.FLAG_ZSTD:
+        declared = zstandard.frame_content_size(payload[2:])
+        if declared >= 0:
+            return declared + 2
+    return len(payload)
 
 
 def message_id(node_id: int, log_ids: Sequence[int], payload: bytes) -> str:
@@ -122,10 +132,16 @@ class BatchBuilder:
     def _encode(self, shard: int, items: list[Any]) -> list[OutgoingBatch]:
         rows = tuple(item.change for item in items)
         tables = {row.table for row in rows}
+        # The layout each row was captured with (rows outlive schema changes in the log).
+        fingerprints = {t: self.fingerprints[t] for t in tables if t in self.fingerprints}
+        for item in items:
+            captured_with = getattr(item, "fingerprint", "")
+            if captured_with:
+                fingerprints[item.change.table] = captured_with
         batch = ChangeBatch(
             origin=self.node_id,
             rows=rows,
-            fingerprints={t: self.fingerprints[t] for t in tables if t in self.fingerprints},
+            fingerprints=fingerprints,
             primary_keys={t: tuple(self.primary_keys[t]) for t in tables if t in self.primary_keys},
         )
         payload = codec.encode_batch(batch, self.replication.compression)
@@ -309,7 +325,7 @@ class Publisher:
                 failure = nats.errors.TimeoutError()
         acked: list[int] = []
         blocked_shards: set[int] = set()
-        rows = batches_count = raw_bytes = 0
+        rows = batches_count = raw_bytes = plain_bytes = 0
         for outgoing, future in in_flight:
             ok = future.done() and not future.cancelled() and future.exception() is None
             if not ok:
@@ -326,9 +342,11 @@ class Publisher:
             rows += len(outgoing.log_ids)
             batches_count += 1
             raw_bytes += len(outgoing.payload)
+            plain_bytes += uncompressed_size(outgoing.payload)
         # Batches never sent (publish_async raised) are simply not marked.
         if rows:
             self.metrics.inc("rows_published", rows, help="Rows acknowledged by JetStream")
             self.metrics.inc("batches_published", batches_count, help="Batches acknowledged by JetStream")
             self.metrics.inc("bytes_compressed", raw_bytes, help="Payload bytes sent (after compression)")
+            self.metrics.inc("bytes_uncompressed", plain_bytes, help="Payload bytes before compression")
         return acked, failure
