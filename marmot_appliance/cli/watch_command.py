@@ -13,7 +13,9 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
+import stat
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +140,7 @@ async def _watch(args: argparse.Namespace, target: WatchTarget) -> int:
     task = asyncio.current_task()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, task.cancel)
+    watching_pipe = _cancel_when_pipe_closes(loop, task)
     out = sys.stdout
     feed = changes(
         target.nats_url,
@@ -161,7 +164,45 @@ async def _watch(args: argparse.Namespace, target: WatchTarget) -> int:
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
+        if watching_pipe:
+            loop.remove_reader(sys.stdout.fileno())
+    if stdout_reader_closed():
+        return _reader_went_away()
     return 0
+
+
+def stdout_reader_closed() -> bool:
+    """True when stdout is a pipe whose reading end is gone (writing would raise EPIPE)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(revents & select.POLLERR for _, revents in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _cancel_when_pipe_closes(loop: asyncio.AbstractEventLoop, task: asyncio.Task) -> bool:
+    """Stop as soon as a reader such as `head` closes the pipe, not at the next change.
+
+    Without this, `watch | head -n 5` would sit idle until one more change arrived, since only a
+    write notices a closed pipe. The kernel flags the pipe's write end with an error once its
+    reader is gone; epoll reports that error for any registration, so a reader callback on
+    stdout fires then. Only for pipes: on a terminal, input would wake the callback.
+    """
+    try:
+        fd = sys.stdout.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+
+        def check() -> None:
+            if stdout_reader_closed():
+                loop.remove_reader(fd)
+                task.cancel()
+
+        loop.add_reader(fd, check)
+        return True
+    except (OSError, ValueError, NotImplementedError):
+        return False
 
 
 def _report_undecodable(stream: str, seq: int, error: MarmotError) -> None:
