@@ -15,6 +15,7 @@ The state file is saved after every start and stop: an interrupted apply is fini
 
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -229,7 +230,7 @@ def apply_local(cluster: Cluster, options: ApplyOptions | None = None, progress:
 def remote_module():
     """marmot_appliance.deploy.remote (the Ansible path), imported only when a spec needs it."""
     try:
-        from marmot_appliance.deploy import remote
+        remote = importlib.import_module("marmot_appliance.deploy.remote")
     except ModuleNotFoundError as exc:
         if exc.name in ("marmot_appliance.deploy", "marmot_appliance.deploy.remote"):
             raise ApplianceError(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from marmot_appliance.appliance.resources import NODE_KIND, DesiredResource, digest, kind_of
+from marmot_appliance.appliance.resources import NODE_KIND, DesiredResource, kind_of
 from marmot_appliance.appliance.state import ProcessRecord, RecordedState
 from marmot_appliance.appliance.supervisor import is_running
 
@@ -62,15 +62,17 @@ class Plan:
         }
 
 
-def _config_file_drift(desired: DesiredResource) -> bool:
-    """The rendered config on disk differs from what we would write (edited by hand)."""
+def _config_file_problem(desired: DesiredResource) -> str | None:
+    """The config on disk is not the one we would write (edited by hand, or deleted)."""
     if desired.config_path is None or desired.config_text is None:
-        return False
+        return None
     try:
         on_disk = desired.config_path.read_text()
-    except OSError:
-        return True
-    return digest(on_disk) != digest(desired.config_text)
+    except FileNotFoundError:
+        return "config file missing"
+    except OSError as exc:
+        return f"config file unreadable ({exc.strerror})"
+    return None if on_disk == desired.config_text else "config file modified on disk"
 
 
 def _change_reasons(desired: DesiredResource, recorded: ProcessRecord) -> list[str]:
@@ -81,8 +83,9 @@ def _change_reasons(desired: DesiredResource, recorded: ProcessRecord) -> list[s
     ]
     if not reasons and recorded.config_hash != desired.config_hash:
         reasons.append("configuration changed")
-    if _config_file_drift(desired):
-        reasons.append("config file modified on disk")
+    problem = _config_file_problem(desired)
+    if problem:
+        reasons.append(problem)
     return reasons
 
 
