@@ -1,0 +1,129 @@
+"""Automatic snapshots: every N entries written cluster-wide and/or on an interval.
+
+Entries are counted from the streams themselves: the sum of the shard streams' last sequences
+minus the sum of the newest snapshot's positions is how many entries the newest snapshot lacks,
+whichever node wrote them. Every node may run a scheduler; the lease lets one save at a time and
+the "already up to date" rule turns the others' attempts into no-ops. The interval is measured on
+this node's monotonic clock from the moment it last saw the manifest change, so no node compares
+its wall clock with another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+import nats.errors
+from nats.js import JetStreamContext
+
+from marmot_appliance.observability.metrics import Metrics
+from marmot_appliance.snapshots.errors import SnapshotError, SnapshotSkipped
+from marmot_appliance.snapshots.manifest import SnapshotInfo
+from marmot_appliance.snapshots.restore import stream_bounds
+from marmot_appliance.snapshots.save import open_store, save_snapshot
+from marmot_appliance.spec.model import Cluster, Node
+
+log = logging.getLogger(__name__)
+
+
+class SnapshotScheduler:
+    """Run with `await scheduler.run(stop_event)`; `poke()` asks for an early check."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        cluster: Cluster,
+        node: Node,
+        db_path: str | Path,
+        metrics: Metrics | None = None,
+        check_interval_s: float = 5.0,
+        work_dir: Path | None = None,
+    ):
+        self.js = js
+        self.cluster = cluster
+        self.node = node
+        self.db_path = Path(db_path)
+        self.metrics = metrics
+        self.check_interval_s = check_interval_s
+        self.work_dir = work_dir
+        self.settings = cluster.snapshots
+        self.newest: SnapshotInfo | None = None
+        self.saved = 0  # snapshots this scheduler saved (for status and tests)
+        self._seen_generation: int | None = None
+        self._seen_at = time.monotonic()
+        self._wake = asyncio.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.enabled and bool(self.settings.every_entries or self.settings.interval_s)
+
+    @property
+    def last_snapshot(self) -> float | None:
+        """Unix time the newest known snapshot was saved (the saving node's clock; for humans)."""
+        return self.newest.created if self.newest else None
+
+    def poke(self) -> None:
+        """Check now instead of at the next tick (e.g. after a large publish)."""
+        self._wake.set()
+
+    async def due(self) -> str | None:
+        """Why a snapshot should be saved now, or None."""
+        store = await open_store(self.js, self.cluster)
+        manifest, _revision = await store.read_manifest()
+        self._observe(manifest.newest)
+        if self.settings.every_entries:
+            bounds = await stream_bounds(self.js, self.cluster)
+            covered = self.newest.positions if self.newest else {}
+            behind = sum(max(0, last - covered.get(stream, 0)) for stream, (_first, last) in bounds.items())
+            if behind >= self.settings.every_entries:
+                return f"{behind} entries since the newest snapshot (every_entries: {self.settings.every_entries})"
+        if self.settings.interval_s and time.monotonic() - self._seen_at >= self.settings.interval_s:
+            return f"no new snapshot for {self.settings.interval_s:g}s (interval_s)"
+        return None
+
+    def _observe(self, newest: SnapshotInfo | None) -> None:
+        generation = newest.generation if newest else 0
+        if generation != self._seen_generation:
+            self._seen_generation = generation
+            self._seen_at = time.monotonic()
+        self.newest = newest
+        if self.metrics is not None and newest is not None:
+            self.metrics.set(
+                "snapshot_age_seconds", max(0.0, time.time() - newest.created), help="Age of the newest snapshot"
+            )
+
+    async def check_once(self) -> SnapshotInfo | None:
+        """Save if due. Returns the snapshot saved, None when not due or skipped."""
+        reason = await self.due()
+        if reason is None:
+            return None
+        log.info("saving a snapshot: %s", reason)
+        try:
+            info = await save_snapshot(self.js, self.cluster, self.node, self.db_path, work_dir=self.work_dir)
+        except SnapshotSkipped as exc:
+            log.debug("snapshot not saved: %s", exc)
+            self._seen_at = time.monotonic()  # someone else is on it, or nothing new: wait a full interval
+            return None
+        self.saved += 1
+        self._observe(info)
+        return info
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if not self.enabled:
+            return
+        while not stop.is_set():
+            try:
+                await self.check_once()
+            except (SnapshotError, nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
+                log.warning("automatic snapshot failed: %s", exc)
+                if self.metrics is not None:
+                    self.metrics.inc("errors", help="Errors by kind", kind="snapshot")
+            self._wake.clear()
+            waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=self.check_interval_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
