@@ -129,7 +129,10 @@ class _Checker:
                     owner = owners.get((address, port))
                     if owner is not None:
                         path: JsonPath = ("nodes", index, "ports", kind)
-                        self.report(path, f"port {port} ({kind}) on {address} is already used by {owner}")
+                        message = f"port {port} ({kind}) on {address} is already used by {owner}"
+                        if _int(_section(node, "ports"), kind) is None:
+                            message += f"; nodes sharing a host need their own ports: set nodes[{index}].ports.{kind}"
+                        self.report(path, message)
                         break
                 for address in addresses:
                     owners.setdefault((address, port), f"node {name} ({kind})")

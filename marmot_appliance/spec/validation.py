@@ -7,6 +7,7 @@ where jsonschema's wording is puzzling (a YAML 1.1 `no` where a string is expect
 
 from __future__ import annotations
 
+import datetime
 import difflib
 from typing import Any
 
@@ -32,6 +33,7 @@ _PATTERN_HINTS = {
     "^[a-z0-9][a-z0-9-]{0,62}$": "lowercase letters, digits and '-', starting with a letter or digit, at most 63 characters",
     "^[A-Za-z0-9_-]+$": "letters, digits, '_' and '-' only",
     "^[^\\s/]+$": "a host name or IP address without spaces or '/'",
+    "^(nats|tls|ws|wss)://[^\\s/]+(:[0-9]{1,5})?/?$": "a nats://, tls://, ws:// or wss:// URL: scheme://host[:port]",
 }
 
 
@@ -46,6 +48,8 @@ def json_type_name(value: Any) -> str:
 def _yaml_repr(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, (datetime.date, datetime.datetime)):
+        return value.isoformat()
     return short_repr(value)
 
 
@@ -105,6 +109,9 @@ def _message(error: ValidationError, document: SourceDocument, path: JsonPath) -
     if kind == "pattern":
         hint = _PATTERN_HINTS.get(error.validator_value, f"must match {error.validator_value}")
         return f"{short_repr(error.instance)} is not valid: {hint}"
+    if kind == "minItems":
+        count = error.validator_value
+        return f"needs at least {count} item{'s' if count != 1 else ''}"
     if kind == "uniqueItems":
         return "items must be unique"
     if kind in ("anyOf", "oneOf") and error.context:

@@ -91,8 +91,9 @@ def _line_column(text: str, position: int) -> Mark:
 
 
 def _compose(text: str, source: str) -> Node | None:
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # the reader checks for unprintable characters right here
         return loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -101,13 +102,15 @@ def _compose(text: str, source: str) -> Node | None:
         raise _fatal(source, where, f"invalid YAML: {message}") from None
     except yaml.reader.ReaderError as exc:
         where = _line_column(text, exc.position)
-        raise _fatal(source, where, f"invalid YAML: unacceptable character {exc.character!r}") from None
+        character = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or "\0")
+        raise _fatal(source, where, f"invalid YAML: unacceptable character #x{character:04x}") from None
     except yaml.YAMLError as exc:
         raise _fatal(source, None, f"invalid YAML: {exc}") from None
     except RecursionError:
         raise _fatal(source, None, "invalid YAML: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 class _Builder:
