@@ -1,5 +1,104 @@
-"""Placeholder: this command group's owner fills it in."""
+"""`marmot-appliance lab ...`: the multi-host lab of systemd containers (needs root).
+
+    lab up SPEC                  build and boot every host the spec names
+    lab down SPEC                remove every namespace, mount, route and process of the lab
+    lab exec SPEC HOST -- CMD    run CMD on a lab host over ssh from the controller namespace
+    lab link SPEC HOST up|down   reconnect / cut a host off the lab switch
+    lab env SPEC                 shell exports for running ansible-playbook against the lab
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import subprocess
+import sys
+
+from marmot_appliance.errors import MarmotError
+
+
+def _topology(spec_path: str):
+    from marmot_appliance.lab.topology import topology_for
+    from marmot_appliance.spec.loader import load_cluster
+
+    return topology_for(load_cluster(spec_path))
+
+
+def _progress(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def cmd_up(args) -> int:
+    from marmot_appliance.lab.lifecycle import lab_up
+
+    lab_up(_topology(args.spec), progress=_progress)
+    return 0
+
+
+def cmd_down(args) -> int:
+    from marmot_appliance.lab.lifecycle import lab_down
+
+    lab_down(_topology(args.spec), progress=_progress)
+    return 0
+
+
+def cmd_exec(args) -> int:
+    from marmot_appliance.lab.ssh import ssh_command
+
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise MarmotError("lab exec: give a command after HOST, e.g. `lab exec SPEC n1 -- uptime`")
+    topology = _topology(args.spec)
+    if not (topology.state_dir / "state.json").is_file():
+        raise MarmotError(f"lab {topology.lab!r} is not up; run `marmot-appliance lab up {args.spec}`")
+    argv = ssh_command(topology, args.host, " ".join(shlex.quote(part) for part in command))
+    return subprocess.run(argv, check=False).returncode
+
+
+def cmd_link(args) -> int:
+    from marmot_appliance.lab.network import set_link
+
+    set_link(_topology(args.spec), args.host, up=args.state == "up")
+    return 0
+
+
+def cmd_env(args) -> int:
+    from marmot_appliance.lab.ssh import ansible_environment
+
+    topology = _topology(args.spec)
+    for key, value in ansible_environment(topology).items():
+        print(f"export {key}={shlex.quote(value)}")
+    print(f"# then: ip netns exec {topology.controller_namespace} ansible-playbook -i {args.spec} ansible/site.yml")
+    return 0
 
 
 def register(subparsers) -> None:
-    return None
+    lab = subparsers.add_parser("lab", help="multi-host lab of systemd containers in network namespaces (root)")
+    commands = lab.add_subparsers(dest="lab_command", metavar="LAB_COMMAND", parser_class=type(lab))
+    lab.set_defaults(func=lambda _args: (lab.print_help(), 1)[1])
+
+    up = commands.add_parser("up", help="build and boot every host the spec names")
+    up.add_argument("spec", metavar="SPEC")
+    up.set_defaults(func=cmd_up)
+
+    down = commands.add_parser("down", help="tear the lab down (idempotent)")
+    down.add_argument("spec", metavar="SPEC")
+    down.set_defaults(func=cmd_down)
+
+    exec_ = commands.add_parser("exec", help="run a command on a lab host over ssh")
+    exec_.add_argument("spec", metavar="SPEC")
+    exec_.add_argument("host", metavar="HOST", help="node name or address")
+    exec_.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD")
+    exec_.set_defaults(func=cmd_exec)
+
+    link = commands.add_parser("link", help="cut a host off the lab switch or reconnect it")
+    link.add_argument("spec", metavar="SPEC")
+    link.add_argument("host", metavar="HOST")
+    link.add_argument("state", choices=("up", "down"))
+    link.set_defaults(func=cmd_link)
+
+    env = commands.add_parser("env", help="print exports for ansible-playbook against the lab")
+    env.add_argument("spec", metavar="SPEC")
+    env.set_defaults(func=cmd_env)

@@ -12,6 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from marmot_appliance.lab.image import VAGRANT_USER
 from marmot_appliance.lab.shell import LabError, run
 from marmot_appliance.lab.ssh import generate_host_key
 from marmot_appliance.lab.topology import LabHost, LabTopology
@@ -50,12 +51,26 @@ def personalize(rootfs: Path, host: LabHost, topology: LabTopology, client_publi
     hosts = ["127.0.0.1 localhost", f"127.0.1.1 {host.name}"]
     hosts += [f"{h.address} {h.name}" for h in topology.hosts if h.name != host.name]
     (rootfs / "etc/hosts").write_text("\n".join(hosts) + "\n")
-    ssh_dir = rootfs / "root/.ssh"
-    ssh_dir.mkdir(mode=0o700, exist_ok=True)
-    authorized = ssh_dir / "authorized_keys"
-    authorized.write_text(client_public_key + "\n")
-    authorized.chmod(0o600)
+    for home, owner in ((rootfs / "root", None), (rootfs / "home" / VAGRANT_USER, VAGRANT_USER)):
+        ssh_dir = home / ".ssh"
+        ssh_dir.mkdir(mode=0o700, exist_ok=True)
+        authorized = ssh_dir / "authorized_keys"
+        authorized.write_text(client_public_key + "\n")
+        authorized.chmod(0o600)
+        if owner:
+            uid, gid = _owner_ids(rootfs, owner)
+            for path in (ssh_dir, authorized):
+                os.chown(path, uid, gid)
     return generate_host_key(rootfs / "etc/ssh", host.name)
+
+
+def _owner_ids(rootfs: Path, user: str) -> tuple[int, int]:
+    """uid/gid of a user of the host's image (its /etc/passwd, not this machine's)."""
+    for line in (rootfs / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user:
+            return int(fields[2]), int(fields[3])
+    raise LabError(f"user {user} missing from the lab image")
 
 
 def process_start_time(pid: int) -> int | None:

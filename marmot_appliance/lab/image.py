@@ -24,8 +24,10 @@ IMAGE_PACKAGES = (
     "python3-venv",  # the role creates a virtualenv; ensurepip's bundled wheels work offline
     "iproute2",
     "openssh-server",
+    "sudo",  # Vagrant boxes reach root through sudo; the lab hosts do the same
 )
-IMAGE_REVISION = 1
+IMAGE_REVISION = 2
+VAGRANT_USER = "vagrant"  # same login as a Vagrant box, so one spec serves both
 DEBOOTSTRAP_TIMEOUT_S = 900.0
 
 
@@ -45,6 +47,11 @@ def _customize(rootfs: Path) -> None:
         "# marmot-appliance lab: key-only root login from the controller namespace\n"
         "PermitRootLogin prohibit-password\nPasswordAuthentication no\nUseDNS no\n"
     )
+    # A `vagrant` user with passwordless sudo, like every Vagrant base box.
+    run(["chroot", str(rootfs), "useradd", "--create-home", "--shell", "/bin/bash", VAGRANT_USER])
+    sudoers = rootfs / "etc/sudoers.d" / VAGRANT_USER
+    sudoers.write_text(f"{VAGRANT_USER} ALL=(ALL) NOPASSWD: ALL\n")
+    sudoers.chmod(0o440)
     # Units that only make sense on real hardware or with a real console.
     wants = rootfs / "etc/systemd/system"
     for unit in ("getty@tty1.service", "systemd-networkd-wait-online.service"):

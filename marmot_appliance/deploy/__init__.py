@@ -1,0 +1,1 @@
+"""Deployment to remote hosts: the controller side of the Ansible role (wheelhouse, plan, apply)."""

@@ -1,0 +1,61 @@
+"""Controller-side steps the Ansible roles call (`python -m marmot_appliance.deploy.controller`).
+
+Each prints one JSON object, `{"changed": bool, ...}`, so a task reports `changed` honestly:
+
+    wheelhouse DIR                build / refresh the offline wheelhouse
+    credentials SPEC STATE_DIR    create the cluster's generated NATS credentials once (0600)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from marmot_appliance.errors import MarmotError
+
+
+def ensure_controller_credentials(spec_path: str, state_dir: str) -> bool:
+    """Generate the NATS credentials for a `generated` spec; True when they were created now."""
+    from marmot_appliance.appliance.credentials import credentials_path, ensure_generated_credentials
+    from marmot_appliance.appliance.state import StateDir
+    from marmot_appliance.spec.loader import load_cluster
+
+    cluster = load_cluster(spec_path)
+    if cluster.nats.auth.mode != "generated":
+        return False
+    state = StateDir(Path(state_dir))
+    existed = credentials_path(state).is_file()
+    ensure_generated_credentials(state, cluster.nats.auth.user)
+    return not existed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m marmot_appliance.deploy.controller")
+    commands = parser.add_subparsers(dest="command", required=True)
+    wheels = commands.add_parser("wheelhouse")
+    wheels.add_argument("directory")
+    wheels.add_argument("--target-arg", action="append", default=[], help="extra pip target option")
+    wheels.add_argument("--extra", action="append", default=[], help="additional requirement")
+    creds = commands.add_parser("credentials")
+    creds.add_argument("spec")
+    creds.add_argument("state_dir")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "wheelhouse":
+            from marmot_appliance.deploy.wheelhouse import build_wheelhouse
+
+            result = build_wheelhouse(Path(args.directory), target_args=args.target_arg, extra_requirements=args.extra)
+            print(json.dumps({"changed": result.changed, "project_wheel": result.project_wheel,
+                              "downloaded": result.downloaded}))
+        else:
+            print(json.dumps({"changed": ensure_controller_credentials(args.spec, args.state_dir)}))
+    except MarmotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

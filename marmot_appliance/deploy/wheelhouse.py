@@ -1,0 +1,138 @@
+"""The controller's wheelhouse: the project wheel plus every wheel it needs, for offline hosts.
+
+Hosts have no internet. The controller builds the project wheel (offline: hatchling from the
+controller's environment, no build isolation) and downloads the dependency wheels once (the only
+step that needs a package index); the role copies the directory and installs it with
+`pip install --no-index --find-links`. `SHA256SUMS` lists every wheel with its digest, so a host
+reinstalls exactly when the set changed. Builds are reproducible (hatchling's fixed timestamps),
+so rebuilding unchanged sources changes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from marmot_appliance.deploy.errors import DeployError
+
+MANIFEST = "SHA256SUMS"
+PIP_TIMEOUT_S = 900.0
+
+
+@dataclass(frozen=True)
+class WheelhouseResult:
+    directory: Path
+    project_wheel: str
+    changed: bool
+    downloaded: bool
+
+
+def project_source_dir() -> Path | None:
+    """The source tree this package runs from, when it is a checkout (editable install)."""
+    root = Path(__file__).resolve().parents[2]
+    return root if (root / "pyproject.toml").is_file() and (root / "marmot_appliance").is_dir() else None
+
+
+def _pip(args: list[str], timeout_s: float = PIP_TIMEOUT_S) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "pip", "--disable-pip-version-check", *args]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise DeployError(f"pip timed out after {timeout_s:.0f}s: {' '.join(args)}") from exc
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def build_project_wheel(source: Path, into: Path) -> Path:
+    """Build the project wheel without a package index (needs hatchling installed here)."""
+    result = _pip(["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(into), str(source)])
+    if result.returncode != 0:
+        result = _pip(["wheel", "--no-deps", "-w", str(into), str(source)])  # isolated: needs an index
+    if result.returncode != 0:
+        raise DeployError(
+            "could not build the marmot-appliance wheel (install hatchling on the controller):\n"
+            + (result.stderr or result.stdout)[-2000:]
+        )
+    wheels = sorted(into.glob("marmot_appliance-*.whl"))
+    if not wheels:
+        raise DeployError(f"pip wheel produced no marmot_appliance wheel in {into}")
+    return wheels[-1]
+
+
+def dependencies_complete(directory: Path, project_wheel: Path, target_args: list[str]) -> bool:
+    """Can pip resolve the project and all its dependencies from the directory alone?"""
+    result = _pip(
+        ["install", "--dry-run", "--ignore-installed", "--no-index", "--find-links", str(directory),
+         *target_args, str(project_wheel)],
+        timeout_s=300,
+    )
+    return result.returncode == 0
+
+
+def write_manifest(directory: Path) -> bool:
+    lines = [f"{_digest(path)}  {path.name}" for path in sorted(directory.glob("*.whl"))]
+    text = "\n".join(lines) + "\n"
+    manifest = directory / MANIFEST
+    if manifest.is_file() and manifest.read_text() == text:
+        return False
+    manifest.write_text(text)
+    return True
+
+
+def build_wheelhouse(
+    directory: Path,
+    source: Path | None = None,
+    target_args: list[str] | None = None,
+    extra_requirements: list[str] | None = None,
+) -> WheelhouseResult:
+    """Bring `directory` up to date; only touches files whose content changed.
+
+    `target_args` (e.g. `--python-version 3.11 --platform manylinux2014_x86_64`) select wheels
+    for hosts unlike the controller; `extra_requirements` adds wheels such as `supervisor`.
+    """
+    source = source or project_source_dir()
+    if source is None:
+        raise DeployError(
+            "this installation is not a source checkout, so it cannot build its own wheel; "
+            "set deploy.package_source to a directory of wheels"
+        )
+    target_args = list(target_args or [])
+    extra = list(extra_requirements or [])
+    directory.mkdir(parents=True, exist_ok=True)
+    changed = False
+    with tempfile.TemporaryDirectory(prefix="marmot-wheel-") as scratch:
+        built = build_project_wheel(source, Path(scratch))
+        destination = directory / built.name
+        if not destination.is_file() or _digest(destination) != _digest(built):
+            for stale in directory.glob("marmot_appliance-*.whl"):
+                stale.unlink()
+            shutil.copy2(built, destination)
+            changed = True
+    downloaded = False
+    complete = dependencies_complete(directory, destination, target_args)
+    if extra and complete:
+        result = _pip(["install", "--dry-run", "--ignore-installed", "--no-index", "--find-links",
+                       str(directory), *target_args, *extra], timeout_s=300)
+        complete = result.returncode == 0
+    if not complete:
+        # The one step that needs a package index: fetch the dependency wheels once.
+        result = _pip(["download", "--only-binary=:all:", "-d", str(directory), *target_args, str(destination), *extra])
+        if result.returncode != 0:
+            raise DeployError(
+                "could not download the dependency wheels (no package index reachable?):\n"
+                + (result.stderr or result.stdout)[-2000:]
+            )
+        downloaded = changed = True
+    changed = write_manifest(directory) or changed
+    return WheelhouseResult(directory=directory, project_wheel=destination.name, changed=changed, downloaded=downloaded)
