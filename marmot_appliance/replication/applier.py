@@ -1,0 +1,489 @@
+"""Apply other nodes' change batches to the local database: last writer wins, exactly once.
+
+One batch (or several) = one SQLite transaction (BEGIN IMMEDIATE) that
+
+  1. inserts the marker row, so the capture triggers ignore everything this transaction writes;
+  2. folds the versions of local, not yet published log rows (they are newer-than-published
+     local state and must take part in the comparison);
+  3. records each incoming row's (version, origin) in the table's versions table unless an equal
+     or newer version is known (ON CONFLICT ... WHERE newer): the versions table now names the
+     winner of every key this batch touches, including duplicates within the batch;
+  4. applies exactly the rows that won (INSERT ... ON CONFLICT(pk) DO UPDATE SET <columns>, or
+     DELETE), each guarded by "the versions table holds my (version, origin)";
+  5. advances the hybrid clock to the newest version received, writes the stream position, and
+     deletes the marker, then commits.
+
+Everything per row runs in SQLite through executemany; Python only groups rows by table and
+column layout. Rows for tables that are not selected are ignored; rows for a table or a column
+this node does not have are parked and retried by retry_parked() once the schema catches up.
+A row SQLite refuses (e.g. a UNIQUE constraint other than the key) is dead-lettered on its own;
+the rest of the batch still applies.
+
+Own-origin batches: rows this node wrote are already in its database, so they are skipped (the
+position still advances), except rows older than the *own-origin horizon*: the moment this
+database started recording this node's writes (first install, or restore/replacement of the
+file). Older own rows may be missing from the file, so they are applied with the usual checks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cbor2
+
+from marmot_appliance.errors import DatabaseStateError, MarmotError
+from marmot_appliance.replication import bookkeeping as bk
+from marmot_appliance.replication.introspect import TableLayout, table_layout, user_tables
+from marmot_appliance.replication.sqlite_util import (
+    DEFAULT_BUSY_TIMEOUT_MS,
+    DatabaseBusyError,
+    connect,
+    is_busy_error,
+    is_environment_error,
+    quote_ident,
+    schema_version,
+    write_transaction,
+)
+from marmot_appliance.replication.types import DEAD_LETTER_TABLE, POSITIONS_TABLE, ChangeBatch, RowChange
+from marmot_appliance.spec.model import TableSelection
+
+__all__ = [
+    "ApplyError",
+    "ApplyOutcome",
+    "BatchApplier",
+    "DatabaseBusyError",
+    "decode_parked_change",
+    "encode_parked_change",
+    "reset_own_origin_horizon",
+]
+
+META_OWN_ORIGIN_HORIZON = "own_origin_horizon"
+
+
+class ApplyError(MarmotError):
+    """A batch could not be applied for a reason retrying will not fix: dead-letter it."""
+
+
+@dataclass
+class ApplyOutcome:
+    stream: str
+    seq: int
+    duplicate: bool = False  # seq at or below the stored position: nothing done
+    own_origin: bool = False  # this node's own batch: rows skipped, position advanced
+    rows_applied: int = 0  # rows whose version won (including tombstones for absent rows)
+    rows_stale: int = 0  # rows an equal or newer version already covered
+    rows_parked: int = 0  # rows for a table/column this node lacks, kept for retry_parked()
+    rows_ignored: int = 0  # rows for tables not selected on this node
+    rows_rejected: int = 0  # rows SQLite refused (constraint errors): dead-lettered one by one
+    max_version: int = 0
+
+
+def encode_parked_change(change: RowChange) -> bytes:
+    return cbor2.dumps(
+        [change.table, change.op, list(change.pk), list(change.columns), list(change.values), change.version, change.origin]
+    )
+
+
+def decode_parked_change(blob: bytes) -> RowChange:
+    table, op, pk, columns, values, version, origin = cbor2.loads(blob)
+    return RowChange(table, op, tuple(pk), tuple(columns), tuple(values), int(version), int(origin))
+
+
+def reset_own_origin_horizon(db_path: str | Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> int:
+    """Declare that this database file may lack some of this node's own earlier writes.
+
+    Call after replacing the file's contents (snapshot restore, copying a database in): own-origin
+    rows up to now are then applied from the streams (version-checked) instead of skipped.
+    Returns the new horizon.
+    """
+    conn = connect(db_path, busy_timeout_ms=busy_timeout_ms)
+    try:
+        with write_transaction(conn):
+            bk.ensure_bookkeeping(conn)
+            return _set_horizon_now(conn)
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def _environment_errors(db_path: Path) -> Iterator[None]:
+    """Disk full, read-only file, corruption: the database's problem, not the message's."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if is_environment_error(exc):
+            raise DatabaseStateError(f"database {db_path} cannot be written: {exc}") from exc
+        raise
+
+
+def _now_version() -> int:
+    return int(time.time() * 1000) << 16
+
+
+def _set_horizon_now(conn: sqlite3.Connection) -> int:
+    horizon = max(_now_version(), bk.current_clock(conn))
+    bk.set_meta(conn, META_OWN_ORIGIN_HORIZON, horizon)
+    return horizon
+
+
+@dataclass(frozen=True)
+class _RowPlan:
+    """How rows of one (table, columns, op) shape are applied; computed once per shape."""
+
+    action: str  # "apply", "park" or "ignore"
+    reason: str = ""
+    table: str = ""  # the local table's real name
+    versions_sql: str = ""
+    apply_sql: str = ""
+    key_of: object = None  # values -> tuple of key values in local primary-key order
+    deleted: int = 0
+
+
+def _single_key(index: int):
+    def key_of(values: Sequence[object]) -> tuple:
+        return (values[index],)
+
+    return key_of
+
+
+class BatchApplier:
+    """Applies ChangeBatches to one database. One connection; one caller at a time."""
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        node_id: int,
+        selection: TableSelection | None = None,
+        *,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ):
+        self.db_path = Path(db_path)
+        self.node_id = int(node_id)
+        self.selection = selection or TableSelection()
+        self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms)
+        self._schema_version: int | None = None
+        self._layouts: dict[str, TableLayout] = {}  # lower-case name -> layout
+        self._plans: dict[tuple[str, tuple[str, ...], str], _RowPlan] = {}
+        self._versions_ready: set[str] = set()
+        with write_transaction(self._conn):
+            bk.ensure_bookkeeping(self._conn)
+            if bk.get_meta(self._conn, META_OWN_ORIGIN_HORIZON) is None:
+                _set_horizon_now(self._conn)
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def positions(self) -> dict[str, int]:
+        return {
+            stream: int(seq)
+            for stream, seq in self._conn.execute(f"SELECT stream, seq FROM {quote_ident(POSITIONS_TABLE)}")
+        }
+
+    def apply(self, batch: ChangeBatch, stream: str, seq: int) -> ApplyOutcome:
+        """Apply one batch in one transaction. Raises DatabaseBusyError (retry later)."""
+        return self.apply_many([(batch, stream, seq)])[0]
+
+    def apply_many(self, items: Iterable[tuple[ChangeBatch, str, int]]) -> list[ApplyOutcome]:
+        """Apply several batches in one transaction (fewer commits when the consumer is behind)."""
+        items = list(items)
+        outcomes: list[ApplyOutcome] = []
+        conn = self._conn
+        with _environment_errors(self.db_path), write_transaction(conn):
+            self._begin_applying()
+            horizon = int(bk.get_meta(conn, META_OWN_ORIGIN_HORIZON, 0) or 0)
+            stored = self.positions()
+            newest = 0
+            for batch, stream, seq in items:
+                outcome = ApplyOutcome(stream=stream, seq=int(seq))
+                outcomes.append(outcome)
+                if seq <= stored.get(stream, 0):
+                    outcome.duplicate = True
+                    continue
+                stored[stream] = int(seq)
+                rows = batch.rows
+                if batch.origin == self.node_id:
+                    outcome.own_origin = True
+                    # Own rows newer than the horizon were written into this very file.
+                    rows = tuple(row for row in rows if row.version <= horizon)
+                    if not rows:
+                        continue
+                self._apply_rows(rows, outcome, stream, int(seq))
+                newest = max(newest, outcome.max_version)
+            self._finish_applying(newest, {o.stream: stored[o.stream] for o in outcomes if not o.duplicate})
+        return outcomes
+
+    def dead_letter(self, stream: str, seq: int, payload: bytes, reason: str) -> None:
+        """Record an unusable message and move the stream position past it, in one transaction."""
+        with write_transaction(self._conn):
+            self._record_dead_letter(stream, seq, payload, reason)
+            self._write_positions({stream: int(seq)})
+
+    def retry_parked(self) -> int:
+        """Apply parked rows whose table and columns now exist. Returns how many left the park."""
+        conn = self._conn
+        with _environment_errors(self.db_path), write_transaction(conn):
+            self._begin_applying()
+            parked = conn.execute(
+                f"SELECT id, change, stream, seq FROM {quote_ident(bk.PARKED_TABLE)} ORDER BY id"
+            ).fetchall()
+            retired: list[tuple[int]] = []
+            newest = 0
+            for parked_id, blob, stream, seq in parked:
+                try:
+                    row = decode_parked_change(blob)
+                except Exception as exc:  # noqa: BLE001 - a corrupt park entry must not block the rest
+                    self._record_dead_letter(stream, seq, blob, f"unreadable parked row: {exc}")
+                    retired.append((parked_id,))
+                    continue
+                plan = self._plan(row)
+                if plan.action == "park":
+                    continue
+                retired.append((parked_id,))
+                if plan.action == "ignore":
+                    continue
+                outcome = ApplyOutcome(stream=stream or "", seq=seq or 0)
+                self._apply_one_by_one([(row, plan)], outcome)
+                newest = max(newest, row.version)
+            if retired:
+                conn.executemany(f"DELETE FROM {quote_ident(bk.PARKED_TABLE)} WHERE id = ?", retired)
+            self._finish_applying(newest, {})
+        return len(retired)
+
+    def dead_letter_count(self) -> int:
+        return int(self._conn.execute(f"SELECT count(*) FROM {quote_ident(DEAD_LETTER_TABLE)}").fetchone()[0])
+
+    def parked_count(self) -> int:
+        return int(self._conn.execute(f"SELECT count(*) FROM {quote_ident(bk.PARKED_TABLE)}").fetchone()[0])
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "BatchApplier":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- transaction frame ---------------------------------------------------------------------
+
+    def _begin_applying(self) -> None:
+        conn = self._conn
+        conn.execute(f"INSERT OR IGNORE INTO {quote_ident(bk.MARKER_TABLE)} (id) VALUES (1)")
+        self._refresh_schema()
+        bk.fold_pending(conn)
+
+    def _finish_applying(self, newest_version: int, positions: dict[str, int]) -> None:
+        conn = self._conn
+        if newest_version:
+            bk.advance_clock(conn, newest_version)
+            # Our own writes are not logged, so no log row lies between the old watermark and
+            # the advanced clock: move the watermark too, sparing the next fold a scan.
+            bk.set_meta(conn, bk.META_FOLDED_THROUGH, bk.current_clock(conn))
+        self._write_positions(positions)
+        conn.execute(f"DELETE FROM {quote_ident(bk.MARKER_TABLE)}")
+
+    def _write_positions(self, positions: dict[str, int]) -> None:
+        if positions:
+            self._conn.executemany(
+                f"INSERT INTO {quote_ident(POSITIONS_TABLE)} (stream, seq) VALUES (?, ?) "
+                "ON CONFLICT (stream) DO UPDATE SET seq = max(seq, excluded.seq)",
+                list(positions.items()),
+            )
+
+    def _record_dead_letter(self, stream: str | None, seq: int | None, payload: bytes, reason: str) -> None:
+        self._conn.execute(
+            f"INSERT INTO {quote_ident(DEAD_LETTER_TABLE)} (stream, seq, reason, payload, received_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (stream, seq, reason, payload, time.time()),
+        )
+
+    # -- schema --------------------------------------------------------------------------------
+
+    def _refresh_schema(self) -> None:
+        version = schema_version(self._conn)
+        if version == self._schema_version:
+            return
+        self._layouts = {}
+        for name in user_tables(self._conn):
+            layout = table_layout(self._conn, name)
+            if layout is not None:
+                self._layouts[name.lower()] = layout
+        self._plans = {}
+        self._versions_ready = set()
+        self._schema_version = version
+
+    def _plan(self, row: RowChange) -> _RowPlan:
+        shape = (row.table, row.columns, row.op)
+        plan = self._plans.get(shape)
+        if plan is None:
+            plan = self._plans[shape] = self._make_plan(row)
+        return plan
+
+    def _make_plan(self, row: RowChange) -> _RowPlan:
+        layout = self._layouts.get(row.table.lower())
+        if layout is None:
+            if not self.selection.selects(row.table):
+                return _RowPlan("ignore")
+            return _RowPlan("park", reason=f"table {row.table!r} does not exist here")
+        if not self.selection.selects(layout.name):
+            return _RowPlan("ignore")
+        if not layout.primary_key:
+            return _RowPlan("ignore", reason=f"table {layout.name!r} has no primary key here")
+        local_columns = {col.lower(): col for col in layout.columns}
+        incoming = [col.lower() for col in row.columns]
+        missing = [col for col, low in zip(row.columns, incoming) if low not in local_columns]
+        if missing:
+            return _RowPlan("park", reason=f"table {layout.name!r} lacks column(s) {', '.join(map(repr, missing))}")
+        try:
+            key_positions = [incoming.index(col.lower()) for col in layout.primary_key]
+        except ValueError:
+            return _RowPlan("park", reason=f"the change does not carry the primary key {layout.primary_key} of {layout.name!r}")
+        if len(set(incoming)) != len(incoming):
+            return _RowPlan("park", reason=f"the change names a column of {layout.name!r} twice")
+        if layout.name not in self._versions_ready:
+            if bk.ensure_versions_table(self._conn, layout):
+                # Our own DDL: do not treat it as a schema change that invalidates the plans.
+                self._schema_version = schema_version(self._conn)
+            self._versions_ready.add(layout.name)
+
+        n = len(row.columns)
+        version_param, origin_param = n + 1, n + 2
+        key_params = [p + 1 for p in key_positions]
+        winner = bk.recorded_version_sql(layout.name, key_params, version_param, origin_param)
+        table = quote_ident(layout.name)
+        if row.op == "delete":
+            match = " AND ".join(f"{quote_ident(col)} = ?{p}" for col, p in zip(layout.primary_key, key_params))
+            apply_sql = f"DELETE FROM {table} WHERE {match} AND {winner}"
+            deleted = 1
+        else:
+            targets = ", ".join(quote_ident(local_columns[col]) for col in incoming)
+            params = ", ".join(f"?{i + 1}" for i in range(n))
+            key_set = {col.lower() for col in layout.primary_key}
+            updates = [f"{quote_ident(local_columns[col])} = excluded.{quote_ident(local_columns[col])}"
+                       for col in incoming if col not in key_set]
+            conflict = ", ".join(quote_ident(col) for col in layout.primary_key)
+            on_conflict = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
+            # INSERT ... SELECT needs a WHERE before ON CONFLICT (SQLite's upsert parsing rule);
+            # ours is the version guard. Never INSERT OR REPLACE: it deletes rows on other
+            # UNIQUE conflicts, resets absent columns and changes rowids.
+            apply_sql = (
+                f"INSERT INTO {table} ({targets}) SELECT {params} WHERE {winner} "
+                f"ON CONFLICT ({conflict}) {on_conflict}"
+            )
+            deleted = 0
+        if len(key_positions) == 1:
+            key_of = _single_key(key_positions[0])
+        else:
+            key_of = operator.itemgetter(*key_positions)
+        return _RowPlan(
+            "apply",
+            table=layout.name,
+            versions_sql=bk.versions_upsert_sql(layout.name, len(key_positions)),
+            apply_sql=apply_sql,
+            key_of=key_of,
+            deleted=deleted,
+        )
+
+    # -- rows ----------------------------------------------------------------------------------
+
+    def _apply_rows(self, rows: Sequence[RowChange], outcome: ApplyOutcome, stream: str, seq: int) -> None:
+        """Apply one batch's rows (inside the open transaction), parking/ignoring as planned."""
+        conn = self._conn
+        plans = self._plans
+        # shape -> (plan, version params, apply params)
+        groups: dict[tuple, tuple[_RowPlan, list, list]] = {}
+        planned: list[tuple[RowChange, _RowPlan]] = []
+        parked: list[tuple] = []
+        newest = 0
+        for row in rows:
+            shape = (row.table, row.columns, row.op)
+            plan = plans.get(shape)
+            if plan is None:
+                plan = self._plan(row)
+            if len(row.values) != len(row.columns):
+                self._record_dead_letter(
+                    stream, seq, encode_parked_change(row), f"malformed row for {row.table!r}: {len(row.columns)} columns but {len(row.values)} values"
+                )
+                outcome.rows_rejected += 1
+                continue
+            if plan.action != "apply":
+                if plan.action == "park":
+                    parked.append((row.table, plan.reason, encode_parked_change(row), stream, seq, time.time()))
+                else:
+                    outcome.rows_ignored += 1
+                continue
+            version = row.version
+            if version > newest:
+                newest = version
+            group = groups.get(shape)
+            if group is None:
+                group = groups[shape] = (plan, [], [])
+            group[1].append((*plan.key_of(row.values), version, row.origin, plan.deleted))
+            group[2].append((*row.values, version, row.origin))
+            planned.append((row, plan))
+        if parked:
+            conn.executemany(
+                f"INSERT INTO {quote_ident(bk.PARKED_TABLE)} (tbl, reason, change, stream, seq, parked_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                parked,
+            )
+            outcome.rows_parked += len(parked)
+        outcome.max_version = max(outcome.max_version, newest)
+        if not groups:
+            return
+        conn.execute("SAVEPOINT marmot_batch")
+        try:
+            won = 0
+            # All version records first: afterwards the versions tables name each key's winner,
+            # also when one batch carries the same key twice (or two keys equal under NOCASE).
+            for plan, version_params, _ in groups.values():
+                won += max(conn.executemany(plan.versions_sql, version_params).rowcount, 0)
+            for plan, _, apply_params in groups.values():
+                conn.executemany(plan.apply_sql, apply_params)
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK TO marmot_batch")
+            conn.execute("RELEASE marmot_batch")
+            if is_busy_error(exc) or is_environment_error(exc):
+                raise
+            # Some row broke a constraint: go row by row so only the culprits are set aside.
+            self._apply_one_by_one(planned, outcome, stream, seq)
+            return
+        conn.execute("RELEASE marmot_batch")
+        outcome.rows_applied += won
+        outcome.rows_stale += len(planned) - won
+
+    def _apply_one_by_one(
+        self,
+        planned: list[tuple[RowChange, _RowPlan]],
+        outcome: ApplyOutcome,
+        stream: str | None = None,
+        seq: int | None = None,
+    ) -> None:
+        conn = self._conn
+        for row, plan in planned:
+            conn.execute("SAVEPOINT marmot_row")
+            try:
+                won = max(
+                    conn.execute(plan.versions_sql, (*plan.key_of(row.values), row.version, row.origin, plan.deleted)).rowcount,
+                    0,
+                )
+                conn.execute(plan.apply_sql, (*row.values, row.version, row.origin))
+            except sqlite3.Error as exc:
+                conn.execute("ROLLBACK TO marmot_row")
+                conn.execute("RELEASE marmot_row")
+                if is_busy_error(exc) or is_environment_error(exc):
+                    raise
+                self._record_dead_letter(
+                    stream, seq, encode_parked_change(row), f"row rejected by SQLite on {plan.table!r}: {exc}"
+                )
+                outcome.rows_rejected += 1
+                continue
+            conn.execute("RELEASE marmot_row")
+            outcome.rows_applied += won
+            outcome.rows_stale += 1 - won
+            outcome.max_version = max(outcome.max_version, row.version)

@@ -1,0 +1,272 @@
+"""Names and DDL of every bookkeeping object capture and apply keep inside the user's database.
+
+Everything starts with BOOKKEEPING_PREFIX so `--cleanup` (remove_bookkeeping) can find it by an
+exact prefix compare and snapshots carry it along with the data it describes.
+
+Objects:
+  _marmot_clock          one row: the hybrid logical clock (ms << 16 | counter). Triggers advance
+                         it for every captured row; the applier advances it to the newest
+                         version it received, so a later local write always outranks what this
+                         node has already seen.
+  _marmot_apply_marker   empty except inside the applier's own transaction: the capture
+                         triggers say WHEN NOT EXISTS (SELECT 1 FROM marker), so the applier's
+                         writes are not captured again. SQLite has one writer at a time, so no
+                         other connection ever sees the marker row.
+  _marmot_meta           key/value: node id that owns the log, fold watermark, schema version.
+  _marmot_layouts        column layout of each captured table, one row per version of it; every
+                         log row names the layout it was written with.
+  _marmot_log_<table>    captured changes of one table: id (= HLC version, unique, commit order),
+                         layout, op (0 upsert, 1 delete), then c0..cN in layout column order.
+                         The value columns have no declared type, so values keep their exact
+                         storage class.
+  _marmot_ver_<table>    newest known (version, origin, deleted) per primary key: what the
+                         applier's last-writer-wins check compares against. Deletes stay here as
+                         tombstones.
+  _marmot_positions      applied position per stream (same transaction as the rows).
+  _marmot_dead_letters   messages that could not be decoded or applied.
+  _marmot_parked         rows for tables/columns this node does not have yet.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+from marmot_appliance.replication.introspect import TableLayout
+from marmot_appliance.replication.sqlite_util import quote_ident
+from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, DEAD_LETTER_TABLE, POSITIONS_TABLE
+
+CLOCK_TABLE = BOOKKEEPING_PREFIX + "clock"
+MARKER_TABLE = BOOKKEEPING_PREFIX + "apply_marker"
+META_TABLE = BOOKKEEPING_PREFIX + "meta"
+LAYOUTS_TABLE = BOOKKEEPING_PREFIX + "layouts"
+PARKED_TABLE = BOOKKEEPING_PREFIX + "parked"
+LOG_TABLE_PREFIX = BOOKKEEPING_PREFIX + "log_"
+VERSIONS_TABLE_PREFIX = BOOKKEEPING_PREFIX + "ver_"
+TRIGGER_PREFIX = BOOKKEEPING_PREFIX + "trg_"
+
+OP_UPSERT = 0
+OP_DELETE = 1
+
+META_NODE_ID = "node_id"
+META_FOLDED_THROUGH = "folded_through"
+META_SCHEMA_VERSION = "schema_version"
+
+# Columns of the versions table after the key columns k0..kN.
+_VERSION_COLUMNS = ("version", "origin", "deleted")
+
+_FIXED_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {quote_ident(CLOCK_TABLE)} ("
+    "id INTEGER PRIMARY KEY CHECK (id = 0), hlc INTEGER NOT NULL)",
+    f"INSERT OR IGNORE INTO {quote_ident(CLOCK_TABLE)} (id, hlc) VALUES (0, 0)",
+    f"CREATE TABLE IF NOT EXISTS {quote_ident(MARKER_TABLE)} (id INTEGER PRIMARY KEY)",
+    f"CREATE TABLE IF NOT EXISTS {quote_ident(META_TABLE)} (key TEXT PRIMARY KEY, value)",
+    f"CREATE TABLE IF NOT EXISTS {quote_ident(LAYOUTS_TABLE)} ("
+    "id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, columns TEXT NOT NULL, "
+    "primary_key TEXT NOT NULL, fingerprint TEXT NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {quote_ident(POSITIONS_TABLE)} ("
+    "stream TEXT PRIMARY KEY, seq INTEGER NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {quote_ident(DEAD_LETTER_TABLE)} ("
+    "id INTEGER PRIMARY KEY, stream TEXT, seq INTEGER, reason TEXT NOT NULL, "
+    "payload BLOB, received_at REAL NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {quote_ident(PARKED_TABLE)} ("
+    "id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, reason TEXT NOT NULL, change BLOB NOT NULL, "
+    "stream TEXT, seq INTEGER, parked_at REAL NOT NULL)",
+)
+
+
+def log_table_name(table: str) -> str:
+    return LOG_TABLE_PREFIX + table
+
+
+def versions_table_name(table: str) -> str:
+    return VERSIONS_TABLE_PREFIX + table
+
+
+def trigger_name(table: str, kind: str) -> str:
+    return f"{TRIGGER_PREFIX}{table}_{kind}"
+
+
+def value_column(index: int) -> str:
+    return f"c{index}"
+
+
+def key_column(index: int) -> str:
+    return f"k{index}"
+
+
+def object_exists(conn: sqlite3.Connection, name: str, kind: str = "table") -> bool:
+    row = conn.execute("SELECT 1 FROM main.sqlite_schema WHERE type = ? AND name = ?", (kind, name)).fetchone()
+    return row is not None
+
+
+def ensure_bookkeeping(conn: sqlite3.Connection) -> None:
+    """Create the fixed bookkeeping tables (idempotent; call inside a write transaction)."""
+    # Skip the DDL when everything is there: CREATE ... IF NOT EXISTS on existing tables does
+    # not bump schema_version, but checking first keeps this a pure read in the common case.
+    wanted = (CLOCK_TABLE, MARKER_TABLE, META_TABLE, LAYOUTS_TABLE, POSITIONS_TABLE, DEAD_LETTER_TABLE, PARKED_TABLE)
+    present = {
+        row[0]
+        for row in conn.execute(
+            "SELECT name FROM main.sqlite_schema WHERE type = 'table' AND name IN (%s)" % ",".join("?" * len(wanted)),
+            wanted,
+        )
+    }
+    if len(present) == len(wanted):
+        return
+    for statement in _FIXED_DDL:
+        conn.execute(statement)
+
+
+def get_meta(conn: sqlite3.Connection, key: str, default: object = None) -> object:
+    row = conn.execute(f"SELECT value FROM {quote_ident(META_TABLE)} WHERE key = ?", (key,)).fetchone()
+    return default if row is None else row[0]
+
+
+def set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:
+    conn.execute(
+        f"INSERT INTO {quote_ident(META_TABLE)} (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
+
+
+def current_clock(conn: sqlite3.Connection) -> int:
+    return int(conn.execute(f"SELECT hlc FROM {quote_ident(CLOCK_TABLE)}").fetchone()[0])
+
+
+def advance_clock(conn: sqlite3.Connection, version: int) -> None:
+    conn.execute(f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)", (version,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Versions tables
+
+
+def versions_key_arity(conn: sqlite3.Connection, table: str) -> int | None:
+    """Number of key columns of the table's versions table, or None when it does not exist."""
+    name = versions_table_name(table)
+    if not object_exists(conn, name):
+        return None
+    columns = [row[1] for row in conn.execute("PRAGMA main.table_info(" + quote_ident(name) + ")")]
+    return sum(1 for col in columns if col not in _VERSION_COLUMNS)
+
+
+def ensure_versions_table(conn: sqlite3.Connection, layout: TableLayout) -> bool:
+    """Create (or, when the primary key's arity changed, re-create) the table's versions table.
+
+    Key columns copy the primary key's collations so two keys are "the same row" here exactly
+    when they are in the user table. Returns True when DDL ran.
+    """
+    arity = versions_key_arity(conn, layout.name)
+    if arity == len(layout.primary_key):
+        return False
+    name = quote_ident(versions_table_name(layout.name))
+    if arity is not None:
+        # The primary key changed shape: old versions cannot be matched to new keys any more.
+        conn.execute(f"DROP TABLE {name}")
+    keys = [
+        f"{quote_ident(key_column(i))} COLLATE {quote_ident(coll)}" for i, coll in enumerate(layout.pk_collations)
+    ]
+    key_list = ", ".join(quote_ident(key_column(i)) for i in range(len(layout.primary_key)))
+    conn.execute(
+        f"CREATE TABLE {name} ({', '.join(keys)}, version INTEGER NOT NULL, origin INTEGER NOT NULL, "
+        f"deleted INTEGER NOT NULL, PRIMARY KEY ({key_list})) WITHOUT ROWID"
+    )
+    return True
+
+
+def versions_upsert_sql(table: str, key_count: int) -> str:
+    """Record (version, origin, deleted) for a key unless a newer or equal version is known."""
+    keys = ", ".join(quote_ident(key_column(i)) for i in range(key_count))
+    marks = ", ".join("?" * (key_count + 3))
+    return (
+        f"INSERT INTO {quote_ident(versions_table_name(table))} ({keys}, version, origin, deleted) "
+        f"VALUES ({marks}) ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version, "
+        "origin = excluded.origin, deleted = excluded.deleted "
+        "WHERE (excluded.version, excluded.origin) > (version, origin)"
+    )
+
+
+def recorded_version_sql(table: str, key_params: list[int], version_param: int, origin_param: int) -> str:
+    """SQL condition: the versions table records exactly this (version, origin) for the key.
+
+    After the batch's versions were recorded (newer ones only), this holds exactly for the rows
+    that won. key_params are the numbered parameters (?N) holding the key values, in key order.
+    """
+    conditions = " AND ".join(f"{quote_ident(key_column(i))} = ?{p}" for i, p in enumerate(key_params))
+    return (
+        f"EXISTS (SELECT 1 FROM {quote_ident(versions_table_name(table))} WHERE {conditions} "
+        f"AND version = ?{version_param} AND origin = ?{origin_param})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Folding local log rows into the versions tables
+
+
+def log_tables(conn: sqlite3.Connection) -> dict[str, str]:
+    """Existing log tables: log table name -> user table name."""
+    rows = conn.execute("SELECT name FROM main.sqlite_schema WHERE type = 'table'").fetchall()
+    return {row[0]: row[0][len(LOG_TABLE_PREFIX) :] for row in rows if row[0].startswith(LOG_TABLE_PREFIX)}
+
+
+def layouts_by_id(conn: sqlite3.Connection) -> dict[int, tuple[str, tuple[str, ...], tuple[str, ...], str]]:
+    """layout id -> (table, columns, primary key, fingerprint)."""
+
+    out = {}
+    for layout_id, tbl, columns, primary_key, fingerprint in conn.execute(
+        f"SELECT id, tbl, columns, primary_key, fingerprint FROM {quote_ident(LAYOUTS_TABLE)}"
+    ):
+        out[int(layout_id)] = (tbl, tuple(json.loads(columns)), tuple(json.loads(primary_key)), fingerprint)
+    return out
+
+
+def fold_pending(conn: sqlite3.Connection) -> int:
+    """Fold the versions of local log rows not folded yet into the versions tables.
+
+    Must run inside a write transaction. Log ids are HLC values, and the clock only grows, so
+    "not folded yet" is simply id > the watermark, and the new watermark is the current clock.
+    Local rows not yet published are newer-than-published local state: the applier must see
+    their versions, so it folds before comparing. Returns the number of log rows folded.
+    """
+    clock = current_clock(conn)
+    watermark = int(get_meta(conn, META_FOLDED_THROUGH, 0) or 0)
+    if clock <= watermark:
+        return 0
+    node_id = get_meta(conn, META_NODE_ID)
+    folded = 0
+    if node_id is not None:
+        layouts = None
+        for log_name, table in log_tables(conn).items():
+            layout_ids = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT DISTINCT layout FROM {quote_ident(log_name)} WHERE id > ?", (watermark,)
+                )
+            ]
+            if not layout_ids:
+                continue
+            if layouts is None:
+                layouts = layouts_by_id(conn)
+            arity = versions_key_arity(conn, table)
+            for layout_id in layout_ids:
+                known = layouts.get(int(layout_id))
+                if known is None or arity is None or len(known[2]) != arity:
+                    continue  # the key changed shape since: these versions cannot be matched
+                _tbl, columns, primary_key, _fp = known
+                key_values = [quote_ident(value_column(columns.index(col))) for col in primary_key]
+                not_null = " AND ".join(f"{expr} IS NOT NULL" for expr in key_values)
+                keys = ", ".join(quote_ident(key_column(i)) for i in range(arity))
+                cursor = conn.execute(
+                    f"INSERT INTO {quote_ident(versions_table_name(table))} ({keys}, version, origin, deleted) "
+                    f"SELECT {', '.join(key_values)}, id, ?, op FROM {quote_ident(log_name)} "
+                    f"WHERE id > ? AND layout = ? AND {not_null} ORDER BY id "
+                    f"ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version, "
+                    "origin = excluded.origin, deleted = excluded.deleted "
+                    "WHERE (excluded.version, excluded.origin) > (version, origin)",
+                    (int(node_id), watermark, layout_id),
+                )
+                folded += max(cursor.rowcount, 0)
+    set_meta(conn, META_FOLDED_THROUGH, clock)
+    return folded

@@ -1,0 +1,454 @@
+"""Change capture: pure-SQL triggers write every committed row change into per-table log tables.
+
+The triggers use nothing but built-in SQL (no application-defined functions), so any client in
+any process keeps working, also with `PRAGMA trusted_schema=OFF`, and its writes are captured.
+Per captured row a trigger does two things (DESIGN §3: keep the trigger lean):
+
+  1. advance the one-row hybrid logical clock: hlc = max(now_ms << 16, hlc + 1)
+  2. insert one log row whose id *is* that clock value (unique, in commit order across tables)
+
+Versions are folded into the versions tables later, in Python, when rows are marked published
+(or before the applier compares versions), never per row inside the trigger.
+
+Tables without a primary key are *skipped* with a warning: the only identity such a row has is
+its rowid, which VACUUM may renumber and which two nodes allocate independently, so the copies
+could never be matched reliably. Tables keyed by an INTEGER PRIMARY KEY (a rowid alias) are
+captured with a warning: two nodes inserting concurrently can pick the same id, and then the
+newer write wins and the other insert is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from marmot_appliance.errors import DatabaseStateError
+from marmot_appliance.replication import bookkeeping as bk
+from marmot_appliance.replication.introspect import TableLayout, table_fingerprint, table_layout, user_tables
+from marmot_appliance.replication.sqlite_util import (
+    DEFAULT_BUSY_TIMEOUT_MS,
+    DatabaseBusyError,
+    connect,
+    journal_mode,
+    quote_ident,
+    read_transaction,
+    schema_version,
+    write_transaction,
+)
+from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, RowChange
+from marmot_appliance.spec.model import TableSelection
+
+__all__ = [
+    "CaptureReport",
+    "ChangeCapture",
+    "DatabaseBusyError",
+    "PendingChange",
+    "remove_bookkeeping",
+    "require_wal",
+    "table_fingerprint",
+]
+
+# Built-in SQL only: julianday('now') is stable within one statement step, and `hlc + 1`
+# keeps every value unique and increasing even within one millisecond.
+_NOW_MS_SQL = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
+_ADVANCE_CLOCK_SQL = f"UPDATE {quote_ident(bk.CLOCK_TABLE)} SET hlc = max({_NOW_MS_SQL} << 16, hlc + 1);"
+_NOT_APPLYING_SQL = f"NOT EXISTS (SELECT 1 FROM {quote_ident(bk.MARKER_TABLE)})"
+
+
+@dataclass(frozen=True)
+class CaptureReport:
+    tables: tuple[str, ...]  # tables whose changes are captured
+    warnings: tuple[str, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)  # table -> why it is not captured
+    changed: bool = False  # whether install() had to change any trigger or bookkeeping table
+
+
+@dataclass(frozen=True)
+class PendingChange:
+    log_id: int  # the log row's id; equals change.version
+    change: RowChange
+    fingerprint: str = ""  # fingerprint of the table layout the row was captured with
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A layout row of _marmot_layouts, with what read_pending needs precomputed."""
+
+    id: int
+    table: str
+    columns: tuple[str, ...]
+    primary_key: tuple[str, ...]
+    fingerprint: str
+    pk_indexes: tuple[int, ...]
+
+
+def require_wal(db_path: str | Path) -> None:
+    """Raise DatabaseStateError unless the database exists and is in WAL journal mode."""
+    conn = connect(db_path)
+    try:
+        mode = journal_mode(conn)
+    finally:
+        conn.close()
+    if mode != "wal":
+        raise DatabaseStateError(
+            f"database {db_path} uses journal_mode={mode}, but replication needs WAL "
+            f"(readers and the replicator must not block each other). Switch it once with: "
+            f"sqlite3 {db_path} 'PRAGMA journal_mode=WAL'"
+        )
+
+
+def remove_bookkeeping(db_path: str | Path, *, busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS) -> list[str]:
+    """Drop every trigger, log and bookkeeping table capture/apply created; user data untouched.
+
+    Objects are found by an exact prefix compare of their names (never LIKE, whose `_` is a
+    wildcard). Runs in one transaction. Returns the names dropped.
+    """
+    conn = connect(db_path, busy_timeout_ms=busy_timeout_ms)
+    try:
+        with write_transaction(conn):
+            objects = conn.execute("SELECT type, name FROM main.sqlite_schema WHERE type IN ('trigger', 'table')").fetchall()
+            ours = [(kind, name) for kind, name in objects if name.startswith(BOOKKEEPING_PREFIX)]
+            # Triggers first: dropping a log table a trigger writes to would leave the trigger
+            # failing every user write until it is dropped too.
+            ours.sort(key=lambda item: item[0] != "trigger")
+            for kind, name in ours:
+                conn.execute(f"DROP {'TRIGGER' if kind == 'trigger' else 'TABLE'} IF EXISTS {quote_ident(name)}")
+        return [name for _kind, name in ours]
+    finally:
+        conn.close()
+
+
+def _trigger_sql(layout: TableLayout, layout_id: int) -> dict[str, str]:
+    """CREATE TRIGGER statements for one table, by trigger name."""
+    table = quote_ident(layout.name)
+    log = quote_ident(bk.log_table_name(layout.name))
+    clock_value = f"(SELECT hlc FROM {quote_ident(bk.CLOCK_TABLE)})"
+
+    def log_insert(op: int, image: str, cols: list[str]) -> str:
+        targets = ", ".join(["id", "layout", "op"] + [quote_ident(bk.value_column(layout.columns.index(c))) for c in cols])
+        values = ", ".join([clock_value, str(layout_id), str(op)] + [f"{image}.{quote_ident(c)}" for c in cols])
+        return f"INSERT INTO {log} ({targets}) VALUES ({values});"
+
+    all_columns = list(layout.columns)
+    key_columns = list(layout.primary_key)
+    # COLLATE BINARY: under a NOCASE key, 'a' -> 'A' is still a key change for the replicas.
+    same_key = " AND ".join(f'NEW.{quote_ident(c)} IS OLD.{quote_ident(c)} COLLATE "BINARY"' for c in key_columns)
+    upsert_new = log_insert(bk.OP_UPSERT, "NEW", all_columns)
+    delete_old = log_insert(bk.OP_DELETE, "OLD", key_columns)
+
+    def trigger(kind: str, event: str, condition: str, body: list[str]) -> tuple[str, str]:
+        name = bk.trigger_name(layout.name, kind)
+        sql = (
+            f"CREATE TRIGGER {quote_ident(name)} AFTER {event} ON {table} FOR EACH ROW "
+            f"WHEN {condition} BEGIN " + " ".join(body) + " END"
+        )
+        return name, sql
+
+    return dict(
+        [
+            trigger("ins", "INSERT", _NOT_APPLYING_SQL, [_ADVANCE_CLOCK_SQL, upsert_new]),
+            trigger("upd", "UPDATE", f"{_NOT_APPLYING_SQL} AND ({same_key})", [_ADVANCE_CLOCK_SQL, upsert_new]),
+            # A primary-key change: delete(old key) then upsert(new key), each with its own version.
+            trigger(
+                "updkey",
+                "UPDATE",
+                f"{_NOT_APPLYING_SQL} AND NOT ({same_key})",
+                [_ADVANCE_CLOCK_SQL, delete_old, _ADVANCE_CLOCK_SQL, upsert_new],
+            ),
+            trigger("del", "DELETE", _NOT_APPLYING_SQL, [_ADVANCE_CLOCK_SQL, delete_old]),
+        ]
+    )
+
+
+class ChangeCapture:
+    """Installs capture on one database and reads / retires what it captured.
+
+    One instance holds one connection; use it from one caller at a time (the async runtime calls
+    it through asyncio.to_thread, which is fine as long as calls do not overlap).
+    """
+
+    def __init__(
+        self,
+        db_path: str | Path,
+        node_id: int,
+        selection: TableSelection | None = None,
+        *,
+        busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+    ):
+        self.db_path = Path(db_path)
+        self.node_id = int(node_id)
+        self.selection = selection or TableSelection()
+        self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms)
+        self._installed_schema_version: int | None = None
+        self._layouts: dict[int, _Layout] = {}
+        self._captured: dict[str, TableLayout] = {}
+        self._log_table_of: dict[int, str] = {}  # log id -> log table, for mark_published
+
+    # -- installation ------------------------------------------------------------------------
+
+    def install(self) -> CaptureReport:
+        """Install (or bring up to date) capture in one BEGIN IMMEDIATE transaction.
+
+        Idempotent: when tables, columns and selection are unchanged, nothing is rewritten.
+        New tables get triggers, new columns get log columns (ALTER TABLE ADD COLUMN) and new
+        triggers, all atomically, so no application write is ever missed in between.
+        """
+        warnings: list[str] = []
+        skipped: dict[str, str] = {}
+        captured: dict[str, TableLayout] = {}
+        changed = False
+        conn = self._conn
+        with write_transaction(conn):
+            version_before = schema_version(conn)
+            bk.ensure_bookkeeping(conn)
+            warnings += self._claim_log(conn)
+            # A marker row can only be committed by a crashed/buggy writer; it would silence capture.
+            conn.execute(f"DELETE FROM {quote_ident(bk.MARKER_TABLE)}")
+
+            desired_triggers: dict[str, str] = {}
+            for name in user_tables(conn):
+                if not self.selection.selects(name):
+                    skipped[name] = "not selected (tables include/exclude)"
+                    continue
+                layout = table_layout(conn, name)
+                if layout is None:
+                    continue
+                if not layout.primary_key:
+                    skipped[name] = "no primary key"
+                    warnings.append(
+                        f"table {name!r} has no primary key and is not replicated: its rows have no "
+                        "identity shared across nodes (rowids are per node and VACUUM renumbers them)"
+                    )
+                    continue
+                if layout.rowid_alias:
+                    warnings.append(
+                        f"table {name!r} is keyed by INTEGER PRIMARY KEY {layout.primary_key[0]!r} (a rowid "
+                        "alias): concurrent inserts on two nodes can pick the same id, and the newer one "
+                        "then silently replaces the other; prefer globally unique keys (UUID/ULID)"
+                    )
+                layout_id = self._layout_id(conn, layout)
+                self._ensure_log_table(conn, layout)
+                bk.ensure_versions_table(conn, layout)
+                desired_triggers.update(_trigger_sql(layout, layout_id))
+                captured[name] = layout
+
+            existing = {
+                name: sql
+                for name, sql in conn.execute("SELECT name, sql FROM main.sqlite_schema WHERE type = 'trigger'")
+                if name.startswith(bk.TRIGGER_PREFIX)
+            }
+            for name, sql in existing.items():
+                if desired_triggers.get(name) != sql:
+                    conn.execute(f"DROP TRIGGER {quote_ident(name)}")
+            for name, sql in desired_triggers.items():
+                if existing.get(name) != sql:
+                    conn.execute(sql)
+            self._drop_empty_orphan_logs(conn)
+            installed_version = schema_version(conn)
+            changed = installed_version != version_before
+            if changed or bk.get_meta(conn, bk.META_SCHEMA_VERSION) != installed_version:
+                bk.set_meta(conn, bk.META_SCHEMA_VERSION, installed_version)
+        self._installed_schema_version = installed_version
+        self._captured = captured
+        self._layouts = self._load_layouts()
+        return CaptureReport(tables=tuple(sorted(captured)), warnings=tuple(warnings), skipped=skipped, changed=changed)
+
+    def _claim_log(self, conn: sqlite3.Connection) -> list[str]:
+        """Make this node the owner of the change log; discard another node's pending rows.
+
+        A database restored from another node's snapshot (or copied from it) carries that
+        node's unpublished log rows. They are that node's to publish, not ours: fold their
+        versions (they describe the data we now hold) and drop them.
+        """
+        owner = bk.get_meta(conn, bk.META_NODE_ID)
+        if owner is not None and int(owner) != self.node_id:
+            bk.fold_pending(conn)
+            discarded = 0
+            for log_name in bk.log_tables(conn):
+                discarded += max(conn.execute(f"DELETE FROM {quote_ident(log_name)}").rowcount, 0)
+            bk.set_meta(conn, bk.META_NODE_ID, self.node_id)
+            if discarded:
+                return [
+                    f"the change log belonged to node id {owner}; discarded its {discarded} unpublished "
+                    "rows (that node publishes them itself)"
+                ]
+        elif owner is None:
+            bk.set_meta(conn, bk.META_NODE_ID, self.node_id)
+        return []
+
+    def _layout_id(self, conn: sqlite3.Connection, layout: TableLayout) -> int:
+        columns = json.dumps(list(layout.columns))
+        primary_key = json.dumps(list(layout.primary_key))
+        row = conn.execute(
+            f"SELECT max(id) FROM {quote_ident(bk.LAYOUTS_TABLE)} WHERE tbl = ? AND columns = ? AND primary_key = ?",
+            (layout.name, columns, primary_key),
+        ).fetchone()
+        if row[0] is not None:
+            return int(row[0])
+        cursor = conn.execute(
+            f"INSERT INTO {quote_ident(bk.LAYOUTS_TABLE)} (tbl, columns, primary_key, fingerprint) VALUES (?, ?, ?, ?)",
+            (layout.name, columns, primary_key, layout.fingerprint),
+        )
+        return int(cursor.lastrowid)
+
+    def _ensure_log_table(self, conn: sqlite3.Connection, layout: TableLayout) -> None:
+        name = bk.log_table_name(layout.name)
+        needed = [bk.value_column(i) for i in range(len(layout.columns))]
+        if not bk.object_exists(conn, name):
+            # Value columns without a declared type: no affinity, so every value keeps its
+            # exact storage class (REAL stays REAL, '1' stays TEXT, BLOBs stay BLOBs).
+            value_columns = "".join(f", {quote_ident(col)}" for col in needed)
+            conn.execute(
+                f"CREATE TABLE {quote_ident(name)} (id INTEGER PRIMARY KEY, layout INTEGER NOT NULL, "
+                f"op INTEGER NOT NULL{value_columns})"
+            )
+            return
+        present = {row[1] for row in conn.execute("PRAGMA main.table_info(" + quote_ident(name) + ")")}
+        for col in needed:
+            if col not in present:
+                conn.execute(f"ALTER TABLE {quote_ident(name)} ADD COLUMN {quote_ident(col)}")
+
+    def _drop_empty_orphan_logs(self, conn: sqlite3.Connection) -> int:
+        """Drop log tables that no trigger writes to any more, once nothing in them awaits publishing.
+
+        Decided from the schema, not from this instance's memory: dropping a log table that a
+        trigger still writes to would make every application write on that table fail.
+        """
+        guarded = {
+            tbl_name.lower()
+            for name, tbl_name in conn.execute("SELECT name, tbl_name FROM main.sqlite_schema WHERE type = 'trigger'")
+            if name.startswith(bk.TRIGGER_PREFIX)
+        }
+        dropped = 0
+        for log_name, table in bk.log_tables(conn).items():
+            if table.lower() in guarded:
+                continue
+            if conn.execute(f"SELECT 1 FROM {quote_ident(log_name)} LIMIT 1").fetchone() is None:
+                conn.execute(f"DROP TABLE {quote_ident(log_name)}")
+                dropped += 1
+        return dropped
+
+    def _load_layouts(self) -> dict[int, _Layout]:
+        out = {}
+        for layout_id, (table, columns, primary_key, fingerprint) in bk.layouts_by_id(self._conn).items():
+            out[layout_id] = _Layout(
+                id=layout_id,
+                table=table,
+                columns=columns,
+                primary_key=primary_key,
+                fingerprint=fingerprint,
+                pk_indexes=tuple(columns.index(col) for col in primary_key),
+            )
+        return out
+
+    # -- state -------------------------------------------------------------------------------
+
+    def schema_changed(self) -> bool:
+        """True when the schema changed since install() (then call install() again)."""
+        if self._installed_schema_version is None:
+            return True
+        return schema_version(self._conn) != self._installed_schema_version
+
+    def data_version(self) -> int:
+        """PRAGMA data_version: changes whenever *another* connection commits (cheap poll)."""
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+    def fingerprints(self) -> dict[str, str]:
+        return {name: layout.fingerprint for name, layout in self._captured.items()}
+
+    def primary_keys(self) -> dict[str, tuple[str, ...]]:
+        return {name: layout.primary_key for name, layout in self._captured.items()}
+
+    @property
+    def tables(self) -> tuple[str, ...]:
+        return tuple(sorted(self._captured))
+
+    def pending_count(self) -> int:
+        total = 0
+        with read_transaction(self._conn):
+            for log_name in bk.log_tables(self._conn):
+                total += int(self._conn.execute(f"SELECT count(*) FROM {quote_ident(log_name)}").fetchone()[0])
+        return total
+
+    # -- reading and retiring ------------------------------------------------------------------
+
+    def read_pending(self, limit: int = 1000) -> list[PendingChange]:
+        """The oldest `limit` captured changes not yet marked published, in commit (id) order.
+
+        Reads one consistent snapshot; never blocks writers (WAL).
+        """
+        if limit <= 0:
+            return []
+        rows: list[tuple[str, tuple]] = []
+        with read_transaction(self._conn):
+            for log_name in bk.log_tables(self._conn):
+                for row in self._conn.execute(f"SELECT * FROM {quote_ident(log_name)} ORDER BY id LIMIT ?", (limit,)):
+                    rows.append((log_name, row))
+        if len(rows) > limit or len({name for name, _ in rows}) > 1:
+            rows.sort(key=lambda item: item[1][0])
+            del rows[limit:]
+        out: list[PendingChange] = []
+        layouts = self._layouts
+        node_id = self.node_id
+        log_table_of = self._log_table_of
+        for log_name, row in rows:
+            log_id, layout_id, op = row[0], row[1], row[2]
+            layout = layouts.get(layout_id)
+            if layout is None:
+                self._layouts = layouts = self._load_layouts()
+                layout = layouts[layout_id]
+            if op == bk.OP_UPSERT:
+                values = row[3 : 3 + len(layout.columns)]
+                pk = tuple([values[i] for i in layout.pk_indexes])
+                change = RowChange(layout.table, "upsert", pk, layout.columns, values, log_id, node_id)
+            else:
+                pk = tuple([row[3 + i] for i in layout.pk_indexes])
+                change = RowChange(layout.table, "delete", pk, layout.primary_key, pk, log_id, node_id)
+            log_table_of[log_id] = log_name
+            out.append(PendingChange(log_id, change, layout.fingerprint))
+        return out
+
+    def mark_published(self, log_ids: list[int] | tuple[int, ...]) -> int:
+        """Retire changes that JetStream acknowledged: fold their versions, delete the log rows.
+
+        Call only after a positive ack. One transaction. Returns how many log rows were removed.
+        """
+        if not log_ids:
+            return 0
+        by_table: dict[str | None, list[tuple[int]]] = {}
+        for log_id in log_ids:
+            by_table.setdefault(self._log_table_of.pop(log_id, None), []).append((log_id,))
+        removed = 0
+        with write_transaction(self._conn):
+            bk.fold_pending(self._conn)
+            existing = bk.log_tables(self._conn)
+            for log_name, ids in by_table.items():
+                # Ids read by another instance are not in our map: look in every log table.
+                targets = [log_name] if log_name is not None else list(existing)
+                for target in targets:
+                    if target not in existing:
+                        continue
+                    cursor = self._conn.executemany(f"DELETE FROM {quote_ident(target)} WHERE id = ?", ids)
+                    removed += max(cursor.rowcount, 0)
+        return removed
+
+    def purge_published(self) -> int:
+        """Housekeeping: drop log tables of tables no longer captured once they are drained.
+
+        Published rows themselves are deleted by mark_published (in the same transaction that
+        folds their versions), so nothing published lingers. Returns the number of log tables
+        dropped.
+        """
+        with write_transaction(self._conn):
+            return self._drop_empty_orphan_logs(self._conn)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> "ChangeCapture":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
