@@ -8,6 +8,7 @@ tests prove apply needs no root. Without root (or setpriv) the CLI runs as the c
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -25,13 +26,32 @@ EXAMPLE_SPEC = REPO / "examples" / "local-3-node.yaml"
 CLI_TIMEOUT_S = 300  # apply waits for health itself; this only stops a hung CLI
 
 
+SETPRIV = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+@functools.lru_cache(maxsize=1)
 def unprivileged_user() -> pwd.struct_passwd | None:
+    """`nobody`, when running as root and nobody can run this interpreter *and* start it again
+    (apply launches node runtimes with sys.executable). An interpreter under a 0700 home
+    directory (e.g. pyenv in /root) cannot be exec'd by nobody: then the CLI runs as the
+    current user."""
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
         return None
     try:
-        return pwd.getpwnam("nobody")
+        user = pwd.getpwnam("nobody")
     except KeyError:
         return None
+    probe = (
+        "import subprocess, sys; "
+        "subprocess.run([sys.executable, '-c', 'import marmot_appliance, nats'], check=True)"
+    )
+    try:
+        result = subprocess.run(
+            [*SETPRIV, sys.executable, "-c", probe], cwd="/", capture_output=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return user if result.returncode == 0 else None
 
 
 def make_workdir() -> Path:
@@ -90,7 +110,7 @@ def run_cli(workdir: Path, *args: str, timeout: float = CLI_TIMEOUT_S) -> subpro
     prefix: list[str] = []
     user = unprivileged_user()
     if user is not None:
-        prefix = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+        prefix = SETPRIV
     env = dict(os.environ)
     env.update(HOME=str(workdir), PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run(

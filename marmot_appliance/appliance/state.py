@@ -128,7 +128,11 @@ class StateDir:
                 "choose another deploy.state_dir"
             )
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            if not self.root.exists():
+                # JetStream stores hold copies of replicated rows: owner-only, like the databases'
+                # secrets. Parents are created with default modes (they may be shared).
+                self.root.parent.mkdir(parents=True, exist_ok=True)
+                self.root.mkdir(mode=0o700)
             self.logs_dir.mkdir(exist_ok=True)
             self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
             os.chmod(self.secrets_dir, 0o700)
