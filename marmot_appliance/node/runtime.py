@@ -77,6 +77,7 @@ class NodeRuntime:
         self.snapshot_scheduler: Any = None
         self._restore_lock = asyncio.Lock()
         self._last_seq_map: dict[str, int] | None = None
+        self._closing = False
 
     # -- health ----------------------------------------------------------------------------
 
@@ -138,7 +139,8 @@ class NodeRuntime:
 
         async def disconnected():
             self.status.nats_connected = False
-            log.warning("disconnected from NATS; reconnecting")
+            if not self._closing:
+                log.warning("disconnected from NATS; reconnecting")
 
         async def reconnected():
             self.status.nats_connected = True
@@ -287,6 +289,7 @@ class NodeRuntime:
         await self._write_seq_map()
 
     async def _close(self) -> None:
+        self._closing = True
         if self.wakeup is not None:
             await self.wakeup.close()
         if self.nc is not None and not self.nc.is_closed:
