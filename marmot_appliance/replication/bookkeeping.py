@@ -51,6 +51,8 @@ OP_DELETE = 1
 META_NODE_ID = "node_id"
 META_FOLDED_THROUGH = "folded_through"
 META_SCHEMA_VERSION = "schema_version"
+# Clock value when the schema was last seen equal to the installed one (install, mark_published).
+META_SCHEMA_SEEN_CLOCK = "schema_seen_clock"
 
 # Columns of the versions table after the key columns k0..kN.
 _VERSION_COLUMNS = ("version", "origin", "deleted")

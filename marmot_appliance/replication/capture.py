@@ -120,6 +120,10 @@ def remove_bookkeeping(db_path: str | Path, *, busy_timeout_ms: int = DEFAULT_BU
         conn.close()
 
 
+def _active_layout_key(table: str) -> str:
+    return f"active_layout:{table}"
+
+
 def _trigger_sql(layout: TableLayout, layout_id: int) -> dict[str, str]:
     """CREATE TRIGGER statements for one table, by trigger name."""
     table = quote_ident(layout.name)
@@ -182,6 +186,9 @@ class ChangeCapture:
         self.selection = selection or TableSelection()
         self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms)
         self._installed_schema_version: int | None = None
+        # Clock value at the last moment the schema was seen equal to the installed one: rows
+        # with larger versions may have been written under a newer schema (see install()).
+        self._schema_seen_clock: int | None = None
         self._layouts: dict[int, _Layout] = {}
         self._captured: dict[str, TableLayout] = {}
         self._log_table_of: dict[int, str] = {}  # log id -> log table, for mark_published
@@ -194,20 +201,35 @@ class ChangeCapture:
         Idempotent: when tables, columns and selection are unchanged, nothing is rewritten.
         New tables get triggers, new columns get log columns (ALTER TABLE ADD COLUMN) and new
         triggers, all atomically, so no application write is ever missed in between.
+
+        Writes made between a schema change and this re-install were captured by the old
+        triggers, which do not know the new columns (or, for a new table, did not exist). So,
+        except on the very first install (existing data is the snapshot's business):
+          - a table captured for the first time has its existing rows logged as new changes
+            (rows that came from other nodes, which have a version record, excepted);
+          - a table that gained columns has the rows this node wrote since the schema was last
+            seen unchanged logged again, now with every column.
         """
         warnings: list[str] = []
         skipped: dict[str, str] = {}
         captured: dict[str, TableLayout] = {}
-        changed = False
         conn = self._conn
         with write_transaction(conn):
             version_before = schema_version(conn)
             bk.ensure_bookkeeping(conn)
+            first_install = bk.get_meta(conn, bk.META_SCHEMA_VERSION) is None
             warnings += self._claim_log(conn)
+            bk.fold_pending(conn)  # versions of every local write so far, for the re-logging below
             # A marker row can only be committed by a crashed/buggy writer; it would silence capture.
             conn.execute(f"DELETE FROM {quote_ident(bk.MARKER_TABLE)}")
+            existing = {
+                name: sql
+                for name, sql in conn.execute("SELECT name, sql FROM main.sqlite_schema WHERE type = 'trigger'")
+                if name.startswith(bk.TRIGGER_PREFIX)
+            }
 
             desired_triggers: dict[str, str] = {}
+            catch_up: list[tuple[TableLayout, int, str]] = []  # (layout, layout id, "backfill" | "relog")
             for name in user_tables(conn):
                 if not self.selection.selects(name):
                     skipped[name] = "not selected (tables include/exclude)"
@@ -229,31 +251,85 @@ class ChangeCapture:
                         "then silently replaces the other; prefer globally unique keys (UUID/ULID)"
                     )
                 layout_id = self._layout_id(conn, layout)
+                previous_id = bk.get_meta(conn, _active_layout_key(name))
+                was_captured = bk.trigger_name(name, "ins") in existing and previous_id is not None
+                if not was_captured:
+                    if not first_install:
+                        catch_up.append((layout, layout_id, "backfill"))
+                elif int(previous_id) != layout_id and self._gained_columns(conn, int(previous_id), layout):
+                    catch_up.append((layout, layout_id, "relog"))
                 self._ensure_log_table(conn, layout)
                 bk.ensure_versions_table(conn, layout)
                 desired_triggers.update(_trigger_sql(layout, layout_id))
+                if previous_id != layout_id:
+                    bk.set_meta(conn, _active_layout_key(name), layout_id)
                 captured[name] = layout
 
-            existing = {
-                name: sql
-                for name, sql in conn.execute("SELECT name, sql FROM main.sqlite_schema WHERE type = 'trigger'")
-                if name.startswith(bk.TRIGGER_PREFIX)
-            }
             for name, sql in existing.items():
                 if desired_triggers.get(name) != sql:
                     conn.execute(f"DROP TRIGGER {quote_ident(name)}")
             for name, sql in desired_triggers.items():
                 if existing.get(name) != sql:
                     conn.execute(sql)
+            since = self._schema_seen_clock
+            if since is None:
+                since = int(bk.get_meta(conn, bk.META_SCHEMA_SEEN_CLOCK, 0) or 0)
+            for layout, layout_id, kind in catch_up:
+                self._log_current_rows(conn, layout, layout_id, since if kind == "relog" else None)
             self._drop_empty_orphan_logs(conn)
             installed_version = schema_version(conn)
             changed = installed_version != version_before
             if changed or bk.get_meta(conn, bk.META_SCHEMA_VERSION) != installed_version:
                 bk.set_meta(conn, bk.META_SCHEMA_VERSION, installed_version)
+            clock = bk.current_clock(conn)
+            bk.set_meta(conn, bk.META_SCHEMA_SEEN_CLOCK, clock)
         self._installed_schema_version = installed_version
+        self._schema_seen_clock = clock
         self._captured = captured
         self._layouts = self._load_layouts()
         return CaptureReport(tables=tuple(sorted(captured)), warnings=tuple(warnings), skipped=skipped, changed=changed)
+
+    def _gained_columns(self, conn: sqlite3.Connection, previous_id: int, layout: TableLayout) -> bool:
+        previous = bk.layouts_by_id(conn).get(previous_id)
+        if previous is None:
+            return True
+        return not set(layout.columns) <= set(previous[1])
+
+    def _log_current_rows(self, conn: sqlite3.Connection, layout: TableLayout, layout_id: int, since: int | None) -> int:
+        """Log the current state of rows as fresh upserts (new versions from the clock).
+
+        since=None: every row without a version record (a newly captured table; rows applied
+        from other nodes have records). since=N: rows whose newest version is this node's own
+        write after clock value N (re-capture after columns were added).
+        """
+        ver = quote_ident(bk.versions_table_name(layout.name))
+        key_match = " AND ".join(
+            f"v.{quote_ident(bk.key_column(i))} = t.{quote_ident(col)}" for i, col in enumerate(layout.primary_key)
+        )
+        if since is None:
+            condition = f"NOT EXISTS (SELECT 1 FROM {ver} AS v WHERE {key_match})"
+            params: dict[str, int] = {}
+        else:
+            condition = (
+                f"EXISTS (SELECT 1 FROM {ver} AS v WHERE {key_match} AND v.origin = :node "
+                "AND v.deleted = 0 AND v.version > :since)"
+            )
+            params = {"node": self.node_id, "since": since}
+        base = int(
+            conn.execute(f"SELECT max({_NOW_MS_SQL} << 16, hlc + 1) FROM {quote_ident(bk.CLOCK_TABLE)}").fetchone()[0]
+        )
+        targets = ", ".join(quote_ident(bk.value_column(i)) for i in range(len(layout.columns)))
+        values = ", ".join(f"t.{quote_ident(col)}" for col in layout.columns)
+        cursor = conn.execute(
+            f"INSERT INTO {quote_ident(bk.log_table_name(layout.name))} (id, layout, op, {targets}) "
+            f"SELECT :base + row_number() OVER () - 1, :layout, {bk.OP_UPSERT}, {values} "
+            f"FROM {quote_ident(layout.name)} AS t WHERE {condition}",
+            {**params, "base": base, "layout": layout_id},
+        )
+        count = max(cursor.rowcount, 0)
+        if count:
+            bk.advance_clock(conn, base + count - 1)
+        return count
 
     def _claim_log(self, conn: sqlite3.Connection) -> list[str]:
         """Make this node the owner of the change log; discard another node's pending rows.
@@ -349,7 +425,13 @@ class ChangeCapture:
         """True when the schema changed since install() (then call install() again)."""
         if self._installed_schema_version is None:
             return True
-        return schema_version(self._conn) != self._installed_schema_version
+        with read_transaction(self._conn):
+            clock = bk.current_clock(self._conn)
+            current = schema_version(self._conn)
+        if current != self._installed_schema_version:
+            return True
+        self._schema_seen_clock = clock
+        return False
 
     def data_version(self) -> int:
         """PRAGMA data_version: changes whenever *another* connection commits (cheap poll)."""
@@ -423,6 +505,9 @@ class ChangeCapture:
         removed = 0
         with write_transaction(self._conn):
             bk.fold_pending(self._conn)
+            if schema_version(self._conn) == self._installed_schema_version:
+                # Persist the narrowest catch-up window for a restarted runtime (see install()).
+                bk.set_meta(self._conn, bk.META_SCHEMA_SEEN_CLOCK, bk.current_clock(self._conn))
             existing = bk.log_tables(self._conn)
             for log_name, ids in by_table.items():
                 # Ids read by another instance are not in our map: look in every log table.
