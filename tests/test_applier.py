@@ -1,0 +1,338 @@
+"""Applier: version-checked batches on real SQLite files, positions in the same transaction."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import struct
+
+import pytest
+
+from marmot_appliance.replication.applier import BatchApplier, decode_parked_change, reset_own_origin_horizon
+from marmot_appliance.replication.capture import ChangeCapture
+from marmot_appliance.replication.digest import table_digest
+from marmot_appliance.replication.sqlite_util import DatabaseBusyError
+from marmot_appliance.replication.types import DEAD_LETTER_TABLE, ChangeBatch, RowChange
+from marmot_appliance.spec.model import TableSelection
+from tests.test_capture import EXACT_VALUES
+
+SCHEMA = "CREATE TABLE t (k TEXT PRIMARY KEY, v);"
+BASE = 1 << 50  # versions in hand-made batches: far below any real clock value
+
+
+def connect(path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+def up(table, key, value, version, origin, column="v"):
+    return RowChange(table, "upsert", (key,), ("k", column), (key, value), version, origin)
+
+
+def delete(table, key, version, origin):
+    return RowChange(table, "delete", (key,), ("k",), (key,), version, origin)
+
+
+def batch(*rows, origin=None) -> ChangeBatch:
+    return ChangeBatch(origin=rows[0].origin if origin is None else origin, rows=tuple(rows))
+
+
+def rows_of(db, table="t"):
+    return dict(connect(db).execute(f'SELECT * FROM "{table}"').fetchall())
+
+
+def ship(source: ChangeCapture, target: BatchApplier, stream: str, seq: int):
+    pending = source.read_pending(100_000)
+    outcome = target.apply(ChangeBatch(origin=source.node_id, rows=tuple(p.change for p in pending)), stream, seq)
+    source.mark_published([p.log_id for p in pending])
+    return outcome
+
+
+def test_captured_values_arrive_bit_exact_and_are_not_captured_again(wal_db):
+    origin_db = wal_db("a.db", "CREATE TABLE v (k TEXT PRIMARY KEY, val);")
+    replica_db = wal_db("b.db", "CREATE TABLE v (k TEXT PRIMARY KEY, val);")
+    with ChangeCapture(origin_db, 1) as source, ChangeCapture(replica_db, 2) as replica_capture, BatchApplier(
+        replica_db, 2
+    ) as applier:
+        source.install()
+        replica_capture.install()
+        conn = connect(origin_db)
+        conn.executemany("INSERT INTO v VALUES (?, ?)", EXACT_VALUES)
+        outcome = ship(source, applier, "s-1", 1)
+        assert outcome.rows_applied == len(EXACT_VALUES)
+        got = dict(connect(replica_db).execute("SELECT k, val FROM v").fetchall())
+        for key, value in EXACT_VALUES:
+            assert type(got[key]) is type(value), key
+            if isinstance(value, float):
+                assert struct.pack(">d", got[key]) == struct.pack(">d", value), key
+            else:
+                assert got[key] == value, key
+        assert math.copysign(1.0, got["negzero"]) == -1.0
+        assert table_digest(origin_db) == table_digest(replica_db)
+        # The applier's writes are not in the replica's change log (no echo).
+        assert replica_capture.pending_count() == 0
+        # ...while the replica's own application writes still are.
+        connect(replica_db).execute("UPDATE v SET val = 'local' WHERE k = 'int'")
+        assert [c.change.values for c in replica_capture.read_pending()] == [("int", "local")]
+
+
+def test_primary_key_update_leaves_no_orphan(wal_db):
+    origin_db = wal_db("a.db", SCHEMA)
+    replica_db = wal_db("b.db", SCHEMA)
+    with ChangeCapture(origin_db, 1) as source, BatchApplier(replica_db, 2) as applier:
+        source.install()
+        conn = connect(origin_db)
+        conn.execute("INSERT INTO t VALUES ('old', 1)")
+        ship(source, applier, "s", 1)
+        conn.execute("UPDATE t SET k = 'new' WHERE k = 'old'")
+        ship(source, applier, "s", 2)
+    assert rows_of(replica_db) == {"new": 1}
+
+
+def test_positions_duplicates_and_stream_independence(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with BatchApplier(db, 2) as applier:
+        assert applier.positions() == {}
+        first = applier.apply(batch(up("t", "a", 1, BASE + 1, 1)), "s-1", 5)
+        assert first.rows_applied == 1 and not first.duplicate
+        again = applier.apply(batch(up("t", "a", 99, BASE + 9, 1)), "s-1", 5)
+        assert again.duplicate and rows_of(db) == {"a": 1}
+        older = applier.apply(batch(up("t", "a", 98, BASE + 8, 1)), "s-1", 4)
+        assert older.duplicate
+        applier.apply(batch(up("t", "b", 2, BASE + 2, 1)), "s-2", 1)
+        assert applier.positions() == {"s-1": 5, "s-2": 1}
+    # Positions are in the database, not in memory.
+    with BatchApplier(db, 2) as reopened:
+        assert reopened.positions() == {"s-1": 5, "s-2": 1}
+
+
+def test_last_writer_wins_by_version_then_origin(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with BatchApplier(db, 9) as applier:
+        applier.apply(batch(up("t", "a", "v10/o2", BASE + 10, 2)), "s", 1)
+        stale = applier.apply(batch(up("t", "a", "v5/o3", BASE + 5, 3)), "s", 2)
+        assert stale.rows_stale == 1 and stale.rows_applied == 0
+        assert rows_of(db) == {"a": "v10/o2"}
+        tie_lower = applier.apply(batch(up("t", "a", "v10/o1", BASE + 10, 1)), "s", 3)
+        assert tie_lower.rows_stale == 1 and rows_of(db) == {"a": "v10/o2"}
+        tie_higher = applier.apply(batch(up("t", "a", "v10/o3", BASE + 10, 3)), "s", 4)
+        assert tie_higher.rows_applied == 1 and rows_of(db) == {"a": "v10/o3"}
+        # Within one batch the order of rows does not matter either.
+        applier.apply(
+            ChangeBatch(origin=4, rows=(up("t", "b", "v30", BASE + 30, 4), up("t", "b", "v20", BASE + 20, 4))), "s", 5
+        )
+        assert rows_of(db)["b"] == "v30"
+
+
+def test_delete_is_a_tombstone_that_stale_writes_cannot_undo(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with BatchApplier(db, 9) as applier:
+        applier.apply(batch(up("t", "a", 1, BASE + 1, 1)), "s", 1)
+        applier.apply(batch(delete("t", "a", BASE + 3, 2)), "s", 2)
+        assert rows_of(db) == {}
+        late = applier.apply(batch(up("t", "a", "late", BASE + 2, 1)), "s", 3)
+        assert late.rows_stale == 1 and rows_of(db) == {}
+        # A delete that arrives before the row it deletes still wins over that older insert.
+        applier.apply(batch(delete("t", "b", BASE + 8, 2)), "s", 4)
+        applier.apply(batch(up("t", "b", "older", BASE + 7, 1)), "s", 5)
+        assert rows_of(db) == {}
+        newer = applier.apply(batch(up("t", "a", "reborn", BASE + 4, 3)), "s", 6)
+        assert newer.rows_applied == 1 and rows_of(db) == {"a": "reborn"}
+
+
+def test_unpublished_local_write_beats_an_older_remote_one(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with ChangeCapture(db, 2) as capture, BatchApplier(db, 2) as applier:
+        capture.install()
+        connect(db).execute("INSERT INTO t VALUES ('a', 'local')")  # pending, not published
+        local_version = capture.read_pending()[0].change.version
+        older = applier.apply(batch(up("t", "a", "remote-older", local_version - 1, 1)), "s", 1)
+        assert older.rows_stale == 1 and rows_of(db) == {"a": "local"}
+        newer = applier.apply(batch(up("t", "a", "remote-newer", local_version + 1, 1)), "s", 2)
+        assert newer.rows_applied == 1 and rows_of(db) == {"a": "remote-newer"}
+
+
+def test_applied_versions_advance_the_local_clock(wal_db):
+    db = wal_db(schema=SCHEMA)
+    far_future = (1 << 62) + 12345
+    with ChangeCapture(db, 2) as capture, BatchApplier(db, 2) as applier:
+        capture.install()
+        applier.apply(batch(up("t", "a", "remote", far_future, 1)), "s", 1)
+        connect(db).execute("UPDATE t SET v = 'local edit after seeing it'")
+        assert capture.read_pending()[0].change.version > far_future
+
+
+def test_upsert_updates_named_columns_only(wal_db):
+    db = wal_db(schema="CREATE TABLE t (k TEXT PRIMARY KEY, v, local_only DEFAULT 'd', UNIQUE (v));")
+    conn = connect(db)
+    conn.execute("INSERT INTO t VALUES ('a', 1, 'mine')")
+    rowid_before = conn.execute("SELECT rowid FROM t WHERE k = 'a'").fetchone()[0]
+    with BatchApplier(db, 2) as applier:
+        applier.apply(batch(up("t", "a", 2, BASE + 1, 1), up("t", "b", 3, BASE + 2, 1)), "s", 1)
+    # Not INSERT OR REPLACE: the column the batch does not name keeps its value, rowid stays.
+    assert conn.execute("SELECT k, v, local_only, rowid FROM t ORDER BY k").fetchall() == [
+        ("a", 2, "mine", rowid_before),
+        ("b", 3, "d", rowid_before + 1),
+    ]
+
+
+def test_a_row_violating_another_constraint_is_dead_lettered_alone(wal_db):
+    db = wal_db(schema="CREATE TABLE t (k TEXT PRIMARY KEY, v UNIQUE);")
+    connect(db).execute("INSERT INTO t VALUES ('x', 'taken')")
+    with BatchApplier(db, 2) as applier:
+        outcome = applier.apply(
+            batch(up("t", "a", "fine", BASE + 1, 1), up("t", "b", "taken", BASE + 2, 1), up("t", "c", "also fine", BASE + 3, 1)),
+            "s",
+            1,
+        )
+        assert (outcome.rows_applied, outcome.rows_rejected) == (2, 1)
+        assert rows_of(db) == {"x": "taken", "a": "fine", "c": "also fine"}
+        assert applier.dead_letter_count() == 1
+        assert applier.positions() == {"s": 1}
+    stream, seq, reason, payload = connect(db).execute(
+        f'SELECT stream, seq, reason, payload FROM "{DEAD_LETTER_TABLE}"'
+    ).fetchone()
+    assert (stream, seq) == ("s", 1) and "UNIQUE" in reason
+    assert decode_parked_change(payload).pk == ("b",)
+
+
+def test_dead_letter_records_the_message_and_moves_the_position(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with BatchApplier(db, 2) as applier:
+        applier.dead_letter("s-1", 7, b"\xffgarbage", "undecodable: bad version byte")
+        assert applier.dead_letter_count() == 1
+        assert applier.positions() == {"s-1": 7}
+        later = applier.apply(batch(up("t", "a", 1, BASE + 1, 1)), "s-1", 8)
+        assert later.rows_applied == 1
+    row = connect(db).execute(f'SELECT stream, seq, reason, payload, received_at FROM "{DEAD_LETTER_TABLE}"').fetchone()
+    assert row[:4] == ("s-1", 7, "undecodable: bad version byte", b"\xffgarbage") and row[4] > 0
+
+
+def test_rows_for_missing_tables_and_columns_are_parked_until_the_schema_catches_up(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with BatchApplier(db, 2) as applier:
+        outcome = applier.apply(
+            batch(
+                up("t", "a", 1, BASE + 1, 1),
+                RowChange("t", "upsert", ("b",), ("k", "v", "extra"), ("b", 2, "x"), BASE + 2, 1),
+                up("later", "c", 3, BASE + 3, 1),
+            ),
+            "s",
+            1,
+        )
+        assert (outcome.rows_applied, outcome.rows_parked) == (1, 2)
+        assert applier.positions() == {"s": 1}
+        assert applier.parked_count() == 2
+        assert applier.retry_parked() == 0  # nothing changed yet
+        conn = connect(db)
+        conn.execute("ALTER TABLE t ADD COLUMN extra")
+        assert applier.retry_parked() == 1
+        assert conn.execute("SELECT * FROM t ORDER BY k").fetchall() == [("a", 1, None), ("b", 2, "x")]
+        conn.execute("CREATE TABLE later (k TEXT PRIMARY KEY, v)")
+        # A newer version arrived meanwhile: the parked older row must not overwrite it.
+        applier.apply(batch(up("later", "c", "newer", BASE + 10, 3)), "s", 2)
+        assert applier.retry_parked() == 1
+        assert applier.parked_count() == 0
+        assert rows_of(db, "later") == {"c": "newer"}
+
+
+def test_unselected_tables_are_ignored_not_parked(wal_db):
+    db = wal_db(schema=SCHEMA + "CREATE TABLE secret (k TEXT PRIMARY KEY, v);")
+    with BatchApplier(db, 2, TableSelection(exclude=("secret", "absent"))) as applier:
+        outcome = applier.apply(
+            batch(up("t", "a", 1, BASE + 1, 1), up("secret", "s", 2, BASE + 2, 1), up("absent", "x", 3, BASE + 3, 1)),
+            "s",
+            1,
+        )
+        assert (outcome.rows_applied, outcome.rows_ignored, outcome.rows_parked) == (1, 2, 0)
+    assert rows_of(db, "secret") == {}
+
+
+def test_own_origin_batches_are_skipped_but_advance_the_position(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with ChangeCapture(db, 2) as capture, BatchApplier(db, 2) as applier:
+        capture.install()
+        conn = connect(db)
+        conn.execute("INSERT INTO t VALUES ('a', 'mine')")
+        pending = capture.read_pending()
+        capture.mark_published([p.log_id for p in pending])
+        conn.execute("UPDATE t SET v = 'edited since'")
+        outcome = applier.apply(ChangeBatch(origin=2, rows=tuple(p.change for p in pending)), "s", 1)
+        assert outcome.own_origin and outcome.rows_applied == 0 and outcome.rows_stale == 0
+        assert applier.positions() == {"s": 1}
+        assert rows_of(db) == {"a": "edited since"}
+
+
+def test_own_rows_missing_after_a_restore_are_applied_from_the_stream(wal_db, tmp_path):
+    db = wal_db(schema=SCHEMA)
+    backup = tmp_path / "backup.db"
+    with ChangeCapture(db, 2) as capture, BatchApplier(db, 2) as applier:
+        capture.install()
+        connect(db).execute("VACUUM INTO ?", (str(backup),))  # the "snapshot"
+        connect(db).execute("INSERT INTO t VALUES ('after snapshot', 1)")
+        pending = capture.read_pending()
+        own_batch = ChangeBatch(origin=2, rows=tuple(p.change for p in pending))
+        capture.mark_published([p.log_id for p in pending])
+        applier.apply(own_batch, "s", 1)  # normal operation: skipped, the row is here
+    # Restore the snapshot into the live file with the backup API, as the snapshot part does.
+    src = sqlite3.connect(backup)
+    dst = sqlite3.connect(db)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    assert rows_of(db) == {}
+    reset_own_origin_horizon(db)
+    with BatchApplier(db, 2) as applier:
+        outcome = applier.apply(own_batch, "s", 1)
+        assert outcome.own_origin and outcome.rows_applied == 1
+    assert rows_of(db) == {"after snapshot": 1}
+
+
+def test_busy_database_raises_a_transient_error_and_changes_nothing(wal_db):
+    db = wal_db(schema=SCHEMA)
+    holder = connect(db)
+    with BatchApplier(db, 2, busy_timeout_ms=50) as applier:
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(DatabaseBusyError) as raised:
+                applier.apply(batch(up("t", "a", 1, BASE + 1, 1)), "s", 1)
+            assert raised.value.transient
+        finally:
+            holder.execute("ROLLBACK")
+        assert applier.positions() == {} and rows_of(db) == {}
+        assert applier.apply(batch(up("t", "a", 1, BASE + 1, 1)), "s", 1).rows_applied == 1
+
+
+def test_apply_many_uses_one_transaction_and_composite_keys(wal_db):
+    db = wal_db(schema="CREATE TABLE p (a, b, v, PRIMARY KEY (a, b)) WITHOUT ROWID;")
+    rows = [
+        RowChange("p", "upsert", (1, "x"), ("a", "b", "v"), (1, "x", "first"), BASE + 1, 1),
+        RowChange("p", "upsert", (1, "y"), ("b", "v", "a"), ("y", "column order differs", 1), BASE + 2, 3),
+    ]
+    with BatchApplier(db, 2) as applier:
+        outcomes = applier.apply_many(
+            [
+                (ChangeBatch(origin=1, rows=(rows[0],)), "s-1", 1),
+                (ChangeBatch(origin=3, rows=(rows[1],)), "s-2", 1),
+                (ChangeBatch(origin=1, rows=(RowChange("p", "delete", (1, "x"), ("a", "b"), (1, "x"), BASE + 3, 1),)), "s-1", 2),
+            ]
+        )
+        assert [o.rows_applied for o in outcomes] == [1, 1, 1]
+        assert applier.positions() == {"s-1": 2, "s-2": 1}
+    assert connect(db).execute("SELECT * FROM p").fetchall() == [(1, "y", "column order differs")]
+
+
+def test_malformed_rows_are_dead_lettered_not_fatal(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with BatchApplier(db, 2) as applier:
+        outcome = applier.apply(
+            batch(
+                RowChange("t", "upsert", ("a",), ("k", "v"), ("a",), BASE + 1, 1),  # too few values
+                RowChange("t", "upsert", ("b",), ("k", "v"), ("b", {"not": "sqlite"}), BASE + 2, 1),
+                up("t", "c", 3, BASE + 3, 1),
+            ),
+            "s",
+            1,
+        )
+        assert (outcome.rows_rejected, outcome.rows_applied) == (2, 1)
+        assert applier.dead_letter_count() == 2
+    assert rows_of(db) == {"c": 3}
