@@ -348,3 +348,51 @@ def test_local_appliance_lifecycle(appliance: Appliance):
     assert_ok(purged, "Removed state directory")
     assert not appliance.state_dir.exists()
     assert table_digest(appliance.db("n1"))[0] == 80  # user data kept
+
+
+# -- external NATS, node removal and --prune ----------------------------------------------------
+
+
+def test_external_nats_and_prune(nats_cluster):
+    """nats.embedded: false runs only node runtimes; a node removed from the spec keeps running
+    until `apply --prune`, and removing it touches no other process."""
+    workdir = make_workdir()
+    data = spec_data()
+    data["nats"] = {"embedded": False, "urls": nats_cluster.urls, "auth": "none"}
+    app = Appliance(workdir, data)
+    n3_record = None
+    try:
+        create_databases(app)
+        spec = str(app.spec)
+        assert_ok(app.cli("apply", spec), "Apply complete", "+ node/n1")
+        pids = app.pids()
+        assert sorted(pids) == ["node/n1", "node/n2", "node/n3"]  # no nats-server of ours
+        for node in app.node_names():
+            write_rows(app.db(node), node, 10)
+        wait_converged(app, 30)
+
+        app.data["nodes"] = app.data["nodes"][:2]
+        app.rewrite_spec()
+        n3_record = app.records()["node/n3"]
+        kept = app.cli("apply", spec)
+        assert_ok(kept, "No changes.", "node/n3 is no longer in the spec", "--prune")
+        assert app.pids() == pids and is_running(n3_record)
+
+        plan = app.cli("plan", spec, "--prune", "--detailed-exitcode")
+        assert plan.returncode == 2 and "- node/n3" in plan.stdout, describe(plan)
+        pruned = app.cli("apply", spec, "--prune")
+        assert_ok(pruned, "- node/n3", "stopped node/n3", "1 removed")
+        assert app.pids() == {k: v for k, v in pids.items() if k != "node/n3"}
+        assert not is_running(n3_record)
+        write_rows(app.db("n1"), "n1", 5, start=50)
+        deadline = time.monotonic() + CONVERGE_TIMEOUT_S
+        while table_digest(app.db("n2")) != table_digest(app.db("n1")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert table_digest(app.db("n2")) == table_digest(app.db("n1")) and table_digest(app.db("n1"))[0] == 35
+    finally:
+        result = app.cli("destroy", str(app.spec), "--purge")
+        emergency_stop(app)
+        if n3_record is not None and is_running(n3_record):  # prune failed: do not leak it
+            os.kill(n3_record.pid, signal.SIGKILL)
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert result.returncode == 0, describe(result)
