@@ -103,6 +103,8 @@ class InProcessNode:
             log_replicas=self.replicas, max_log_entries=self.extra.get("max_log_entries", 100_000),
             enable_snapshot=False, metrics_port=0, poll_interval_ms=200,
             seq_map_path=self.extra.get("seq_map_path"),
+            **({"subject_prefix": self.extra["prefixes"] + "-subj", "stream_prefix": self.extra["prefixes"] + "-s"}
+               if "prefixes" in self.extra else {}),
         )
         return replace(config, use_inotify=self.extra.get("use_inotify", True))
 
