@@ -53,7 +53,12 @@ def _sqlite_uri_ro(path: Path) -> str:
 
 
 def prepare_copy_for_node(
-    copy_path: Path, db_path: Path, node_id: int, streams: list[str], selection: TableSelection
+    copy_path: Path,
+    db_path: Path,
+    node_id: int,
+    streams: list[str],
+    selection: TableSelection,
+    install_capture: bool = True,
 ) -> None:
     """Adjust the downloaded copy (never the live file) so it becomes this node's database."""
     # uri=True so the ATTACH below understands the read-only `file:` URI of the live database.
@@ -101,8 +106,29 @@ def prepare_copy_for_node(
         if live_exists:
             copy.execute("DETACH DATABASE live")
             _match_page_size(copy, db_path)
+        capture_present = table_exists(copy, CLOCK_TABLE)
     finally:
         copy.close()
+    if install_capture and capture_present:
+        _install_own_capture(copy_path, node_id, selection)
+
+
+def _install_own_capture(copy_path: Path, node_id: int, selection: TableSelection) -> None:
+    """Triggers for *this* node's table selection, in place before the copy goes live.
+
+    The snapshot carries the saving node's triggers, which follow its include/exclude; had we
+    left them, a write landing between the restore and the runtime's own install could be
+    captured for a table this node does not replicate.
+    """
+    try:
+        from marmot_appliance.replication.capture import ChangeCapture
+    except ImportError:  # capture not available: the runtime installs it at start anyway
+        return
+    capture = ChangeCapture(copy_path, node_id, selection)
+    try:
+        capture.install()
+    finally:
+        capture.close()
 
 
 def _carry_over_local_tables(copy: sqlite3.Connection, selection: TableSelection) -> None:

@@ -22,6 +22,7 @@ import nats.js.errors
 from nats.js.kv import KeyValue
 
 from marmot_appliance.snapshots.errors import LeaseLostError, SnapshotBusyError, SnapshotError
+from marmot_appliance.snapshots.store import retry_no_responders
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class SnapshotLease:
         """Take the lease or raise SnapshotBusyError naming the current holder."""
         for _ in range(3):  # the holder's value may age out between our create and our get
             try:
-                self.revision = await self.kv.create(LEASE_KEY, self._value())
+                self.revision = await retry_no_responders(lambda: self.kv.create(LEASE_KEY, self._value()))
                 log.debug("snapshot lease acquired by %s (revision %d)", self.holder, self.revision)
                 return self.revision
             except nats.js.errors.KeyWrongLastSequenceError:
@@ -78,7 +79,9 @@ class SnapshotLease:
             if self._lost is not None:
                 raise LeaseLostError(f"snapshot lease of {self.holder} was lost: {self._lost}")
             try:
-                self.revision = await self.kv.update(LEASE_KEY, self._value(), last=self.revision)
+                self.revision = await retry_no_responders(
+                    lambda: self.kv.update(LEASE_KEY, self._value(), last=self.revision)
+                )
             except nats.js.errors.KeyWrongLastSequenceError as exc:
                 self._lost = exc
                 raise LeaseLostError(

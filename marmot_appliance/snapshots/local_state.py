@@ -54,17 +54,9 @@ def log_tables(conn: sqlite3.Connection) -> list[str]:
 def pending_count(conn: sqlite3.Connection) -> int:
     """Local changes captured but not yet published.
 
-    Published log rows are deleted by capture (`purge_published`), and capture's own count is
-    the authority when it exists; without it every log row counts, which can only make a restore
-    more careful, never drop a change.
+    Same definition as `ChangeCapture.pending_count`: capture deletes a log row in the
+    transaction that marks it published, so every row still in a log table is unpublished.
     """
-    try:
-        from marmot_appliance.replication import capture
-    except ImportError:
-        capture = None
-    counter = getattr(capture, "pending_count_sql", None) if capture else None
-    if counter is not None:
-        return int(counter(conn))
     total = 0
     for name in log_tables(conn):
         total += int(conn.execute(f"SELECT count(*) FROM {quote_ident(name)}").fetchone()[0])

@@ -39,7 +39,7 @@ from marmot_appliance.snapshots.errors import (
     SnapshotError,
 )
 from marmot_appliance.snapshots.local_state import has_user_rows, open_readonly, pending_count, read_positions
-from marmot_appliance.snapshots.manifest import SnapshotInfo
+from marmot_appliance.snapshots.manifest import Manifest, SnapshotInfo
 from marmot_appliance.snapshots.progress import finish_progress, progress_for
 from marmot_appliance.snapshots.save import open_store, scratch_dir
 from marmot_appliance.snapshots.store import SnapshotStore
@@ -195,8 +195,12 @@ async def restore_snapshot(
 ) -> SnapshotInfo:
     """Restore snapshot `name` (default: the newest that verifies) into the live database."""
     db_path = Path(db_path)
-    store = store or await open_store(js, cluster, create=False)
-    manifest, _revision = await store.read_manifest()
+    if store is None:
+        try:
+            store = await open_store(js, cluster, create=False)
+        except NoSnapshotError:
+            store = None
+    manifest, _revision = await store.read_manifest() if store else (Manifest(), 0)
     candidates = list(manifest.snapshots)
     if name is not None:
         candidates = [s for s in candidates if s.name == name]
@@ -215,8 +219,8 @@ async def restore_snapshot(
                 + ". Save a snapshot on an up-to-date node (`marmot-appliance snapshot save`), then restart this one."
             )
         candidates = usable
-    if not candidates:
-        raise NoSnapshotError(f"no snapshot was saved in bucket {store.bucket}")
+    if not candidates or store is None:
+        raise NoSnapshotError(f"no snapshot was ever saved in bucket {cluster.snapshot_bucket}")
 
     pending = await _flush(flush_pending, db_path)
     if pending:
@@ -246,7 +250,7 @@ async def restore_snapshot(
             raise NoSnapshotError("no kept snapshot could be used:\n  " + "\n  ".join(failures))
 
         await asyncio.to_thread(
-            prepare_copy_for_node, copy_path, db_path, node.id, stream_names(cluster), node.tables
+            prepare_copy_for_node, copy_path, db_path, node.id, stream_names(cluster), node.tables, node.publish
         )
         _positions, _pending, rows = await asyncio.to_thread(_read_local, db_path)
         if rows and not _positions:

@@ -32,7 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import Header, ObjectInfo, ObjectMetaOptions
 from nats.js.kv import KeyValue
 
-from marmot_appliance.snapshots.errors import ChecksumMismatchError, SnapshotError
+from marmot_appliance.snapshots.errors import ChecksumMismatchError, NoSnapshotError, SnapshotError
 from marmot_appliance.snapshots.manifest import Manifest, SnapshotInfo
 from marmot_appliance.snapshots.progress import ProgressCallback, no_progress
 
@@ -56,6 +56,37 @@ def manifest_bucket_name(bucket: str) -> str:
 
 def lease_bucket_name(bucket: str) -> str:
     return f"{bucket}-lease"
+
+
+NO_RESPONDER_ERRORS = (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError)
+NO_RESPONDER_RETRIES = 6
+
+
+async def retry_no_responders(request, attempts: int = NO_RESPONDER_RETRIES):
+    """Run `request()` (a coroutine factory), retrying while JetStream has no responder yet.
+
+    Safe for compare-and-set writes: a request that got no responder was not stored.
+    """
+    for attempt in range(attempts):
+        try:
+            return await request()
+        except NO_RESPONDER_ERRORS:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.1 * 2**attempt)
+
+
+async def _wait_for_leader(js: JetStreamContext, stream: str, timeout_s: float = 30.0) -> None:
+    """A just-created replicated stream answers publishes only once its leader is elected;
+    without this wait the very first publish can fail with "no responders"."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        info = await js.stream_info(stream)
+        if info.cluster is None or info.cluster.leader:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise SnapshotError(f"stream {stream} has no leader after {timeout_s:g}s")
+        await asyncio.sleep(0.05)
 
 
 def _b64(data: bytes) -> str:
@@ -103,8 +134,9 @@ class SnapshotStore:
             return bool(info.config.allow_direct)
         except nats.js.errors.NotFoundError:
             if not create:
-                raise SnapshotError(f"snapshot bucket {bucket!r} does not exist: no snapshot was ever saved") from None
+                raise NoSnapshotError(f"snapshot bucket {bucket!r} does not exist: no snapshot was ever saved") from None
         await js.create_object_store(bucket, description="marmot-appliance snapshots", replicas=replicas)
+        await _wait_for_leader(js, stream)
         return True
 
     @staticmethod
@@ -115,11 +147,13 @@ class SnapshotStore:
             return await js.key_value(name)
         except nats.js.errors.BucketNotFoundError:
             if not create:
-                raise SnapshotError(f"snapshot index {name!r} does not exist: no snapshot was ever saved") from None
+                raise NoSnapshotError(f"snapshot index {name!r} does not exist: no snapshot was ever saved") from None
         params: dict = {"bucket": name, "history": history, "replicas": replicas}
         if ttl:
             params["ttl"] = ttl
-        return await js.create_key_value(**params)
+        kv = await js.create_key_value(**params)
+        await _wait_for_leader(js, f"KV_{name}")
+        return kv
 
     # ---- manifest ----------------------------------------------------------------------------
 
@@ -135,8 +169,10 @@ class SnapshotStore:
         """Compare-and-set: succeeds only if nobody published since `expected_revision`."""
         try:
             if expected_revision == 0:
-                return await self.manifest_kv.create(MANIFEST_KEY, manifest.encode())
-            return await self.manifest_kv.update(MANIFEST_KEY, manifest.encode(), last=expected_revision)
+                return await retry_no_responders(lambda: self.manifest_kv.create(MANIFEST_KEY, manifest.encode()))
+            return await retry_no_responders(
+                lambda: self.manifest_kv.update(MANIFEST_KEY, manifest.encode(), last=expected_revision)
+            )
         except nats.js.errors.KeyWrongLastSequenceError as exc:
             raise ManifestConflictError(
                 "the snapshot manifest changed while this snapshot was being saved; not published"
@@ -145,7 +181,22 @@ class SnapshotStore:
     # ---- objects -----------------------------------------------------------------------------
 
     async def upload(self, path: Path, name: str, progress: ProgressCallback = no_progress) -> tuple[int, str]:
-        """Stream `path` into object `name`; returns (size, sha256 hex). Chunks first, meta last."""
+        """Stream `path` into object `name`; returns (size, sha256 hex). Chunks first, meta last.
+
+        A stream just created (or whose leader just moved) can briefly have no responder on a
+        server we are connected to; such an upload starts over on a fresh chunk subject.
+        """
+        for attempt in range(NO_RESPONDER_RETRIES):
+            try:
+                return await self._upload_once(path, name, progress)
+            except SnapshotError as exc:
+                if not isinstance(exc.__cause__, NO_RESPONDER_ERRORS) or attempt == NO_RESPONDER_RETRIES - 1:
+                    raise
+                log.info("snapshot upload found no stream responder yet; starting over")
+                await asyncio.sleep(0.1 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _upload_once(self, path: Path, name: str, progress: ProgressCallback) -> tuple[int, str]:
         nuid = uuid.uuid4().hex
         chunk_subject = f"$O.{self.bucket}.C.{nuid}"
         digest = hashlib.sha256()
