@@ -235,6 +235,7 @@ def test_bad_cluster_and_node_names():
         ("# only a comment\n", "spec.yaml: the file is empty"),
         ("a: [1, 2\n", "spec.yaml:2:1: invalid YAML"),
         ("a: 1\n\tb: 2\n", "spec.yaml:2:1: invalid YAML"),
+        ("a:\n\t- 1\n", "spec.yaml:2:1: invalid YAML: while scanning for the next token found character '\\t' that cannot start any token (indent with spaces"),
         (MINIMAL + "---\n" + MINIMAL, "spec.yaml:8:1: invalid YAML: expected a single document"),
         ("a: \x07\n", "spec.yaml:1:4: invalid YAML: unacceptable character"),
     ],

@@ -99,6 +99,8 @@ def _compose(text: str, source: str) -> Node | None:
         mark = exc.problem_mark or exc.context_mark
         where = Mark(mark.line + 1, mark.column + 1) if mark else None
         message = " ".join(part for part in (exc.context, exc.problem) if part)
+        if "'\\t'" in message:
+            message += " (indent with spaces; YAML does not allow tabs there)"
         raise _fatal(source, where, f"invalid YAML: {message}") from None
     except yaml.reader.ReaderError as exc:
         where = _line_column(text, exc.position)
