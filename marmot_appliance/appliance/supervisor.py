@@ -82,15 +82,21 @@ def start_process(
     # The process is meant to outlive this Popen object; holding on to it keeps `subprocess`
     # from warning "still running" when it would be garbage collected.
     _STARTED.append(child)
-    # Popen returns after the exec succeeded, so /proc already shows the new program.
     stat = _proc_stat(child.pid)
     if stat is None:
         raise ApplianceError(f"{resource} (pid {child.pid}) vanished right after start; see {log_path}")
+    # Popen returns once exec has begun, but the kernel fills in the new command line a moment
+    # later (an empty /proc/<pid>/cmdline in between). Record what /proc will show from now on.
+    cmdline = _proc_cmdline(child.pid)
+    deadline = time.monotonic() + 5.0
+    while cmdline != list(argv) and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        cmdline = _proc_cmdline(child.pid)
     return ProcessRecord(
         resource=resource,
         config_hash=config_hash,
         pid=child.pid,
-        argv=list(argv),
+        argv=cmdline or list(argv),
         start_ticks=stat[1],
         log_path=str(log_path),
         started_at=time.time(),
