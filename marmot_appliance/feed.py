@@ -50,6 +50,8 @@ IDLE_HEARTBEAT_S = 5.0
 # Messages buffered between the NATS callbacks and the reader; a slow reader pauses delivery
 # (JetStream flow control) instead of growing memory.
 QUEUE_MESSAGES = 64
+# How often an idle reader checks that the connection is still alive.
+CLOSED_CHECK_S = 1.0
 
 
 class FeedError(MarmotError):
@@ -314,7 +316,10 @@ async def changes(
             raise FeedError(f"JetStream refused the consumer: {exc.description or exc}") from exc
 
         while True:
-            stream, msg = await queue.get()
+            try:
+                stream, msg = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                stream, msg = await _next_message(queue, connection)
             seq, stored_at = _position(msg)
             try:
                 batch = decode_batch(msg.data)
@@ -339,6 +344,20 @@ async def changes(
                 )
     finally:
         await _stop(connection, owned, subscriptions)
+
+
+async def _next_message(queue: asyncio.Queue, connection: NatsClient):
+    """The next delivered message; FeedError once the connection has closed for good.
+
+    nats-py rides out server restarts by reconnecting; when it gives up, the connection closes
+    and no message will ever come, so waiting on would hang the reader silently.
+    """
+    while True:
+        try:
+            return await asyncio.wait_for(queue.get(), timeout=CLOSED_CHECK_S)
+        except asyncio.TimeoutError:
+            if connection.is_closed:
+                raise FeedError("the connection to NATS closed (no server reachable); stopping") from None
 
 
 async def _follow(js, stream: str, subjects: list[str], start: StartPosition, queue: asyncio.Queue):

@@ -164,7 +164,9 @@ async def test_from_sequence_and_from_time(nats_cluster, js_conn):
     assert [r.seq for r in from_seq] == [3, 4]
 
     everything = await collect(changes(nats_cluster.url, STREAM_PREFIX, 1, from_="start"), 4)
-    third_time = everything[2].time
+    # nats-py reports the stored time rounded to microseconds (possibly up): start a millisecond
+    # earlier; the messages are 50 ms apart, so this still picks the third one.
+    third_time = everything[2].time - timedelta(milliseconds=1)
     iso = third_time.isoformat()
     from_time = await collect(changes(nats_cluster.url, STREAM_PREFIX, 1, from_=iso), 2)
     assert [r.seq for r in from_time] == [3, 4]
@@ -321,3 +323,27 @@ def test_json_value_markers():
     assert json_value(-math.inf) == {"$float": "-inf"}
     for plain in (0, -(2**63), 0.1, -0.0, "text", None):
         assert json_value(plain) is plain
+
+
+async def test_feed_ends_with_feed_error_when_nats_is_gone_for_good(nats_server):
+    nc = await nats.connect(nats_server.urls, connect_timeout=10)
+    try:
+        await create_shard_streams(nc.jetstream(timeout=30), 1, replicas=1)
+        await publish(nc.jetstream(timeout=30), batch_of(1, up("t", 1, 1, v="x")))
+    finally:
+        await nc.close()
+    feed = changes(
+        nats_server.url,
+        STREAM_PREFIX,
+        1,
+        from_="start",
+        connect_options={"max_reconnect_attempts": 1, "reconnect_time_wait": 0.2, "connect_timeout": 1},
+    )
+    try:
+        first = await asyncio.wait_for(feed.__anext__(), WAIT_S)
+        assert first.values == {"id": 1, "v": "x"}
+        nats_server.stop()
+        with pytest.raises(FeedError, match="connection to NATS closed"):
+            await asyncio.wait_for(feed.__anext__(), WAIT_S)
+    finally:
+        await feed.aclose()
