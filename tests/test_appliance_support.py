@@ -2,8 +2,10 @@
 CLI as an unprivileged user when the test runs as root.
 
 As root the CLI runs as `nobody` through setpriv, in a directory under /tmp owned by nobody
-(pytest's own tmp_path lives under a 0700 root directory nobody cannot enter). That way the
-tests prove apply needs no root. Without root (or setpriv) the CLI runs as the current user.
+(pytest's own tmp_path lives under a 0700 root directory nobody cannot enter), so the tests
+prove apply needs no root: every nats-server and node runtime it starts runs as nobody. If
+nobody cannot run this interpreter (see `_interpreters`) and no fallback works, or without
+root or setpriv, the CLI runs as the current user.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import pwd
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -27,31 +31,73 @@ CLI_TIMEOUT_S = 300  # apply waits for health itself; this only stops a hung CLI
 
 
 SETPRIV = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+_PROBE = (
+    "import subprocess, sys; "
+    "subprocess.run([sys.executable, '-c', 'import marmot_appliance, nats, zstandard, cbor2, yaml'], check=True)"
+)
+
+
+@dataclass(frozen=True)
+class CliRunner:
+    """How to run the CLI: as whom (prefix), with which interpreter and extra environment."""
+
+    prefix: tuple[str, ...]
+    python: str
+    env: tuple[tuple[str, str], ...]
+    user: pwd.struct_passwd | None
+
+
+def _interpreters() -> list[tuple[str, dict[str, str]]]:
+    """This interpreter, then the system one of the same version pointed at our packages.
+
+    nobody cannot exec an interpreter under a 0700 home directory (e.g. pyenv in /root), which
+    apply needs to launch node runtimes; the system interpreter of the same minor version runs
+    the same site-packages (same ABI) when given them on PYTHONPATH.
+    """
+    candidates = [(sys.executable, {})]
+    system = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+    if system.is_file() and Path(sys.executable).resolve() != system.resolve():
+        from marmot_appliance.natsd.binary import nats_server_path
+
+        site_packages = sysconfig.get_paths()["purelib"]
+        candidates.append(
+            (
+                str(system),
+                {
+                    "PYTHONPATH": os.pathsep.join([site_packages, str(REPO)]),
+                    "MARMOT_NATS_SERVER": str(nats_server_path()),
+                },
+            )
+        )
+    return candidates
 
 
 @functools.lru_cache(maxsize=1)
-def unprivileged_user() -> pwd.struct_passwd | None:
-    """`nobody`, when running as root and nobody can run this interpreter *and* start it again
-    (apply launches node runtimes with sys.executable). An interpreter under a 0700 home
-    directory (e.g. pyenv in /root) cannot be exec'd by nobody: then the CLI runs as the
-    current user."""
+def cli_runner() -> CliRunner:
+    """As root: `nobody` through setpriv, with the first interpreter nobody can run and start
+    again. Otherwise (not root, no setpriv, no usable interpreter): the current user."""
+    current = CliRunner((), sys.executable, (), None)
     if os.geteuid() != 0 or shutil.which("setpriv") is None:
-        return None
+        return current
     try:
         user = pwd.getpwnam("nobody")
     except KeyError:
-        return None
-    probe = (
-        "import subprocess, sys; "
-        "subprocess.run([sys.executable, '-c', 'import marmot_appliance, nats'], check=True)"
-    )
-    try:
-        result = subprocess.run(
-            [*SETPRIV, sys.executable, "-c", probe], cwd="/", capture_output=True, timeout=60
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return user if result.returncode == 0 else None
+        return current
+    for python, extra in _interpreters():
+        env = {**os.environ, **extra}
+        try:
+            result = subprocess.run(
+                [*SETPRIV, python, "-c", _PROBE], cwd="/", env=env, capture_output=True, timeout=60
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            continue
+        if result.returncode == 0:
+            return CliRunner(tuple(SETPRIV), python, tuple(sorted(extra.items())), user)
+    return current
+
+
+def unprivileged_user() -> pwd.struct_passwd | None:
+    return cli_runner().user
 
 
 def make_workdir() -> Path:
@@ -107,14 +153,11 @@ def write_spec(workdir: Path, data: dict, name: str = "cluster.yaml") -> Path:
 
 def run_cli(workdir: Path, *args: str, timeout: float = CLI_TIMEOUT_S) -> subprocess.CompletedProcess:
     """`marmot-appliance ARGS` in `workdir`, as the unprivileged user when possible."""
-    prefix: list[str] = []
-    user = unprivileged_user()
-    if user is not None:
-        prefix = SETPRIV
-    env = dict(os.environ)
+    runner = cli_runner()
+    env = {**os.environ, **dict(runner.env)}
     env.update(HOME=str(workdir), PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run(
-        [*prefix, sys.executable, "-m", "marmot_appliance", *args],
+        [*runner.prefix, runner.python, "-m", "marmot_appliance", *args],
         cwd=workdir,
         env=env,
         capture_output=True,
