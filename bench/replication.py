@@ -90,6 +90,10 @@ def start_node(node_id: int, db: Path, urls: str, port: int, log: Path) -> subpr
     argv = [sys.executable, "-m", "marmot_appliance", "node", "-db-path", str(db), "-node-id", str(node_id),
             "-nats-url", urls, "-shards", "1", "-log-replicas", "3", "-max-log-entries", "10000000",
             "-enable-snapshot=false", "--metrics-port", str(port)]
+    profile_dir = os.environ.get("MARMOT_BENCH_PROFILE")
+    if profile_dir:  # sample the node with py-spy (collapsed stacks, one file per node)
+        argv = ["py-spy", "record", "--nonblocking", "-r", "250", "--format", "raw",
+                "-o", str(Path(profile_dir) / f"node{node_id}.txt"), "--"] + argv
     with open(log, "ab") as handle:
         return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, cwd=ROOT)
@@ -250,13 +254,15 @@ def main() -> int:
         print(f"  raw SQLite insert:          {raw_sqlite:10.0f} rows/s (same rows, 100-row txns, no capture)")
         print(f"  raw JetStream R3 publish:   {raw_js:10.0f} rows/s (same encoded 100-row payload, async)")
 
+        if os.environ.get("MARMOT_BENCH_SKIP_LATENCY"):
+            return 0
         p50, p99, lost = bench_latency(dbs)
         print("\n## 3. commit-to-visible latency on node 2, 1000 single-row commits/s for 5 s")
         print(f"  p50 {p50:.2f} ms, p99 {p99:.2f} ms" + (f"  ({lost} rows not seen in time)" if lost else ""))
     finally:
         for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
+            if proc.poll() is None:  # py-spy writes its profile on SIGINT
+                os.kill(proc.pid, signal.SIGINT if os.environ.get("MARMOT_BENCH_PROFILE") else signal.SIGTERM)
         for proc in procs:
             try:
                 proc.wait(timeout=30)
