@@ -298,6 +298,22 @@ def test_local_appliance_lifecycle(appliance: Appliance):
     }
     assert_ok(appliance.cli("plan", spec, "--detailed-exitcode"), "No changes.")
 
+    # A nats-server setting restarts the servers one at a time (rolling), no node runtime.
+    appliance.data.setdefault("nats", {})["jetstream"] = {"max_memory": "128MB"}
+    appliance.rewrite_spec()
+    plan_json = json.loads(appliance.cli("plan", spec, "--output", "json").stdout)
+    assert [(c["resource"], c["reasons"]) for c in plan_json["changes"]] == [
+        (f"nats-server/n{i}", ["nats-server configuration changed"]) for i in (1, 2, 3)
+    ]
+    rolled = appliance.cli("apply", spec)
+    assert_ok(rolled, "Apply complete")
+    steps = [line.split()[:2] for line in rolled.stdout.splitlines() if line.strip().startswith(("stopped", "started"))]
+    assert steps == [[verb, f"nats-server/n{i}"] for i in (1, 2, 3) for verb in ("stopped", "started")]
+    after_roll = appliance.pids()
+    for name, pid in after_roll.items():
+        assert (pid != after_edit[name]) == name.startswith("nats-server/"), name
+    after_edit = after_roll
+
     # kill -9 one nats-server: apply brings it back and the cluster converges.
     victim = appliance.records()["nats-server/n2"]
     os.kill(victim.pid, signal.SIGKILL)

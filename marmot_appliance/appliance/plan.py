@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
-from marmot_appliance.appliance.resources import NODE_KIND, DesiredResource, kind_of
+from marmot_appliance.appliance.resources import NATS_CONFIG_FACET, NODE_KIND, DesiredResource, digest, kind_of
 from marmot_appliance.appliance.state import ProcessRecord, RecordedState
 from marmot_appliance.appliance.supervisor import is_running
 
@@ -62,9 +62,9 @@ class Plan:
         }
 
 
-def _config_file_problem(desired: DesiredResource) -> str | None:
-    """The config on disk is not the one we would write (edited by hand, or deleted)."""
-    if desired.config_path is None or desired.config_text is None:
+def _config_file_problem(desired: DesiredResource, recorded: ProcessRecord) -> str | None:
+    """The config file on disk is not the one the running process was started with."""
+    if desired.config_path is None or NATS_CONFIG_FACET not in recorded.facets:
         return None
     try:
         on_disk = desired.config_path.read_text()
@@ -72,7 +72,9 @@ def _config_file_problem(desired: DesiredResource) -> str | None:
         return "config file missing"
     except OSError as exc:
         return f"config file unreadable ({exc.strerror})"
-    return None if on_disk == desired.config_text else "config file modified on disk"
+    if digest(on_disk) != recorded.facets[NATS_CONFIG_FACET]:
+        return "config file modified on disk"
+    return None
 
 
 def _change_reasons(desired: DesiredResource, recorded: ProcessRecord) -> list[str]:
@@ -83,7 +85,7 @@ def _change_reasons(desired: DesiredResource, recorded: ProcessRecord) -> list[s
     ]
     if not reasons and recorded.config_hash != desired.config_hash:
         reasons.append("configuration changed")
-    problem = _config_file_problem(desired)
+    problem = _config_file_problem(desired, recorded)
     if problem:
         reasons.append(problem)
     return reasons

@@ -27,6 +27,7 @@ from marmot_appliance.spec.model import Cluster, Node
 
 NATS_KIND = "nats-server"
 NODE_KIND = "node"
+NATS_CONFIG_FACET = "nats-server configuration"  # digest of the rendered config file's text
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ def nats_server_resource(
         node=node.name,
         argv=argv,
         facets={
-            "nats-server configuration": digest(text),
+            NATS_CONFIG_FACET: digest(text),
             "nats-server version": digest({"argv": argv, "version": _nats_server_version()}),
         },
         config_text=text,
