@@ -338,3 +338,38 @@ def test_status_before_apply_reports_unhealthy(workdir: Path, spec: Path):
     assert data["healthy"] is False
     assert [n["node"] for n in data["nodes"]] == ["n1", "n2", "n3"]
     assert all("node runtime not running" in n["problems"] for n in data["nodes"])
+
+
+# -- progress -----------------------------------------------------------------------------------
+
+
+class _Stream:
+    def __init__(self, tty: bool):
+        self.tty = tty
+        self.text = ""
+
+    def isatty(self) -> bool:
+        return self.tty
+
+    def write(self, text: str) -> None:
+        self.text += text
+
+    def flush(self) -> None:
+        pass
+
+
+def test_progress_is_quiet_off_a_terminal_and_results_always_print():
+    out, status = _Stream(False), _Stream(False)
+    progress = Progress(out=out, status=status)
+    progress.waiting("waiting for node/n1")
+    progress.say("started node/n1 (pid 1)")
+    assert status.text == ""
+    assert out.text == "started node/n1 (pid 1)\n"
+
+    out, status = _Stream(False), _Stream(True)
+    progress = Progress(out=out, status=status)
+    progress.waiting("waiting for node/n1")
+    assert "waiting for node/n1" in status.text
+    progress.say("done")
+    assert status.text.endswith("\r\033[K")  # the spinner line is cleared before output
+    assert out.text == "done\n"

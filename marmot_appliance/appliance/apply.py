@@ -207,10 +207,10 @@ def apply_local(cluster: Cluster, options: ApplyOptions | None = None, progress:
     progress = progress or Progress()
     state = state_dir_of(cluster)
     spec_path = spec_path_of(cluster)
-    for path in prepare_databases(cluster):
-        progress.say(f"Created empty database {path} (WAL mode).")
     state.create(cluster.name)
     with state.locked():
+        for path in prepare_databases(cluster):
+            progress.say(f"Created empty database {path} (WAL mode).")
         credentials = credentials_for_apply(cluster, state)
         recorded = state.load(cluster.name)
         desired = desired_resources(cluster, state, spec_path, credentials)

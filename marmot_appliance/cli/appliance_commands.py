@@ -10,10 +10,28 @@ Exit codes: 0 success (plan: no changes), 1 error (status: a node unhealthy),
 from __future__ import annotations
 
 import argparse
+import functools
+from typing import Callable
 
+from marmot_appliance.errors import MarmotError
 from marmot_appliance.spec.model import Cluster
 
 EXIT_CHANGES_PENDING = 2
+
+
+def _environment_errors_as_messages(handler: Callable[[argparse.Namespace], int]):
+    """A file the appliance cannot write or read (permissions, full disk) is the environment's
+    problem, not a bug: report it as one line naming the file, not as a traceback."""
+
+    @functools.wraps(handler)
+    def wrapper(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise MarmotError(f"{where}{exc.strerror or exc}") from exc
+
+    return wrapper
 
 
 def _load(path: str) -> Cluster:
@@ -22,6 +40,7 @@ def _load(path: str) -> Cluster:
     return load_cluster(path)
 
 
+@_environment_errors_as_messages
 def cmd_plan(args: argparse.Namespace) -> int:
     from marmot_appliance.appliance.apply import plan_local, remote_entry
     from marmot_appliance.appliance.plan import render_plan_json, render_plan_text
@@ -36,6 +55,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+@_environment_errors_as_messages
 def cmd_apply(args: argparse.Namespace) -> int:
     from marmot_appliance.appliance.apply import ApplyOptions, apply_local, remote_entry
 
@@ -46,6 +66,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+@_environment_errors_as_messages
 def cmd_status(args: argparse.Namespace) -> int:
     from marmot_appliance.appliance.apply import remote_entry
     from marmot_appliance.appliance.status import collect_status, render_status_json, render_status_text
@@ -58,6 +79,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if all(status.healthy for status in statuses) else 1
 
 
+@_environment_errors_as_messages
 def cmd_destroy(args: argparse.Namespace) -> int:
     from marmot_appliance.appliance.apply import remote_entry
     from marmot_appliance.appliance.destroy import destroy_local
