@@ -336,3 +336,30 @@ def test_malformed_rows_are_dead_lettered_not_fatal(wal_db):
         assert (outcome.rows_rejected, outcome.rows_applied) == (2, 1)
         assert applier.dead_letter_count() == 2
     assert rows_of(db) == {"c": 3}
+
+
+def test_key_change_under_a_nocase_key_replicates(wal_db):
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY COLLATE NOCASE, v);"
+    origin_db = wal_db("a.db", schema)
+    replica_db = wal_db("b.db", schema)
+    with ChangeCapture(origin_db, 1) as source, BatchApplier(replica_db, 2) as applier:
+        source.install()
+        conn = connect(origin_db)
+        conn.execute("INSERT INTO t VALUES ('abc', 1)")
+        conn.execute("UPDATE t SET k = 'ABC'")  # same key for SQLite, new spelling
+        ship(source, applier, "s", 1)  # insert, delete('abc'), upsert('ABC') in one batch
+    assert rows_of(replica_db) == {"ABC": 1}
+
+
+def test_new_table_catch_up_does_not_recapture_rows_from_other_nodes(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with ChangeCapture(db, 2) as capture, BatchApplier(db, 2) as applier:
+        capture.install()
+        applier.apply(batch(up("fresh", "remote", 1, BASE + 1, 1)), "s", 1)  # parked: no table yet
+        conn = connect(db)
+        conn.execute("CREATE TABLE fresh (k TEXT PRIMARY KEY, v)")
+        conn.execute("INSERT INTO fresh VALUES ('local', 2)")  # before capture knows the table
+        assert applier.retry_parked() == 1
+        capture.install()
+        assert [(c.change.table, c.change.pk) for c in capture.read_pending()] == [("fresh", ("local",))]
+    assert rows_of(db, "fresh") == {"remote": 1, "local": 2}

@@ -188,3 +188,26 @@ def test_random_concurrent_writes_converge_whatever_the_delivery_order(steps, se
         finally:
             for node in nodes:
                 node.close()
+
+
+def test_table_digest_ignores_row_order_but_not_values_or_types(tmp_path):
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY, v); CREATE TABLE loose (x);"
+    a = make_wal_db(tmp_path / "a.db", schema)
+    b = make_wal_db(tmp_path / "b.db", schema)
+    rows = [("1", 1), ("2", -0.0), ("3", b"\x00"), ("4", None), ("5", "text")]
+    with sqlite3.connect(a) as conn:
+        conn.executemany("INSERT INTO t VALUES (?, ?)", rows)
+    with sqlite3.connect(b) as conn:
+        conn.executemany("INSERT INTO t VALUES (?, ?)", list(reversed(rows)))
+    assert table_digest(a) == table_digest(b)
+    assert set(table_digest(a)) == {"t", "loose"}
+    assert table_digest(a, ["t", "nope"])["nope"] == "missing"
+    for changed in ((1.0,), (0.0,), ("1",)):  # 1 -> 1.0 / -0.0 -> 0.0 / int -> text all differ
+        with sqlite3.connect(b) as conn:
+            key = {"(1.0,)": "1", "(0.0,)": "2", "('1',)": "1"}[repr(changed)]
+            original = dict(rows)[key]
+            conn.execute("UPDATE t SET v = ? WHERE k = ?", (changed[0], key))
+        assert table_digest(a)["t"] != table_digest(b)["t"], changed
+        with sqlite3.connect(b) as conn:
+            conn.execute("UPDATE t SET v = ? WHERE k = ?", (original, key))
+        assert table_digest(a) == table_digest(b)
