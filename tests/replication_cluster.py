@@ -101,7 +101,7 @@ class InProcessNode:
         config = config_from_flags(
             db_path=str(self.db), node_id=self.node_id, nats_url=self.nats_url, shards=self.shards,
             log_replicas=self.replicas, max_log_entries=self.extra.get("max_log_entries", 100_000),
-            enable_snapshot=False, metrics_port=0, poll_interval_ms=200,
+            enable_snapshot=self.extra.get("enable_snapshot", False), metrics_port=0, poll_interval_ms=200,
             seq_map_path=self.extra.get("seq_map_path"),
             **({"subject_prefix": self.extra["prefixes"] + "-subj", "stream_prefix": self.extra["prefixes"] + "-s"}
                if "prefixes" in self.extra else {}),

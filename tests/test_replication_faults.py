@@ -145,3 +145,28 @@ async def test_health_follows_the_nats_connection(nats_cluster, wal_db):
     finally:
         await node.stop()
         await peer.stop()
+
+
+async def test_nodes_with_snapshots_enabled_replicate_and_save_snapshot_flag_works(nats_cluster, wal_db):
+    import subprocess
+    import sys
+
+    dbs = [wal_db(f"snap{i}.db", SCHEMA) for i in (1, 2)]
+    nodes = [InProcessNode(i, db, nats_cluster.url, extra={"enable_snapshot": True}) for i, db in zip((1, 2), dbs)]
+    for node in nodes:
+        await node.start()
+    try:
+        execute(dbs[0], "INSERT INTO doc VALUES ('s', 'snap', 1)")
+        await wait_converged(dbs)
+    finally:
+        for node in nodes:
+            assert await node.stop() == 0
+    result = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "marmot_appliance", "node", "-save-snapshot", "-db-path", str(dbs[1]), "-node-id", "2",
+         "-nats-url", nats_cluster.url, "-shards", "2", "-log-replicas", "3"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "snapshot saved" in result.stderr, result.stderr

@@ -82,10 +82,13 @@ class NodeRuntime:
     # -- health ----------------------------------------------------------------------------
 
     def health(self) -> dict:
+        self._refresh_gauges()
         self.status.nats_connected = bool(self.nc is not None and self.nc.is_connected)
         return self.status.as_health()
 
     def _refresh_gauges(self) -> None:
+        if self.snapshot_scheduler is not None:
+            self.status.last_snapshot = getattr(self.snapshot_scheduler, "last_snapshot", None)
         if self.status.last_snapshot:
             self.metrics.set("snapshot_age_seconds", time.time() - self.status.last_snapshot,
                              help="Seconds since the newest snapshot this node knows of")
@@ -234,8 +237,8 @@ class NodeRuntime:
             await self.publisher.flush()
         if self.cluster.snapshots.enabled and self.node.replicate:
             await self._restore_if_needed()
+        self.parts_stop = asyncio.Event()  # consumers, publisher, scheduler stop on this, after `stop`
         self._start_snapshot_scheduler()
-        self._parts_stop = asyncio.Event()  # consumers and publisher stop on this, after `stop`
         tasks: list[asyncio.Task] = []
         if self.node.replicate:
             positions = await self.apply_db.run(self.applier.positions)
@@ -247,10 +250,10 @@ class NodeRuntime:
                     on_truncated=self._on_truncated,
                 )
                 self.consumers.append(consumer)
-                tasks.append(asyncio.create_task(consumer.run(self._parts_stop), name=f"consume-{stream}"))
+                tasks.append(asyncio.create_task(consumer.run(self.parts_stop), name=f"consume-{stream}"))
         if self.node.publish:
-            tasks.append(asyncio.create_task(self.publisher.run(self._parts_stop), name="publish"))
-        tasks.append(asyncio.create_task(self._maintenance(self._parts_stop), name="maintenance"))
+            tasks.append(asyncio.create_task(self.publisher.run(self.parts_stop), name="publish"))
+        tasks.append(asyncio.create_task(self._maintenance(self.parts_stop), name="maintenance"))
         for task in tasks:
             task.add_done_callback(self._part_finished)
         log.info(
@@ -272,7 +275,7 @@ class NodeRuntime:
 
     async def _stop_parts(self, tasks: list[asyncio.Task]) -> None:
         log.info("shutting down: flushing publishes, finishing applies")
-        self._parts_stop.set()
+        self.parts_stop.set()
         if self.wakeup is not None:
             self.wakeup.notify()
         done, pending = await asyncio.wait(tasks, timeout=30.0)
@@ -280,12 +283,12 @@ class NodeRuntime:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=5.0)
-        if self.snapshot_scheduler is not None:
-            stop_scheduler = getattr(self.snapshot_scheduler, "stop", None)
-            if stop_scheduler is not None:
-                result = stop_scheduler()
-                if asyncio.iscoroutine(result):
-                    await result
+        scheduler_task = getattr(self.snapshot_scheduler, "task", None)
+        if scheduler_task is not None:
+            try:
+                await asyncio.wait_for(scheduler_task, 30.0)
+            except Exception as exc:  # noqa: BLE001 - a failed or slow save must not block shutdown
+                log.warning("snapshot scheduler did not stop cleanly: %s", exc)
         await self._write_seq_map()
 
     async def _close(self) -> None:
@@ -392,17 +395,25 @@ class NodeRuntime:
         async with self._restore_lock:
             restored = await snapshot_bridge.restore_if_needed(self)
         if restored:
-            log.info("restored a snapshot; re-installing capture")
+            log.info("restored a snapshot; re-installing capture, consumers resume from its positions")
             await self.capture_db.run(self.capture.install)
             if self.publisher is not None:
                 self.publisher.schema_changed()
+            positions = await self.apply_db.run(self.applier.positions)
+            for consumer in self.consumers:
+                consumer.restart_from(positions.get(consumer.stream, 0))
         return bool(restored)
 
     async def _on_truncated(self, stream: str, expected: int, available: int) -> bool:
         log.error("stream %s: next entry %d is gone (stream now starts at %d)", stream, expected, available)
         if not self.cluster.snapshots.enabled:
             return False
-        return await self._restore_if_needed()
+        try:
+            return await self._restore_if_needed()
+        except MarmotError as exc:
+            log.error("cannot restore a snapshot for %s: %s", stream, exc)
+            self.metrics.inc("errors", kind="restore", help="Errors by kind")
+            return False
 
     def _start_snapshot_scheduler(self) -> None:
         if not self.cluster.snapshots.enabled:

@@ -23,34 +23,41 @@ def _snapshots_api() -> Any | None:
 
 
 async def restore_if_needed(runtime: Any) -> bool:
-    """Restore the newest snapshot when a stream was truncated below this node's position."""
+    """Restore the newest snapshot when a stream was truncated below this node's position.
+
+    Local changes not yet published are flushed first (the snapshot package asks through the
+    callback). Raises the snapshot package's errors (e.g. no snapshot closes the gap).
+    """
     api = _snapshots_api()
     hook = getattr(api, "restore_if_needed", None) if api else None
     if hook is None:
         log.warning("snapshot restore is not available in this build; a truncated log cannot be recovered")
         return False
-    return bool(
-        await hook(
-            runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path),
-        )
-    )
+    flush = runtime.publisher.flush if runtime.publisher is not None and runtime.node.publish else None
+    return bool(await hook(runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path), flush_pending=flush))
 
 
 def start_scheduler(runtime: Any) -> Any | None:
+    """The snapshot scheduler as a task of the runtime (stopped with the other parts)."""
+    import asyncio
+
     api = _snapshots_api()
     scheduler_class = getattr(api, "SnapshotScheduler", None) if api else None
     if scheduler_class is None:
         return None
-    scheduler = scheduler_class(runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path))
-    start = getattr(scheduler, "start", None)
-    if start is not None:
-        start()
+    scheduler = scheduler_class(runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path), runtime.metrics)
+    if not getattr(scheduler, "enabled", True):
+        return None
+    scheduler.task = asyncio.create_task(scheduler.run(runtime.parts_stop), name="snapshot-scheduler")
     return scheduler
 
 
 async def save_snapshot_now(runtime: Any) -> None:
+    """`--save-snapshot`: save this node's database as the newest snapshot, then exit."""
     api = _snapshots_api()
     hook = getattr(api, "save_snapshot", None) if api else None
     if hook is None:
         raise MarmotError("--save-snapshot: snapshots are not available in this build")
-    await hook(runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path))
+    info = await hook(runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path), force=True,
+                      show_progress=None)
+    log.info("snapshot saved: %s", getattr(info, "name", info))

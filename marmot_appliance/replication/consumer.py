@@ -88,7 +88,14 @@ class ShardConsumer:
         self.on_truncated = on_truncated
         self._unsaved_own_seq: int | None = None  # own messages skipped, position not yet stored
         self._failures = 0
+        self._restart_requested = False
         self.status.applied[stream] = start_position
+
+    def restart_from(self, position: int) -> None:
+        """The database was replaced (snapshot restore): resubscribe from its stored position."""
+        self.position = position
+        self._unsaved_own_seq = None
+        self._restart_requested = True
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -132,6 +139,9 @@ class ShardConsumer:
             try:
                 msg = await sub.next_msg(timeout=IDLE_CHECK_S)
             except nats.errors.TimeoutError:
+                if self._restart_requested:
+                    self._restart_requested = False
+                    return
                 await self._save_own_position()
                 if await self._lagging():
                     idle_checks += 1
@@ -142,6 +152,9 @@ class ShardConsumer:
                     idle_checks = 0
                 continue
             idle_checks = 0
+            if self._restart_requested:
+                self._restart_requested = False
+                return
             group = [msg]
             # Messages already buffered go into the same SQLite transaction (fewer commits while
             # catching up); never wait for more, so a lone message is applied at once.
