@@ -170,3 +170,24 @@ async def test_nodes_with_snapshots_enabled_replicate_and_save_snapshot_flag_wor
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
     assert "snapshot saved" in result.stderr, result.stderr
+
+
+async def test_seq_map_path_keeps_a_cbor_copy_of_applied_positions(nats_cluster, wal_db, tmp_path):
+    from marmot_appliance.node.seq_map import read_seq_map
+
+    seq_map = tmp_path / "seq-map.cbor"
+    dbs = [wal_db(f"m{i}.db", SCHEMA) for i in (1, 2)]
+    writer = InProcessNode(1, dbs[0], nats_cluster.url)
+    reader = InProcessNode(2, dbs[1], nats_cluster.url, extra={"seq_map_path": str(seq_map)})
+    await writer.start()
+    await reader.start()
+    try:
+        execute(dbs[0], "INSERT INTO doc VALUES (?, ?, ?)", [(f"k{i}", "v", i) for i in range(20)], many=True)
+        await wait_converged(dbs)
+    finally:
+        await writer.stop()
+        await reader.stop()
+    conn = sqlite3.connect(dbs[1])
+    positions = dict(conn.execute('SELECT stream, seq FROM "_marmot_positions"').fetchall())
+    conn.close()
+    assert positions and read_seq_map(seq_map) == positions
