@@ -22,7 +22,7 @@ from marmot_appliance.snapshots import (
 )
 from marmot_appliance.snapshots.errors import LeaseLostError
 from marmot_appliance.snapshots.lease import SnapshotLease
-from marmot_appliance.snapshots.store import SnapshotStore
+from marmot_appliance.snapshots.store import SnapshotStore, retry_no_responders
 from tests.snapshot_support import SCHEMA, connect, fill, make_cluster, positions_of, user_digests
 
 
@@ -159,11 +159,13 @@ async def test_restore_refuses_to_drop_unpublished_local_changes(nats_cluster, w
 
         async def flush() -> None:
             pending = capture.read_pending(100)
-            ack = await js.publish("marmot-change-log-1", repr([p.change for p in pending]).encode())
+            payload = repr([p.change for p in pending]).encode()
+            ack = await retry_no_responders(lambda: js.publish("marmot-change-log-1", payload))
             published.append(ack.seq)
             capture.mark_published([p.log_id for p in pending])
 
         await js.add_stream(name="marmot-changes-1", subjects=["marmot-change-log-1"])
+        # (a new stream can take a moment to answer publishes on every server: retried above)
         await restore_snapshot(js, cluster, cluster.node("n2"), target, flush_pending=flush)
         assert published == [1]
     finally:
@@ -217,7 +219,7 @@ async def test_decide_restore_follows_stream_bounds_and_positions(nats_cluster, 
     try:
         await js.add_stream(name="marmot-changes-1", subjects=["marmot-change-log-1"], max_msgs=10)
         for i in range(5):
-            await js.publish("marmot-change-log-1", b"x%d" % i)
+            await retry_no_responders(lambda: js.publish("marmot-change-log-1", b"x%d" % i))
         decision = await decide_restore(js, cluster, cluster.node("n9"), fresh)
         assert not decision.needed and decision.never_replicated  # the log still starts at 1: replay
         for i in range(25):

@@ -396,6 +396,10 @@ class NodeRuntime:
             restored = await snapshot_bridge.restore_if_needed(self)
         if restored:
             log.info("restored a snapshot; re-installing capture, consumers resume from its positions")
+            # [snapshots] The restored file lacks what this process published just before (the
+            # pre-restore flush): those messages must be applied on replay, not skipped as ours.
+            for shard in shard_numbers(self.replication.shards):
+                self.own_publishes.forget_below(self.replication.stream_name(shard), 2**63)
             await self.capture_db.run(self.capture.install)
             if self.publisher is not None:
                 self.publisher.schema_changed()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +45,7 @@ from marmot_appliance.spec.model import TableSelection
 
 log = logging.getLogger(__name__)
 
+META_OWN_ORIGIN_HORIZON = "own_origin_horizon"  # see replication/applier.py reset_own_origin_horizon
 BACKUP_STEP_PAGES = 1024  # pages per backup step: progress granularity, lock is held throughout
 SQLITE_OK = 0
 
@@ -84,11 +86,18 @@ def prepare_copy_for_node(
             if table_exists(copy, CLOCK_TABLE):
                 copy.execute(f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)", (local_clock,))
             if table_exists(copy, META_TABLE):
-                copy.execute(
-                    f"INSERT INTO {quote_ident(META_TABLE)} (key, value) VALUES (?, ?) "
-                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                clock = read_clock(copy)
+                for key, value in (
                     (META_NODE_ID, node_id),
-                )
+                    # Every own write up to now may be missing from this file: the applier must
+                    # apply (version-checked) this node's own rows on replay, not skip them.
+                    (META_OWN_ORIGIN_HORIZON, max(int(time.time() * 1000) << 16, clock)),
+                ):
+                    copy.execute(
+                        f"INSERT INTO {quote_ident(META_TABLE)} (key, value) VALUES (?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                        (key, value),
+                    )
             copy.execute(
                 f"CREATE TABLE IF NOT EXISTS {quote_ident(POSITIONS_TABLE)} "
                 "(stream TEXT PRIMARY KEY, seq INTEGER NOT NULL)"
