@@ -82,3 +82,35 @@ async def test_restore_without_any_snapshot_fails_clearly(nats_cluster, wal_db):
             await restore_snapshot(js, cluster, cluster.node("n1"), db)
     finally:
         await nc.close()
+
+
+async def test_tables_a_node_does_not_replicate_keep_their_local_rows(nats_cluster, wal_db):
+    from dataclasses import replace
+
+    from marmot_appliance.spec.model import TableSelection
+
+    source = wal_db("n1.db", SCHEMA)
+    target = wal_db("n2.db", SCHEMA)
+    fill(source, 0, 100, positions={"marmot-changes-1": 8})
+    conn = sqlite3.connect(source)
+    conn.execute("INSERT INTO sessions VALUES ('n1-token', 'alice')")
+    conn.commit()
+    conn.close()
+    conn = sqlite3.connect(target)
+    conn.execute("INSERT INTO sessions VALUES ('n2-token', 'bob')")
+    conn.commit()
+    conn.close()
+    cluster = make_cluster(nats_cluster.urls, {"n1": source, "n2": target})
+    n2 = replace(cluster.node("n2"), tables=TableSelection(exclude=("sessions",)))
+    nc, js = await connect(nats_cluster.urls)
+    try:
+        await save_snapshot(js, cluster, cluster.node("n1"), source)
+        await restore_snapshot(js, cluster, n2, target)
+    finally:
+        await nc.close()
+    conn = sqlite3.connect(target)
+    try:
+        assert conn.execute("SELECT * FROM sessions").fetchall() == [("n2-token", "bob")]
+        assert conn.execute("SELECT count(*) FROM items").fetchone() == (100,)
+    finally:
+        conn.close()
