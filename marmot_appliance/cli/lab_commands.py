@@ -53,7 +53,9 @@ def cmd_exec(args) -> int:
     topology = _topology(args.spec)
     if not (topology.state_dir / "state.json").is_file():
         raise MarmotError(f"lab {topology.lab!r} is not up; run `marmot-appliance lab up {args.spec}`")
-    argv = ssh_command(topology, args.host, " ".join(shlex.quote(part) for part in command))
+    # One argument is a shell command line (like ssh); several are quoted word by word.
+    remote = command[0] if len(command) == 1 else " ".join(shlex.quote(part) for part in command)
+    argv = ssh_command(topology, args.host, remote)
     return subprocess.run(argv, check=False).returncode
 
 
