@@ -38,14 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     wheels.add_argument("directory")
     wheels.add_argument("--target-arg", action="append", default=[], help="extra pip target option")
     wheels.add_argument("--extra", action="append", default=[], help="additional requirement")
+    wheels.add_argument("--pack-only", action="store_true", help="use the wheels as they are (no build)")
     creds = commands.add_parser("credentials")
     creds.add_argument("spec")
     creds.add_argument("state_dir")
     args = parser.parse_args(argv)
     try:
         if args.command == "wheelhouse":
-            from marmot_appliance.deploy.wheelhouse import build_wheelhouse
+            from marmot_appliance.deploy.wheelhouse import build_wheelhouse, pack_wheelhouse
 
+            if args.pack_only:
+                print(json.dumps({"changed": pack_wheelhouse(Path(args.directory))}))
+                return 0
             result = build_wheelhouse(Path(args.directory), target_args=args.target_arg, extra_requirements=args.extra)
             print(json.dumps({"changed": result.changed, "project_wheel": result.project_wheel,
                               "downloaded": result.downloaded}))

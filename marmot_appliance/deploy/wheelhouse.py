@@ -11,9 +11,11 @@ so rebuilding unchanged sources changes nothing.
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,7 @@ from pathlib import Path
 from marmot_appliance.deploy.errors import DeployError
 
 MANIFEST = "SHA256SUMS"
+ARCHIVE = "wheelhouse.tar"  # what the role copies: one file, one checksum round trip per host
 PIP_TIMEOUT_S = 900.0
 
 
@@ -90,6 +93,35 @@ def write_manifest(directory: Path) -> bool:
     return True
 
 
+def write_archive(directory: Path) -> bool:
+    """A deterministic tar of the wheels and the manifest; rewritten only when it differs."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as archive:
+        for path in sorted(directory.glob("*.whl")) + [directory / MANIFEST]:
+            info = tarfile.TarInfo(path.name)
+            info.size = path.stat().st_size
+            info.mode = 0o644
+            info.mtime = 0  # same bytes for the same wheels: the copy task stays unchanged
+            with open(path, "rb") as handle:
+                archive.addfile(info, handle)
+    data = buffer.getvalue()
+    target = directory / ARCHIVE
+    if target.is_file() and target.read_bytes() == data:
+        return False
+    tmp = target.with_suffix(".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+    return True
+
+
+def pack_wheelhouse(directory: Path) -> bool:
+    """Manifest + archive of an existing directory of wheels (deploy.package_source: DIR)."""
+    if not any(directory.glob("marmot_appliance-*.whl")):
+        raise DeployError(f"{directory} holds no marmot_appliance wheel")
+    changed = write_manifest(directory)
+    return write_archive(directory) or changed
+
+
 def build_wheelhouse(
     directory: Path,
     source: Path | None = None,
@@ -135,4 +167,5 @@ def build_wheelhouse(
             )
         downloaded = changed = True
     changed = write_manifest(directory) or changed
+    changed = write_archive(directory) or changed
     return WheelhouseResult(directory=directory, project_wheel=destination.name, changed=changed, downloaded=downloaded)
