@@ -134,3 +134,30 @@ def stop_container(record: dict) -> None:
         if _wait_gone(pid, start_time, wait_s):
             return
     raise LabError(f"systemd-nspawn (pid {pid}) did not exit after SIGKILL")
+
+
+def container_init_pid(record: dict) -> int:
+    """PID (in this namespace) of the container's systemd: the nspawn process's child."""
+    pid = record["pid"]
+    if process_start_time(pid) != record.get("start_time"):
+        raise LabError(f"systemd-nspawn (pid {pid}) is not running")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        if children:
+            return int(children[0])
+    raise LabError(f"systemd-nspawn (pid {pid}) has no container process")
+
+
+def console_command(topology: LabTopology, host_name: str, command: str) -> list[str]:
+    """argv that runs a shell command inside a host without the network (a serial console).
+
+    The way in while a host is cut off from the switch: nsenter into the container's
+    namespaces, so the command sees the host's own file system, processes and network.
+    """
+    import json
+
+    host = topology.host(host_name)
+    state = json.loads((topology.state_dir / "state.json").read_text())
+    init_pid = container_init_pid(state["containers"][host.name])
+    return ["nsenter", f"--target={init_pid}", "--mount", "--uts", "--ipc", "--net", "--pid", "--",
+            "/bin/sh", "-c", command]
