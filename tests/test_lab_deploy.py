@@ -185,6 +185,43 @@ def test_second_run_changes_nothing(lab):
     assert {host: counts["changed"] for host, counts in recap.items()} == {"node1": 0, "node2": 0, "node3": 0}
 
 
+def _changed_spec(directory: Path) -> Path:
+    spec = yaml.safe_load(SPEC.read_text())
+    spec["replication"]["batch"]["max_delay_ms"] = 5  # lands in every node's cluster.yaml
+    path = directory / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_remote_plan_shows_nothing_then_the_pending_spec_change(lab, tmp_path):
+    """`plan` for remote hosts: a check-mode run parsed by the marmot_plan callback."""
+    script = (
+        "import sys\nfrom marmot_appliance.deploy.remote import plan_remote\n"
+        "from marmot_appliance.spec.loader import load_cluster\n"
+        "c = load_cluster(sys.argv[1])\n"
+        "sys.exit(plan_remote(c, c.source, extra_args=sys.argv[2:]))\n"
+    )
+    extra = ["-e", f"marmot_controller_state_dir={lab.controller_state}",
+             "-e", f"marmot_packages_wheelhouse_dir={lab.wheelhouse}", "-e", "marmot_packages_build_wheelhouse=false"]
+
+    def plan(spec: Path) -> str:
+        result = subprocess.run(
+            ["ip", "netns", "exec", lab.topology.controller_namespace, sys.executable, "-c", script, str(spec), *extra],
+            capture_output=True, text=True, env=lab.env, timeout=PLAYBOOK_TIMEOUT_S, cwd=REPO, check=False,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout
+
+    assert "No changes." in plan(SPEC)
+    pending = plan(_changed_spec(tmp_path))
+    for host in ("node1", "node2", "node3"):
+        assert f"~ host {host}" in pending
+    assert "marmot_node: Write the cluster spec" in pending
+    assert "nats_server: Write nats-server.conf" not in pending  # the change is node-only
+    # Planning changed nothing on the hosts.
+    assert "max_delay_ms: 2" in lab.ssh("node1", "cat /etc/marmot-appliance/cluster.yaml")
+
+
 WRITER = r"""
 import os, sqlite3, sys, time
 db, prefix, stop_file = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -201,20 +238,16 @@ print(written)
 
 
 def test_spec_change_rolls_one_node_at_a_time_while_writes_continue(lab, tmp_path):
-    spec = yaml.safe_load(SPEC.read_text())
-    spec["replication"]["batch"]["max_delay_ms"] = 5  # lands in every node's cluster.yaml
-    changed_spec = tmp_path / "cluster.yaml"
-    changed_spec.write_text(yaml.safe_dump(spec, sort_keys=False))
+    changed_spec = _changed_spec(tmp_path)
     stop_file = "/tmp/marmot-lab-writer.stop"
     lab.ssh("node1", f"rm -f {stop_file}")
     from marmot_appliance.lab.ssh import ssh_command
 
+    lab.ssh("node1", "cat > /tmp/marmot-lab-writer.py", input_text=WRITER)
     writer = subprocess.Popen(
-        ssh_command(lab.topology, "node1", f"{HOST_PYTHON} - {DB} rolling {stop_file}"),
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ssh_command(lab.topology, "node1", f"{HOST_PYTHON} /tmp/marmot-lab-writer.py {DB} rolling {stop_file}"),
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    writer.stdin.write(WRITER)
-    writer.stdin.close()
     try:
         result, recap = lab.playbook(changed_spec, "-e", "marmot_packages_build_wheelhouse=false")
     finally:
