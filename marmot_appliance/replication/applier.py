@@ -39,6 +39,7 @@ import cbor2
 
 from marmot_appliance.errors import DatabaseStateError, MarmotError
 from marmot_appliance.replication import bookkeeping as bk
+from marmot_appliance.replication.codec import GroupedBatch
 from marmot_appliance.replication.introspect import TableLayout, table_layout, user_tables
 from marmot_appliance.replication.sqlite_util import (
     DEFAULT_BUSY_TIMEOUT_MS,
@@ -129,6 +130,9 @@ def _now_version() -> int:
 def _set_horizon_now(conn: sqlite3.Connection) -> int:
     horizon = max(_now_version(), bk.current_clock(conn))
     bk.set_meta(conn, META_OWN_ORIGIN_HORIZON, horizon)
+    # Every later local write must rank above the horizon: in the same millisecond the trigger's
+    # max(now_ms << 16, hlc + 1) could otherwise land exactly on it and count as "older".
+    bk.advance_clock(conn, horizon)
     return horizon
 
 
@@ -143,6 +147,19 @@ class _RowPlan:
     apply_sql: str = ""
     key_of: object = None  # values -> tuple of key values in local primary-key order
     deleted: int = 0
+    # The versions upsert over a GroupedBatch row ([*values, version, origin], numbered params).
+    grouped_versions_sql: str = ""
+
+
+class _VersionGetters(dict):
+    """width -> itemgetter of a grouped row's version ([*values, version, origin])."""
+
+    def __missing__(self, width: int) -> operator.itemgetter:
+        getter = self[width] = operator.itemgetter(width)
+        return getter
+
+
+_VERSION_OF = _VersionGetters()
 
 
 def _single_key(index: int):
@@ -184,12 +201,16 @@ class BatchApplier:
             for stream, seq in self._conn.execute(f"SELECT stream, seq FROM {quote_ident(POSITIONS_TABLE)}")
         }
 
-    def apply(self, batch: ChangeBatch, stream: str, seq: int) -> ApplyOutcome:
+    def apply(self, batch: ChangeBatch | GroupedBatch, stream: str, seq: int) -> ApplyOutcome:
         """Apply one batch in one transaction. Raises DatabaseBusyError (retry later)."""
         return self.apply_many([(batch, stream, seq)])[0]
 
-    def apply_many(self, items: Iterable[tuple[ChangeBatch, str, int]]) -> list[ApplyOutcome]:
-        """Apply several batches in one transaction (fewer commits when the consumer is behind)."""
+    def apply_many(self, items: Iterable[tuple[ChangeBatch | GroupedBatch, str, int]]) -> list[ApplyOutcome]:
+        """Apply several batches in one transaction (fewer commits when the consumer is behind).
+
+        A batch may be a ChangeBatch or a GroupedBatch (codec.decode_for_apply): the latter is
+        applied straight from its row groups, without a Python object per row.
+        """
         items = list(items)
         outcomes: list[ApplyOutcome] = []
         conn = self._conn
@@ -205,6 +226,12 @@ class BatchApplier:
                     outcome.duplicate = True
                     continue
                 stored[stream] = int(seq)
+                if isinstance(batch, GroupedBatch):
+                    if batch.origin != self.node_id:
+                        self._apply_groups(batch, outcome, stream, int(seq))
+                        newest = max(newest, outcome.max_version)
+                        continue
+                    batch = batch.to_change_batch()  # rare: our own batch from an earlier life
                 rows = batch.rows
                 if batch.origin == self.node_id:
                     outcome.own_origin = True
@@ -318,25 +345,28 @@ class BatchApplier:
         self._schema_version = version
 
     def _plan(self, row: RowChange) -> _RowPlan:
-        shape = (row.table, row.columns, row.op)
+        return self._plan_for(row.table, row.columns, row.op)
+
+    def _plan_for(self, table: str, columns: tuple[str, ...], op: str) -> _RowPlan:
+        shape = (table, columns, op)
         plan = self._plans.get(shape)
         if plan is None:
-            plan = self._plans[shape] = self._make_plan(row)
+            plan = self._plans[shape] = self._make_plan(table, columns, op)
         return plan
 
-    def _make_plan(self, row: RowChange) -> _RowPlan:
-        layout = self._layouts.get(row.table.lower())
+    def _make_plan(self, table_name: str, row_columns: tuple[str, ...], op: str) -> _RowPlan:
+        layout = self._layouts.get(table_name.lower())
         if layout is None:
-            if not self.selection.selects(row.table):
+            if not self.selection.selects(table_name):
                 return _RowPlan("ignore")
-            return _RowPlan("park", reason=f"table {row.table!r} does not exist here")
+            return _RowPlan("park", reason=f"table {table_name!r} does not exist here")
         if not self.selection.selects(layout.name):
             return _RowPlan("ignore")
         if not layout.primary_key:
             return _RowPlan("ignore", reason=f"table {layout.name!r} has no primary key here")
         local_columns = {col.lower(): col for col in layout.columns}
-        incoming = [col.lower() for col in row.columns]
-        missing = [col for col, low in zip(row.columns, incoming) if low not in local_columns]
+        incoming = [col.lower() for col in row_columns]
+        missing = [col for col, low in zip(row_columns, incoming) if low not in local_columns]
         if missing:
             return _RowPlan("park", reason=f"table {layout.name!r} lacks column(s) {', '.join(map(repr, missing))}")
         try:
@@ -351,12 +381,12 @@ class BatchApplier:
                 self._schema_version = schema_version(self._conn)
             self._versions_ready.add(layout.name)
 
-        n = len(row.columns)
+        n = len(row_columns)
         version_param, origin_param = n + 1, n + 2
         key_params = [p + 1 for p in key_positions]
         winner = bk.recorded_version_sql(layout.name, key_params, version_param, origin_param)
         table = quote_ident(layout.name)
-        if row.op == "delete":
+        if op == "delete":
             match = " AND ".join(f"{quote_ident(col)} = ?{p}" for col, p in zip(layout.primary_key, key_params))
             apply_sql = f"DELETE FROM {table} WHERE {match} AND {winner}"
             deleted = 1
@@ -387,9 +417,58 @@ class BatchApplier:
             apply_sql=apply_sql,
             key_of=key_of,
             deleted=deleted,
+            grouped_versions_sql=bk.versions_upsert_numbered_sql(
+                layout.name, key_params, version_param, origin_param, deleted
+            ),
         )
 
     # -- rows ----------------------------------------------------------------------------------
+
+    def _apply_groups(self, batch: GroupedBatch, outcome: ApplyOutcome, stream: str, seq: int) -> None:
+        """Apply a GroupedBatch (inside the open transaction): two executemany per row group.
+
+        Same statements and guarantees as _apply_rows; the row lists go to SQLite as they came
+        out of the decoder. Rare cases (parked tables, a constraint error) take the per-row path.
+        """
+        conn = self._conn
+        work: list[tuple[_RowPlan, list]] = []
+        for group in batch.groups:
+            plan = self._plan_for(group.table, group.columns, group.op)
+            if plan.action == "apply":
+                work.append((plan, group.params))
+                newest = max(map(_VERSION_OF[len(group.columns)], group.params))
+                if newest > outcome.max_version:
+                    outcome.max_version = newest
+            elif plan.action == "park":
+                self._apply_rows(group.row_changes(), outcome, stream, seq)
+            else:
+                outcome.rows_ignored += len(group.params)
+        if not work:
+            return
+        conn.execute("SAVEPOINT marmot_batch")
+        try:
+            won = total = 0
+            # All version records first (see _apply_rows), then the rows that won.
+            for plan, params in work:
+                won += max(conn.executemany(plan.grouped_versions_sql, params).rowcount, 0)
+                total += len(params)
+            for plan, params in work:
+                conn.executemany(plan.apply_sql, params)
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK TO marmot_batch")
+            conn.execute("RELEASE marmot_batch")
+            if is_busy_error(exc) or is_environment_error(exc):
+                raise
+            planned = []
+            for group in batch.groups:
+                plan = self._plan_for(group.table, group.columns, group.op)
+                if plan.action == "apply":
+                    planned.extend((row, plan) for row in group.row_changes())
+            self._apply_one_by_one(planned, outcome, stream, seq)
+            return
+        conn.execute("RELEASE marmot_batch")
+        outcome.rows_applied += won
+        outcome.rows_stale += total - won
 
     def _apply_rows(self, rows: Sequence[RowChange], outcome: ApplyOutcome, stream: str, seq: int) -> None:
         """Apply one batch's rows (inside the open transaction), parking/ignoring as planned."""

@@ -190,6 +190,25 @@ def versions_upsert_sql(table: str, key_count: int) -> str:
     )
 
 
+def versions_upsert_numbered_sql(
+    table: str, key_params: list[int], version_param: int, origin_param: int, deleted: int
+) -> str:
+    """versions_upsert_sql over numbered parameters (?N) of a whole row; `deleted` is fixed.
+
+    Lets the row's own parameter list ([*values, version, origin]) feed this statement and the
+    row upsert alike, with no per-row tuple built for the versions table.
+    """
+    keys = ", ".join(quote_ident(key_column(i)) for i in range(len(key_params)))
+    marks = ", ".join(f"?{p}" for p in key_params)
+    return (
+        f"INSERT INTO {quote_ident(versions_table_name(table))} ({keys}, version, origin, deleted) "
+        f"VALUES ({marks}, ?{version_param}, ?{origin_param}, {int(deleted)}) "
+        f"ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version, "
+        "origin = excluded.origin, deleted = excluded.deleted "
+        "WHERE (excluded.version, excluded.origin) > (version, origin)"
+    )
+
+
 def recorded_version_sql(table: str, key_params: list[int], version_param: int, origin_param: int) -> str:
     """SQL condition: the versions table records exactly this (version, origin) for the key.
 

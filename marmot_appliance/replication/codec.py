@@ -31,6 +31,9 @@ from __future__ import annotations
 
 import struct
 import threading
+from array import array
+from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import cbor2
@@ -60,6 +63,7 @@ _VALUE_TYPES = frozenset((int, float, str, bytes, type(None)))
 # sequence shows up in a body (rare: SQLite itself stores NaN as NULL), the batch is re-encoded
 # with a float encoder that writes all 8 bytes.
 _HALF_NAN = b"\xf9\x7e\x00"
+_FIRST = itemgetter(0)
 
 
 class CodecError(MarmotError):
@@ -110,12 +114,7 @@ class BatchCodec:
             raise
         except Exception as exc:  # cbor2 raises several types for unencodable values
             raise CodecError(f"cannot encode change batch: {exc}") from exc
-        if compression.level > 0 and len(body) >= compression.min_bytes:
-            compressed = self._compressor(compression.level).compress(body)
-            # Only worth it when it saves bytes; receivers then skip decompression too.
-            if len(compressed) < len(body):
-                return bytes((FORMAT_VERSION, FLAG_ZSTD)) + compressed
-        return bytes((FORMAT_VERSION, 0)) + body
+        return self._envelope(body, compression)
 
     # -- decode --------------------------------------------------------------------------
     def decode(self, payload: bytes) -> ChangeBatch:
@@ -131,6 +130,46 @@ class BatchCodec:
             raise
         except Exception as exc:  # a bug guard: callers rely on CodecError only
             raise CodecError(f"malformed change batch: {type(exc).__name__}: {exc}") from exc
+
+    def decode_for_apply(self, payload: bytes) -> "ChangeBatch | GroupedBatch":
+        """Like decode(), but a well-formed batch comes back as a GroupedBatch (no per-row objects).
+
+        Only the common shape takes the fast path (every group derives its keys from its values,
+        no row carries an explicit key); anything else, malformed input included, goes through
+        decode() and gives exactly its result or its CodecError.
+        """
+        body = self._body_bytes(payload)
+        try:
+            document = cbor2.loads(body, max_depth=MAX_CBOR_DEPTH, allow_duplicate_keys=False)
+        except Exception as exc:  # cbor2 raises value, type, overflow and memory errors
+            raise CodecError(f"malformed CBOR body: {exc}") from exc
+        try:
+            grouped = _grouped_from_document(document)
+        except Exception:  # noqa: BLE001 - the strict decoder names the problem precisely
+            grouped = None
+        if grouped is not None:
+            return grouped
+        # The fast path may have appended to the row lists before it gave up: parse again.
+        return self.decode(payload)
+
+    def encode_body(self, body_map: dict[str, Any], compression: CompressionSettings | None = None) -> bytes:
+        """Envelope + CBOR of an already built body map (the publisher's fast path)."""
+        compression = compression or CompressionSettings()
+        try:
+            body = cbor2.dumps(body_map)
+            if _HALF_NAN in body:
+                body = cbor2.dumps(body_map, encoders={float: _encode_float_exact})
+        except Exception as exc:  # cbor2 raises several types for unencodable values
+            raise CodecError(f"cannot encode change batch: {exc}") from exc
+        return self._envelope(body, compression)
+
+    def _envelope(self, body: bytes, compression: CompressionSettings) -> bytes:
+        if compression.level > 0 and len(body) >= compression.min_bytes:
+            compressed = self._compressor(compression.level).compress(body)
+            # Only worth it when it saves bytes; receivers then skip decompression too.
+            if len(compressed) < len(body):
+                return bytes((FORMAT_VERSION, FLAG_ZSTD)) + compressed
+        return bytes((FORMAT_VERSION, 0)) + body
 
     def _body_bytes(self, payload: bytes) -> bytes:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
@@ -291,6 +330,39 @@ def _check_values(values: Any, width: int, what: str) -> tuple:
 
 
 def _batch_from_document(document: Any) -> ChangeBatch:
+    origin, fingerprints, primary_keys, groups, raw_rows = _header_from_document(document)
+    if type(raw_rows) is not list:
+        raise _fail("'r' must be a list")
+    rows: list[RowChange] = []
+    append = rows.append
+    group_count = len(groups)
+    for number, entry in enumerate(raw_rows):
+        if type(entry) is not list or not 3 <= len(entry) <= 5:
+            raise _fail(f"row {number} must be [group, version, values, origin?, pk?]")
+        group = entry[0]
+        if type(group) is not int or not 0 <= group < group_count:
+            raise _fail(f"row {number} refers to unknown group {group!r:.40}")
+        table, op, columns, positions = groups[group]
+        version = entry[1]
+        if type(version) is not int or not _INT64_MIN <= version <= _INT64_MAX:
+            raise _fail(f"row {number}: version must be a 64-bit integer")
+        values = _check_values(entry[2], len(columns), f"row {number}")
+        row_origin = origin if len(entry) < 4 else _check_int64(entry[3], f"row {number} origin")
+        if len(entry) == 5:
+            pk_values = entry[4]
+            if type(pk_values) is not list:
+                raise _fail(f"row {number}: pk must be a list")
+            pk = _check_values(pk_values, len(pk_values), f"row {number} pk")
+        elif positions is None:
+            raise _fail(f"row {number}: no pk and its group has no pk positions")
+        else:
+            pk = tuple([values[p] for p in positions])
+        append(_make_row(table, op, pk, columns, values, version, row_origin))
+    return ChangeBatch(origin=origin, rows=tuple(rows), fingerprints=fingerprints, primary_keys=primary_keys)
+
+
+def _header_from_document(document: Any) -> tuple[int, dict, dict, list, Any]:
+    """Checked origin, fingerprints, primary keys and groups of a body, and its raw rows."""
     if type(document) is not dict:
         raise _fail("body is not a CBOR map")
     try:
@@ -345,35 +417,141 @@ def _batch_from_document(document: Any) -> ChangeBatch:
                 raise _fail("group pk positions must index its columns")
             positions = tuple(positions)
         groups.append((table_names[table], op, tuple(columns), positions))
+    return origin, fingerprints, primary_keys, groups, raw_rows
 
-    if type(raw_rows) is not list:
-        raise _fail("'r' must be a list")
-    rows: list[RowChange] = []
-    append = rows.append
-    group_count = len(groups)
-    for number, entry in enumerate(raw_rows):
-        if type(entry) is not list or not 3 <= len(entry) <= 5:
-            raise _fail(f"row {number} must be [group, version, values, origin?, pk?]")
-        group = entry[0]
-        if type(group) is not int or not 0 <= group < group_count:
-            raise _fail(f"row {number} refers to unknown group {group!r:.40}")
-        table, op, columns, positions = groups[group]
-        version = entry[1]
-        if type(version) is not int or not _INT64_MIN <= version <= _INT64_MAX:
-            raise _fail(f"row {number}: version must be a 64-bit integer")
-        values = _check_values(entry[2], len(columns), f"row {number}")
-        row_origin = origin if len(entry) < 4 else _check_int64(entry[3], f"row {number} origin")
-        if len(entry) == 5:
-            pk_values = entry[4]
-            if type(pk_values) is not list:
-                raise _fail(f"row {number}: pk must be a list")
-            pk = _check_values(pk_values, len(pk_values), f"row {number} pk")
-        elif positions is None:
-            raise _fail(f"row {number}: no pk and its group has no pk positions")
-        else:
+
+# -- the grouped (fast) decoding ------------------------------------------------------------
+@dataclass
+class RowGroup:
+    """Rows of one (table, op, columns) shape, ready for executemany.
+
+    Each entry of `params` is one row as a list: its values in `columns` order, then its
+    version, then its origin. Statements address them by number (?1 .. ?n+2), so the same
+    lists feed both the versions upsert and the row upsert without any copying.
+    """
+
+    table: str
+    op: str
+    columns: tuple[str, ...]
+    pk_positions: tuple[int, ...]
+    params: list[list[Any]]
+
+    def row_changes(self) -> list[RowChange]:
+        """The rows as RowChange objects (slow; for rare paths such as parking)."""
+        width = len(self.columns)
+        positions = self.pk_positions
+        out = []
+        for entry in self.params:
+            values = tuple(entry[:width])
             pk = tuple([values[p] for p in positions])
-        append(_make_row(table, op, pk, columns, values, version, row_origin))
-    return ChangeBatch(origin=origin, rows=tuple(rows), fingerprints=fingerprints, primary_keys=primary_keys)
+            out.append(_make_row(self.table, self.op, pk, self.columns, values, entry[width], entry[width + 1]))
+        return out
+
+
+@dataclass
+class GroupedBatch:
+    """A decoded change batch as row groups (what the applier consumes fastest).
+
+    Row order across groups is not kept: the applier's outcome does not depend on it (the
+    highest version of a key wins, whatever order rows arrive in). to_change_batch() gives the
+    rows back as RowChange objects, grouped.
+    """
+
+    origin: int
+    groups: list[RowGroup]
+    fingerprints: dict[str, str] = field(default_factory=dict)
+    primary_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    row_count: int = 0
+
+    @property
+    def rows(self) -> tuple[RowChange, ...]:
+        return self.to_change_batch().rows
+
+    def to_change_batch(self) -> ChangeBatch:
+        rows: list[RowChange] = []
+        for group in self.groups:
+            rows.extend(group.row_changes())
+        return ChangeBatch(self.origin, tuple(rows), dict(self.fingerprints), dict(self.primary_keys))
+
+
+_ALLOWED_VALUE_TYPES = _VALUE_TYPES
+
+
+def _int64_column(column: tuple, kinds: set) -> bool:
+    """True when every int in a column fits SQLite's 64-bit INTEGER (array('q') checks in C)."""
+    if int not in kinds:
+        return True
+    try:
+        array("q", column if len(kinds) == 1 else [v for v in column if type(v) is int])
+    except OverflowError:
+        return False
+    return True
+
+
+def _grouped_from_document(document: Any) -> GroupedBatch | None:
+    """The batch as row groups, or None when it is not of the common well-formed shape.
+
+    Every check of the strict decoder holds for what this accepts (types of values, 64-bit
+    integers, widths, group indexes), but done per column in C (set/map/zip/array) instead of
+    per value in Python. Appends version and origin to the decoded value lists in place.
+    """
+    origin, fingerprints, primary_keys, groups, raw_rows = _header_from_document(document)
+    if type(raw_rows) is not list:
+        return None
+    if not raw_rows:
+        return GroupedBatch(origin, [], fingerprints, primary_keys, 0)
+    if set(map(type, raw_rows)) != {list}:
+        return None
+    lengths = set(map(len, raw_rows))
+    if not lengths <= {3, 4}:
+        return None  # explicit per-row keys (or garbage): the strict path
+    if set(map(type, map(_FIRST, raw_rows))) != {int}:  # by type: a set would fold True into 1
+        return None
+    group_ids = set(map(_FIRST, raw_rows))
+    if min(group_ids) < 0 or max(group_ids) >= len(groups):
+        return None
+    for index in group_ids:
+        if groups[index][3] is None:
+            return None  # the group's rows carry their keys explicitly
+    buckets: list[list[list[Any]]] = [[] for _ in groups]
+    if lengths == {3}:
+        if len(group_ids) == 1:
+            params = buckets[next(iter(group_ids))]
+            append = params.append
+            for _group, version, values in raw_rows:
+                values.append(version)
+                values.append(origin)
+                append(values)
+        else:
+            for group, version, values in raw_rows:
+                values.append(version)
+                values.append(origin)
+                buckets[group].append(values)
+    else:
+        for entry in raw_rows:
+            values = entry[2]
+            values.append(entry[1])
+            values.append(entry[3] if len(entry) == 4 else origin)
+            buckets[entry[0]].append(values)
+    out: list[RowGroup] = []
+    for index, params in enumerate(buckets):
+        if not params:
+            continue
+        table, op, columns, positions = groups[index]
+        width = len(columns) + 2
+        if set(map(type, params)) != {list} or set(map(len, params)) != {width}:
+            return None  # values were not a list, or of the wrong width
+        for position, column in enumerate(zip(*params)):
+            kinds = set(map(type, column))
+            if position >= width - 2:  # version, origin: integers only
+                if kinds != {int}:
+                    return None
+            elif not kinds <= _ALLOWED_VALUE_TYPES:
+                return None
+            if not _int64_column(column, kinds):
+                return None
+        out.append(RowGroup(table, op, columns, positions, params))
+    return GroupedBatch(origin, out, fingerprints, primary_keys, len(raw_rows))
 
 
 _shared_codec = BatchCodec()
@@ -382,6 +560,16 @@ _shared_codec = BatchCodec()
 def encode_batch(batch: ChangeBatch, compression: CompressionSettings | None = None) -> bytes:
     """Encode with the module's shared codec (thread-safe; contexts are per thread)."""
     return _shared_codec.encode(batch, compression)
+
+
+def decode_for_apply(payload: bytes) -> ChangeBatch | GroupedBatch:
+    """decode_batch, but the common shape comes back as a GroupedBatch (see BatchCodec)."""
+    return _shared_codec.decode_for_apply(payload)
+
+
+def encode_body(body_map: dict[str, Any], compression: CompressionSettings | None = None) -> bytes:
+    """Envelope an already built body map (see BatchCodec.encode_body)."""
+    return _shared_codec.encode_body(body_map, compression)
 
 
 def decode_batch(payload: bytes) -> ChangeBatch:

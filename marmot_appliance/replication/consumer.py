@@ -51,6 +51,12 @@ TRANSIENT_SQLITE_MARKERS = ("locked", "busy", "disk i/o", "database or disk is f
 TruncationHandler = Callable[[str, int, int], Awaitable[bool]]
 
 
+def _row_count(batch: "ChangeBatch | codec.GroupedBatch") -> int:
+    if isinstance(batch, codec.GroupedBatch):
+        return batch.row_count
+    return len(batch.rows)
+
+
 def is_transient(exc: BaseException) -> bool:
     if getattr(exc, "transient", False):  # e.g. sqlite_util.DatabaseBusyError
         return True
@@ -198,7 +204,7 @@ class ShardConsumer:
                 items.append((ChangeBatch(origin=self.node_id, rows=()), self.stream, seq))
             else:
                 try:
-                    items.append((codec.decode_batch(m.data), self.stream, seq))
+                    items.append((codec.decode_for_apply(m.data), self.stream, seq))
                 except codec.CodecError:
                     simple = False
                     break
@@ -209,7 +215,7 @@ class ShardConsumer:
             except Exception:  # noqa: BLE001 - one bad batch: apply one by one to isolate it
                 simple = False
             else:
-                rows = sum(len(batch.rows) for batch, _, _ in items)
+                rows = sum(_row_count(batch) for batch, _, _ in items)
                 self.position = items[-1][2]
                 self._unsaved_own_seq = None
                 self.metrics.inc("rows_applied", rows, help="Rows applied from other nodes")
@@ -251,13 +257,13 @@ class ShardConsumer:
             self._after_apply(num_pending, rows=0)
             return False
         try:
-            batch = codec.decode_batch(payload)
+            batch = codec.decode_for_apply(payload)
         except codec.CodecError as exc:
             await self._dead_letter(seq, payload, f"undecodable message: {exc}")
             self._after_apply(num_pending, rows=0)
             return False
         await self._apply_with_retry(batch, seq, payload)
-        self._after_apply(num_pending, rows=len(batch.rows))
+        self._after_apply(num_pending, rows=_row_count(batch))
         return False
 
     def _after_apply(self, num_pending: int, rows: int) -> None:
@@ -266,7 +272,7 @@ class ShardConsumer:
         if rows:
             self.status.last_apply = time.time()
 
-    async def _apply_with_retry(self, batch: ChangeBatch, seq: int, payload: bytes) -> None:
+    async def _apply_with_retry(self, batch: "ChangeBatch | codec.GroupedBatch", seq: int, payload: bytes) -> None:
         attempt = 0
         while True:
             try:
@@ -284,7 +290,7 @@ class ShardConsumer:
                 return
             self.position = seq
             self._unsaved_own_seq = None  # the applied position covers skipped own messages too
-            self.metrics.inc("rows_applied", len(batch.rows), help="Rows applied from other nodes")
+            self.metrics.inc("rows_applied", _row_count(batch), help="Rows applied from other nodes")
             self.metrics.inc("batches_applied", help="Batches applied")
             return
 
