@@ -19,9 +19,12 @@ newer write wins and the other insert is lost.
 
 from __future__ import annotations
 
+import bisect
 import json
 import sqlite3
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 
 from marmot_appliance.errors import DatabaseStateError
@@ -45,6 +48,7 @@ __all__ = [
     "ChangeCapture",
     "DatabaseBusyError",
     "PendingChange",
+    "PendingRows",
     "remove_bookkeeping",
     "require_wal",
     "table_fingerprint",
@@ -54,6 +58,8 @@ __all__ = [
 # keeps every value unique and increasing even within one millisecond.
 _NOW_MS_SQL = "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)"
 _ADVANCE_CLOCK_SQL = f"UPDATE {quote_ident(bk.CLOCK_TABLE)} SET hlc = max({_NOW_MS_SQL} << 16, hlc + 1);"
+_FIRST = itemgetter(0)
+_SECOND = itemgetter(1)
 _NOT_APPLYING_SQL = f"NOT EXISTS (SELECT 1 FROM {quote_ident(bk.MARKER_TABLE)})"
 
 
@@ -70,6 +76,41 @@ class PendingChange:
     log_id: int  # the log row's id; equals change.version
     change: RowChange
     fingerprint: str = ""  # fingerprint of the table layout the row was captured with
+
+
+@dataclass
+class PendingRows:
+    """One read_pending_rows() result: raw log rows, cheap to encode and to retire.
+
+    rows: (id, layout id, op, c0, c1, ...) tuples in id order, straight from SQLite.
+    ids_by_log: log table -> the ids read from it, ascending (what mark_rows_published needs).
+    """
+
+    rows: list[tuple]
+    layouts: dict[int, "_Layout"]
+    ids_by_log: dict[str, list[int]]
+    node_id: int = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def pending_changes(self) -> list[PendingChange]:
+        """The rows as PendingChange objects (slower; for callers that want objects)."""
+        out: list[PendingChange] = []
+        layouts = self.layouts
+        node_id = self.node_id
+        for row in self.rows:
+            log_id, layout_id, op = row[0], row[1], row[2]
+            layout = layouts[layout_id]
+            if op == bk.OP_UPSERT:
+                values = row[3 : 3 + len(layout.columns)]
+                pk = tuple([values[i] for i in layout.pk_indexes])
+                change = RowChange(layout.table, "upsert", pk, layout.columns, values, log_id, node_id)
+            else:
+                pk = tuple([row[3 + i] for i in layout.pk_indexes])
+                change = RowChange(layout.table, "delete", pk, layout.primary_key, pk, log_id, node_id)
+            out.append(PendingChange(log_id, change, layout.fingerprint))
+        return out
 
 
 @dataclass(frozen=True)
@@ -459,38 +500,49 @@ class ChangeCapture:
     def read_pending(self, limit: int = 1000) -> list[PendingChange]:
         """The oldest `limit` captured changes not yet marked published, in commit (id) order.
 
-        Reads one consistent snapshot; never blocks writers (WAL).
+        Reads one consistent snapshot; never blocks writers (WAL). (The publisher uses the
+        cheaper read_pending_rows(); this gives the same rows as objects.)
+        """
+        read = self.read_pending_rows(limit)
+        log_table_of = self._log_table_of
+        for log_name, ids in read.ids_by_log.items():
+            for log_id in ids:
+                log_table_of[log_id] = log_name
+        return read.pending_changes()
+
+    def read_pending_rows(self, limit: int = 1000) -> "PendingRows":
+        """The oldest `limit` log rows as raw tuples (id, layout, op, c0, c1, ...), in id order.
+
+        One `SELECT *` per log table in one read snapshot; no per-row Python objects. Retire
+        what was acknowledged with mark_rows_published(). Never blocks writers (WAL).
         """
         if limit <= 0:
-            return []
-        rows: list[tuple[str, tuple]] = []
+            return PendingRows([], self._layouts, {})
+        per_log: dict[str, list[tuple]] = {}
         with read_transaction(self._conn):
             for log_name in bk.log_tables(self._conn):
-                for row in self._conn.execute(f"SELECT * FROM {quote_ident(log_name)} ORDER BY id LIMIT ?", (limit,)):
-                    rows.append((log_name, row))
-        if len(rows) > limit or len({name for name, _ in rows}) > 1:
-            rows.sort(key=lambda item: item[1][0])
+                rows = self._conn.execute(f"SELECT * FROM {quote_ident(log_name)} ORDER BY id LIMIT ?", (limit,)).fetchall()
+                if rows:
+                    per_log[log_name] = rows
+        if len(per_log) == 1:
+            (log_name, rows), = per_log.items()
+            ids_by_log = {log_name: list(map(_FIRST, rows))}
+        else:
+            rows = [row for log_rows in per_log.values() for row in log_rows]
+            rows.sort(key=_FIRST)
             del rows[limit:]
-        out: list[PendingChange] = []
+            cutoff = rows[-1][0] if rows else 0
+            ids_by_log = {}
+            for log_name, log_rows in per_log.items():
+                ids = list(map(_FIRST, log_rows))
+                # Each table's rows are a prefix of it in id order: keep those below the cutoff.
+                ids = ids[: bisect.bisect_right(ids, cutoff)]
+                if ids:
+                    ids_by_log[log_name] = ids
         layouts = self._layouts
-        node_id = self.node_id
-        log_table_of = self._log_table_of
-        for log_name, row in rows:
-            log_id, layout_id, op = row[0], row[1], row[2]
-            layout = layouts.get(layout_id)
-            if layout is None:
-                self._layouts = layouts = self._load_layouts()
-                layout = layouts[layout_id]
-            if op == bk.OP_UPSERT:
-                values = row[3 : 3 + len(layout.columns)]
-                pk = tuple([values[i] for i in layout.pk_indexes])
-                change = RowChange(layout.table, "upsert", pk, layout.columns, values, log_id, node_id)
-            else:
-                pk = tuple([row[3 + i] for i in layout.pk_indexes])
-                change = RowChange(layout.table, "delete", pk, layout.primary_key, pk, log_id, node_id)
-            log_table_of[log_id] = log_name
-            out.append(PendingChange(log_id, change, layout.fingerprint))
-        return out
+        if any(layout_id not in layouts for layout_id in set(map(_SECOND, rows))):
+            self._layouts = layouts = self._load_layouts()
+        return PendingRows(rows, layouts, ids_by_log, self.node_id)
 
     def mark_published(self, log_ids: list[int] | tuple[int, ...]) -> int:
         """Retire changes that JetStream acknowledged: fold their versions, delete the log rows.
@@ -504,10 +556,7 @@ class ChangeCapture:
             by_table.setdefault(self._log_table_of.pop(log_id, None), []).append((log_id,))
         removed = 0
         with write_transaction(self._conn):
-            bk.fold_pending(self._conn)
-            if schema_version(self._conn) == self._installed_schema_version:
-                # Persist the narrowest catch-up window for a restarted runtime (see install()).
-                bk.set_meta(self._conn, bk.META_SCHEMA_SEEN_CLOCK, bk.current_clock(self._conn))
+            self._before_retiring()
             existing = bk.log_tables(self._conn)
             for log_name, ids in by_table.items():
                 # Ids read by another instance are not in our map: look in every log table.
@@ -515,9 +564,72 @@ class ChangeCapture:
                 for target in targets:
                     if target not in existing:
                         continue
-                    cursor = self._conn.executemany(f"DELETE FROM {quote_ident(target)} WHERE id = ?", ids)
-                    removed += max(cursor.rowcount, 0)
+                    removed += self._delete_ids(target, ids)
         return removed
+
+    def mark_rows_published(self, read: "PendingRows", acked: Collection[int] | None = None) -> int:
+        """Retire rows of a read_pending_rows() result that JetStream acknowledged.
+
+        acked=None: every row of `read` was acknowledged. Otherwise only the ids in `acked`.
+        Rows are deleted by id ranges: each run of consecutive acknowledged rows of one log
+        table is one `DELETE ... WHERE id BETWEEN first AND last`. That removes nothing else:
+        log ids come from the clock, which only grows, so a row committed after the read has
+        an id above every row the read saw. (Should a range ever remove more rows than it
+        should, that table falls back to deleting by id.) One transaction; returns rows removed.
+        """
+        acked_set = None if acked is None else set(acked)
+        plans: list[tuple[str, list[tuple[int, int]], list[int]]] = []
+        for log_name, ids in read.ids_by_log.items():
+            if acked_set is None or acked_set.issuperset(ids):
+                runs = [(ids[0], ids[-1])]
+                chosen = ids
+            else:
+                chosen = [log_id for log_id in ids if log_id in acked_set]
+                runs = []
+                start = previous = None
+                for log_id in ids:
+                    if log_id in acked_set:
+                        if start is None:
+                            start = log_id
+                        previous = log_id
+                    elif start is not None:
+                        runs.append((start, previous))
+                        start = None
+                if start is not None:
+                    runs.append((start, previous))
+            if chosen:
+                plans.append((log_name, runs, chosen))
+        if not plans:
+            return 0
+        removed = 0
+        conn = self._conn
+        with write_transaction(conn):
+            self._before_retiring()
+            existing = bk.log_tables(conn)
+            for log_name, runs, chosen in plans:
+                if log_name not in existing:
+                    continue
+                conn.execute("SAVEPOINT marmot_retire")
+                count = max(
+                    conn.executemany(f"DELETE FROM {quote_ident(log_name)} WHERE id BETWEEN ? AND ?", runs).rowcount, 0
+                )
+                if count > len(chosen):  # never expected: undo and go id by id
+                    conn.execute("ROLLBACK TO marmot_retire")
+                    count = self._delete_ids(log_name, [(log_id,) for log_id in chosen])
+                conn.execute("RELEASE marmot_retire")
+                removed += count
+        return removed
+
+    def _before_retiring(self) -> None:
+        """Inside the retiring transaction: versions of every local write first, then the meta."""
+        bk.fold_pending(self._conn)
+        if schema_version(self._conn) == self._installed_schema_version:
+            # Persist the narrowest catch-up window for a restarted runtime (see install()).
+            bk.set_meta(self._conn, bk.META_SCHEMA_SEEN_CLOCK, bk.current_clock(self._conn))
+
+    def _delete_ids(self, log_name: str, ids: list[tuple[int]]) -> int:
+        cursor = self._conn.executemany(f"DELETE FROM {quote_ident(log_name)} WHERE id = ?", ids)
+        return max(cursor.rowcount, 0)
 
     def purge_published(self) -> int:
         """Housekeeping: drop log tables of tables no longer captured once they are drained.
