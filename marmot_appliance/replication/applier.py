@@ -183,7 +183,7 @@ class BatchApplier:
         self.db_path = Path(db_path)
         self.node_id = int(node_id)
         self.selection = selection or TableSelection()
-        self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True)
+        self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=64)
         self._schema_version: int | None = None
         self._layouts: dict[str, TableLayout] = {}  # lower-case name -> layout
         self._plans: dict[tuple[str, tuple[str, ...], str], _RowPlan] = {}

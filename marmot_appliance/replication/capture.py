@@ -225,7 +225,7 @@ class ChangeCapture:
         self.db_path = Path(db_path)
         self.node_id = int(node_id)
         self.selection = selection or TableSelection()
-        self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True)
+        self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=32)
         self._installed_schema_version: int | None = None
         # Clock value at the last moment the schema was seen equal to the installed one: rows
         # with larger versions may have been written under a newer schema (see install()).

@@ -67,6 +67,7 @@ def connect(
     busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
     readonly: bool = False,
     synchronous_normal: bool = False,
+    cache_mib: int | None = None,
 ) -> sqlite3.Connection:
     """Open an existing database (never create one: a typo in a path must not make an empty db).
 
@@ -86,6 +87,11 @@ def connect(
             # last commits, and then rows and stream positions roll back together (same
             # transaction), so the streams simply replay them. Saves an fsync per batch.
             conn.execute("PRAGMA synchronous = NORMAL")
+        if cache_mib:
+            # The replication connections touch every table, its key index and its versions
+            # table per row: with SQLite's default 2 MiB page cache a large table keeps
+            # re-reading pages (about 20% of apply time at 200k rows). Allocated as used.
+            conn.execute(f"PRAGMA cache_size = {-1024 * int(cache_mib)}")
         # Cheap sanity read: a file that is not SQLite fails here with a clear message.
         conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
     except sqlite3.DatabaseError as exc:
