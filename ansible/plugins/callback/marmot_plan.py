@@ -39,7 +39,7 @@ class CallbackModule(CallbackBase):
         task = result._task
         host = result._host.get_name()
         entry = {
-            "task": task.get_name(),
+            "task": task.name or task.get_name(),  # without the "role : " prefix
             "role": task._role.get_name() if task._role else None,
             "status": status,
             "diff": [],
