@@ -124,7 +124,7 @@ def lab_down(topology: LabTopology, progress=print) -> None:
         except LabError as exc:
             problems.append(str(exc))
     for namespace in dict.fromkeys(state.data["namespaces"] + topology.namespaces):
-        leftovers = network.namespace_pids(namespace)
+        leftovers = _wait_namespace_empty(namespace)
         if leftovers:
             # Not ours to kill: report them, the namespace stays until they exit.
             problems.append(f"namespace {namespace} still has processes {leftovers}; stop them and rerun")
@@ -137,6 +137,17 @@ def lab_down(topology: LabTopology, progress=print) -> None:
         network.remove_blackhole_route()
     shutil.rmtree(topology.state_dir, ignore_errors=True)
     progress(f"lab {topology.lab} is down")
+
+
+def _wait_namespace_empty(namespace: str, timeout_s: float = 20.0) -> list[int]:
+    """PIDs still in the namespace after a bounded wait: a stopped container's processes
+    are reaped by the kernel shortly after systemd-nspawn itself exits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pids = network.namespace_pids(namespace)
+        if not pids or time.monotonic() > deadline:
+            return pids
+        time.sleep(0.2)
 
 
 def _other_labs_present() -> bool:
