@@ -52,6 +52,14 @@ def connect_kwargs(cluster: Cluster, node: Node | None, state_dir: Path | None =
         "servers": server_urls(cluster, node),
         "connect_timeout": cluster.nats.connect_timeout_s,
         "name": f"marmot-{cluster.name}-{node.name}" if node else f"marmot-{cluster.name}",
+        # Keep the order of `servers`: a node talks to its own embedded server first, so a
+        # partition elsewhere never cuts a healthy node off (nats-py shuffles by default).
+        "dont_randomize": True,
+        # A server that vanished without closing the TCP connection (a cut link) is noticed
+        # within ~15 s instead of nats-py's default of several minutes, then the client
+        # reconnects to another server.
+        "ping_interval": 5,
+        "max_outstanding_pings": 3,
     }
     auth = cluster.nats.auth
     if auth.mode == "generated":
