@@ -121,7 +121,13 @@ class Lab:
             if not any(missing.values()):
                 return
             time.sleep(1)
-        raise AssertionError(f"rows missing after {timeout_s}s: {missing}")
+        health = {}
+        for host in hosts:
+            try:
+                health[host] = self.health(host)
+            except AssertionError as exc:  # unreachable host: say so instead
+                health[host] = str(exc)
+        raise AssertionError(f"rows missing after {timeout_s}s: {missing}; health: {health}")
 
 
 def parse_recap(output: str) -> dict[str, dict[str, int]]:
