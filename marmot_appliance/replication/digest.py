@@ -14,23 +14,9 @@ import struct
 from collections.abc import Iterable
 from pathlib import Path
 
+from marmot_appliance.replication.canonical import encode_value
 from marmot_appliance.replication.introspect import user_tables
 from marmot_appliance.replication.sqlite_util import connect, quote_ident, read_transaction
-
-
-def _encode_value(value: object) -> bytes:
-    if value is None:
-        return b"n"
-    if isinstance(value, int):
-        text = str(value).encode()
-        return b"i" + struct.pack(">I", len(text)) + text
-    if isinstance(value, float):
-        return b"r" + struct.pack(">d", value)
-    if isinstance(value, str):
-        data = value.encode("utf-8", "surrogatepass")
-        return b"t" + struct.pack(">I", len(data)) + data
-    data = bytes(value)  # BLOB
-    return b"b" + struct.pack(">I", len(data)) + data
 
 
 def row_digest(columns: Iterable[str], values: Iterable[object]) -> bytes:
@@ -39,7 +25,7 @@ def row_digest(columns: Iterable[str], values: Iterable[object]) -> bytes:
     hasher = hashlib.sha256()
     for name, value in pairs:
         encoded_name = name.encode()
-        hasher.update(struct.pack(">I", len(encoded_name)) + encoded_name + _encode_value(value))
+        hasher.update(struct.pack(">I", len(encoded_name)) + encoded_name + encode_value(value))
     return hasher.digest()
 
 

@@ -12,32 +12,14 @@ import hashlib
 import struct
 from typing import Any
 
-
-def _encode_value(value: Any) -> bytes:
-    """A canonical byte encoding that keeps SQLite storage classes apart (1 != 1.0 != '1')."""
-    if value is None:
-        return b"n"
-    if isinstance(value, bool):  # bool is an int subclass; SQLite stores it as an integer
-        value = int(value)
-    if isinstance(value, int):
-        text = str(value).encode()
-        return b"i" + struct.pack(">I", len(text)) + text
-    if isinstance(value, float):
-        return b"f" + struct.pack(">d", value)
-    if isinstance(value, str):
-        data = value.encode("utf-8", "surrogatepass")
-        return b"t" + struct.pack(">I", len(data)) + data
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        data = bytes(value)
-        return b"b" + struct.pack(">I", len(data)) + data
-    raise TypeError(f"unsupported primary-key value type {type(value).__name__}")
+from marmot_appliance.replication.canonical import encode_value
 
 
 def row_key(table: str, pk: tuple[Any, ...]) -> bytes:
     """The canonical bytes identifying one row: table name, then each key value, typed."""
     name = table.encode("utf-8", "surrogatepass")
     parts = [struct.pack(">I", len(name)), name]
-    parts.extend(_encode_value(value) for value in pk)
+    parts.extend(encode_value(value) for value in pk)
     return b"".join(parts)
 
 
