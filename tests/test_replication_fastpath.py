@@ -195,3 +195,89 @@ def test_grouped_and_row_batches_apply_to_identical_databases(wal_db):
         a, b = (sqlite3.connect(db).execute(f'SELECT *, typeof(2) FROM "{table}" ORDER BY 1, 2').fetchall()
                 for db in (rows_db, grouped_db))
         assert a == b and a
+
+
+def test_reads_above_a_cursor_and_merged_retires(wal_db):
+    """A pipelined publisher reads past rows in flight, then retires several reads at once."""
+    db = wal_db(schema=SCHEMA)
+    with ChangeCapture(db, 1) as capture:
+        capture.install()
+        _write_mixed(db)
+        total = capture.pending_count()
+        first = capture.read_pending_rows(300)
+        second = capture.read_pending_rows(300, after_id=first.rows[-1][0])
+        everything = capture.read_pending_rows(100_000)
+        assert [r[0] for r in first.rows + second.rows] == [r[0] for r in everything.rows[:600]]
+        assert capture.read_pending_rows(10, after_id=everything.rows[-1][0]).rows == []
+        capture.use_retire_connection()  # retires on a second connection, reads go on
+        merged = type(first).merged([first, second])
+        assert capture.mark_rows_published(merged) == 600
+        assert capture.pending_count() == total - 600
+        rest = capture.read_pending_rows(100_000)
+        assert [r[0] for r in rest.rows] == [r[0] for r in everything.rows[600:]]
+
+
+async def test_pipelined_publisher_publishes_everything_once(wal_db, nats_server):
+    """Publisher.run (reads while acks are pending) sends every row once and retires it."""
+    import asyncio
+
+    import nats
+
+    from marmot_appliance.node.db_thread import DbThread
+    from marmot_appliance.node.status import RuntimeStatus
+    from marmot_appliance.observability.metrics import Metrics
+    from marmot_appliance.replication.publisher import Publisher
+    from marmot_appliance.replication.streams import ensure_streams
+    from marmot_appliance.spec.model import BatchLimits
+
+    class Wakeup:
+        async def wait(self, timeout_s=None):
+            await asyncio.sleep(0.005)
+            return True
+
+        def notify(self):
+            pass
+
+    db = wal_db(schema=SCHEMA)
+    nc = await nats.connect(nats_server.urls, connect_timeout=10)
+    js = nc.jetstream(timeout=10)
+    replication = ReplicationSettings(shards=2, batch=BatchLimits(max_rows=50))
+    await ensure_streams(js, replication, 1)
+    capture_db, retire_db = DbThread("cap"), DbThread("ret")
+    capture = await capture_db.run(ChangeCapture, str(db), 1, None)
+    await capture_db.run(capture.install)
+    await capture_db.run(capture.use_retire_connection)
+    publisher = Publisher(js, capture, capture_db, 1, replication, nc.max_payload, Wakeup(), Metrics(),
+                          RuntimeStatus("n1", str(db)), read_limit=120, retire_db=retire_db)
+    stop = asyncio.Event()
+    task = asyncio.create_task(publisher.run(stop))
+    try:
+        conn = sqlite3.connect(db, isolation_level=None)
+        for start in range(0, 2000, 25):  # commits keep arriving while rounds are in flight
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO items (id, n) VALUES (?, ?)", [(f"p{i}", i) for i in range(start, start + 25)])
+            conn.execute("COMMIT")
+            await asyncio.sleep(0)
+        conn.close()
+        for _ in range(600):
+            if await capture_db.run(capture.pending_count) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await capture_db.run(capture.pending_count) == 0
+        stop.set()
+        await asyncio.wait_for(task, 60)
+        seen = []
+        for shard in (1, 2):
+            info = await js.stream_info(replication.stream_name(shard))
+            for seq in range(info.state.first_seq, info.state.last_seq + 1):
+                msg = await js.get_msg(replication.stream_name(shard), seq)
+                seen += [r.pk[0] for r in codec.decode_batch(msg.data).rows]
+        assert sorted(seen) == sorted(f"p{i}" for i in range(2000))  # every row, none twice
+    finally:
+        stop.set()
+        if not task.done():
+            task.cancel()
+        await capture_db.run(capture.close)
+        capture_db.shutdown()
+        retire_db.shutdown()
+        await nc.close()

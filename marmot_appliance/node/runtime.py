@@ -70,6 +70,9 @@ class NodeRuntime:
         self.applier: Any = None
         self.capture_db = DbThread(f"capture-{self.node.name}")
         self.apply_db = DbThread(f"apply-{self.node.name}")
+        # The publisher retires acknowledged rows here, on a connection of its own, so a retire
+        # waiting for the write lock never delays reading (and sending) the next commits.
+        self.retire_db = DbThread(f"retire-{self.node.name}")
         self.wakeup: CommitWakeup | None = None
         self.publisher: Publisher | None = None
         self.consumers: list[ShardConsumer] = []
@@ -217,6 +220,7 @@ class NodeRuntime:
         for warning in getattr(report, "warnings", ()):
             log.warning("%s", warning)
         log.info("capturing %d table(s): %s", len(report.tables), ", ".join(report.tables) or "(none yet)")
+        await self.capture_db.run(self.capture.use_retire_connection)
         self.status.capture_installed = True
         self.applier = await self.apply_db.run(BatchApplier, db, node_id, selection)
 
@@ -230,7 +234,7 @@ class NodeRuntime:
         self.status.capture_mode = self.wakeup.mode
         self.publisher = Publisher(
             self.js, self.capture, self.capture_db, self.node.id, self.replication, self.nc.max_payload,
-            self.wakeup, self.metrics, self.status, own_publishes=self.own_publishes,
+            self.wakeup, self.metrics, self.status, own_publishes=self.own_publishes, retire_db=self.retire_db,
         )
         # Changes committed while we were down go out first; then a lagging node may restore.
         if self.node.publish:
@@ -317,6 +321,7 @@ class NodeRuntime:
     def _shutdown_threads(self) -> None:
         self.capture_db.shutdown()
         self.apply_db.shutdown()
+        self.retire_db.shutdown()
 
     # -- periodic work -----------------------------------------------------------------------
 

@@ -94,6 +94,19 @@ class PendingRows:
     def __len__(self) -> int:
         return len(self.rows)
 
+    @classmethod
+    def merged(cls, reads: list["PendingRows"]) -> "PendingRows":
+        """Several consecutive reads (each above the last id of the one before) as one."""
+        rows: list[tuple] = []
+        ids_by_log: dict[str, list[int]] = {}
+        layouts: dict[int, _Layout] = {}
+        for read in reads:
+            rows.extend(read.rows)
+            layouts.update(read.layouts)
+            for log_name, ids in read.ids_by_log.items():
+                ids_by_log.setdefault(log_name, []).extend(ids)
+        return cls(rows, layouts, ids_by_log, reads[-1].node_id if reads else 0)
+
     def pending_changes(self) -> list[PendingChange]:
         """The rows as PendingChange objects (slower; for callers that want objects)."""
         out: list[PendingChange] = []
@@ -225,7 +238,11 @@ class ChangeCapture:
         self.db_path = Path(db_path)
         self.node_id = int(node_id)
         self.selection = selection or TableSelection()
+        self._busy_timeout_ms = busy_timeout_ms
         self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=32)
+        # mark_rows_published may get a connection of its own (use_retire_connection), so a
+        # retire waiting for the write lock never holds up the next read.
+        self._retire_conn: sqlite3.Connection | None = None
         self._installed_schema_version: int | None = None
         # Clock value at the last moment the schema was seen equal to the installed one: rows
         # with larger versions may have been written under a newer schema (see install()).
@@ -510,18 +527,23 @@ class ChangeCapture:
                 log_table_of[log_id] = log_name
         return read.pending_changes()
 
-    def read_pending_rows(self, limit: int = 1000) -> "PendingRows":
-        """The oldest `limit` log rows as raw tuples (id, layout, op, c0, c1, ...), in id order.
+    def read_pending_rows(self, limit: int = 1000, after_id: int = 0) -> "PendingRows":
+        """The oldest `limit` log rows with id > after_id as raw tuples (id, layout, op, c0, ...).
 
-        One `SELECT *` per log table in one read snapshot; no per-row Python objects. Retire
-        what was acknowledged with mark_rows_published(). Never blocks writers (WAL).
+        In id order. One `SELECT *` per log table in one read snapshot; no per-row Python
+        objects. Retire what was acknowledged with mark_rows_published(). Never blocks writers
+        (WAL). after_id lets a pipelined publisher read past rows it already sent and whose
+        acks are pending: log ids come from the clock, which only grows, so every row committed
+        after a read has an id above every row that read saw.
         """
         if limit <= 0:
             return PendingRows([], self._layouts, {})
         per_log: dict[str, list[tuple]] = {}
         with read_transaction(self._conn):
             for log_name in bk.log_tables(self._conn):
-                rows = self._conn.execute(f"SELECT * FROM {quote_ident(log_name)} ORDER BY id LIMIT ?", (limit,)).fetchall()
+                rows = self._conn.execute(
+                    f"SELECT * FROM {quote_ident(log_name)} WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+                ).fetchall()
                 if rows:
                     per_log[log_name] = rows
         if len(per_log) == 1:
@@ -602,9 +624,9 @@ class ChangeCapture:
         if not plans:
             return 0
         removed = 0
-        conn = self._conn
+        conn = self._retire_conn or self._conn
         with write_transaction(conn):
-            self._before_retiring()
+            self._before_retiring(conn)
             existing = bk.log_tables(conn)
             for log_name, runs, chosen in plans:
                 if log_name not in existing:
@@ -615,21 +637,33 @@ class ChangeCapture:
                 )
                 if count > len(chosen):  # never expected: undo and go id by id
                     conn.execute("ROLLBACK TO marmot_retire")
-                    count = self._delete_ids(log_name, [(log_id,) for log_id in chosen])
+                    count = self._delete_ids(log_name, [(log_id,) for log_id in chosen], conn)
                 conn.execute("RELEASE marmot_retire")
                 removed += count
         return removed
 
-    def _before_retiring(self) -> None:
+    def _before_retiring(self, conn: sqlite3.Connection | None = None) -> None:
         """Inside the retiring transaction: versions of every local write first, then the meta."""
-        bk.fold_pending(self._conn)
-        if schema_version(self._conn) == self._installed_schema_version:
+        conn = conn or self._conn
+        bk.fold_pending(conn)
+        if schema_version(conn) == self._installed_schema_version:
             # Persist the narrowest catch-up window for a restarted runtime (see install()).
-            bk.set_meta(self._conn, bk.META_SCHEMA_SEEN_CLOCK, bk.current_clock(self._conn))
+            bk.set_meta(conn, bk.META_SCHEMA_SEEN_CLOCK, bk.current_clock(conn))
 
-    def _delete_ids(self, log_name: str, ids: list[tuple[int]]) -> int:
-        cursor = self._conn.executemany(f"DELETE FROM {quote_ident(log_name)} WHERE id = ?", ids)
+    def _delete_ids(self, log_name: str, ids: list[tuple[int]], conn: sqlite3.Connection | None = None) -> int:
+        cursor = (conn or self._conn).executemany(f"DELETE FROM {quote_ident(log_name)} WHERE id = ?", ids)
         return max(cursor.rowcount, 0)
+
+    def use_retire_connection(self) -> None:
+        """Give mark_rows_published a connection of its own (idempotent).
+
+        Then a read (read_pending_rows) and a retire may run at the same time from two threads:
+        a retire waiting for the application's write lock no longer delays the next read.
+        """
+        if self._retire_conn is None:
+            self._retire_conn = connect(
+                self.db_path, busy_timeout_ms=self._busy_timeout_ms, synchronous_normal=True, cache_mib=8
+            )
 
     def purge_published(self) -> int:
         """Housekeeping: drop log tables of tables no longer captured once they are drained.
@@ -642,6 +676,9 @@ class ChangeCapture:
             return self._drop_empty_orphan_logs(self._conn)
 
     def close(self) -> None:
+        if self._retire_conn is not None:
+            self._retire_conn.close()
+            self._retire_conn = None
         self._conn.close()
 
     def __enter__(self) -> "ChangeCapture":

@@ -45,6 +45,10 @@ PAYLOAD_HEADROOM = 4096
 ACK_TIMEOUT_S = 10.0
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 5.0
+# Rounds read and sent whose acks (and retire) are still pending, at most. Under a trickle of
+# single commits each round is one row, so this must be generous; the JetStream client's own
+# publish_async window bounds the bytes in flight.
+MAX_ROUNDS_IN_FLIGHT = 64
 
 
 class OversizedRowError(MarmotError):
@@ -332,6 +336,7 @@ class Publisher:
         status: Any,
         own_publishes: "OwnPublishes | None" = None,
         read_limit: int | None = None,
+        retire_db: Any = None,
     ):
         self.js = js
         self.capture = capture
@@ -347,10 +352,17 @@ class Publisher:
         self._failures = 0
         self._schema_refresh_needed = True
         self._last_round_rows = 0  # rows the last round read: decides whether to wait for more
+        # Retires run here: the capture's own thread unless the caller gives a second one (then
+        # the capture should have use_retire_connection() called, so both may run at once).
+        self.retire_db = retire_db or db
+        self._resync = False
+        self._in_flight = 0
 
     def schema_changed(self) -> None:
-        """Capture was re-installed: refresh fingerprints before the next batch."""
+        """Capture was re-installed (or the database restored): refresh fingerprints, and let
+        the pipeline drain and re-read from the oldest pending row before sending more."""
         self._schema_refresh_needed = True
+        self._resync = True
 
     async def _refresh_schema(self) -> None:
         self.builder.fingerprints = await self.db.run(self.capture.fingerprints)
@@ -358,28 +370,160 @@ class Publisher:
         self._schema_refresh_needed = False
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Publish until `stop` is set, then flush what is pending (bounded) and return."""
+        """Publish until `stop` is set, then flush what is pending (bounded) and return.
+
+        Pipelined: a round is read, encoded and sent while earlier rounds still wait for their
+        acks; a separate task (_retire_rounds) awaits each round's acks in order and marks its
+        rows published. The next read starts above the last id sent, so a commit goes out as
+        soon as it is seen instead of after the previous round's ack and retire. Any failure
+        stops sending: the pipeline drains (acknowledged rows before the failure are marked,
+        as publish_round does), the publisher backs off, and the next read starts again from
+        the oldest row still pending, in order: nothing is skipped.
+        """
         delay_s = self.replication.batch.max_delay_ms / 1000.0
         fallback_s = self.replication.poll_interval_ms / 1000.0
+        self._rounds: asyncio.Queue = asyncio.Queue()
+        self._in_flight = 0  # rounds sent whose acks / retire are not done
+        self._pipeline_failure = None
+        self._failed_round = None  # rounds after this one are re-sent, not marked
+        self._next_round = 0
+        self._round_done = asyncio.Event()
+        retirer = asyncio.create_task(self._retire_rounds(), name="publish-retire")
+        cursor = 0  # highest log id sent; rows above it are new
         more = True  # start with a round: rows may be pending from before a restart
-        while not stop.is_set():
-            if not more:
-                woke = await self._wait(stop, fallback_s)
-                if stop.is_set():
-                    break
-                if woke and delay_s > 0 and self._last_round_rows >= self.builder.max_rows:
-                    # A burst is under way: let more of it commit, for fuller batches. A lone
-                    # commit goes out at once (waiting would only add latency: nothing to batch).
-                    await asyncio.sleep(delay_s)
+        try:
+            while not stop.is_set():
+                if self._pipeline_failure is not None or self._resync:
+                    await self._drain_pipeline()
+                    failure, self._pipeline_failure = self._pipeline_failure, None
+                    self._failed_round = None
+                    cursor = 0
+                    self._resync = False
+                    if failure is not None:
+                        await self._backoff(failure, stop)
+                        more = True
+                        continue
+                    self._failures = 0
+                if not more:
+                    woke = await self._wait(stop, fallback_s)
+                    if stop.is_set():
+                        break
+                    if woke and delay_s > 0 and self._last_round_rows >= self.builder.max_rows:
+                        # A burst is under way: let more of it commit, for fuller batches. A lone
+                        # commit goes out at once (waiting would only add latency: nothing to batch).
+                        await asyncio.sleep(delay_s)
+                    if not woke and self._in_flight == 0:
+                        cursor = 0  # the slow safety net re-reads from the oldest pending row
+                while self._in_flight >= MAX_ROUNDS_IN_FLIGHT and self._pipeline_failure is None:
+                    self._round_done.clear()
+                    await self._round_done.wait()
+                if self._pipeline_failure is not None:
+                    continue
+                try:
+                    if self._schema_refresh_needed:
+                        await self._refresh_schema()
+                    read, batches = await self.db.run(self._read_and_build, cursor)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the database: back off, retry in order
+                    self._fail(exc, self._next_round)
+                    continue
+                self._last_round_rows = len(read)
+                if not read:
+                    if self._in_flight == 0 and cursor == 0:
+                        self.status.pending_rows = 0
+                    more = False
+                    continue
+                cursor = max(cursor, read.rows[-1][0])
+                sent, send_failure = await self._send_batches(batches)
+                round_number = self._next_round
+                self._next_round += 1
+                self._in_flight += 1
+                self._rounds.put_nowait((round_number, read, sent, send_failure))
+                if send_failure is not None:
+                    self._fail(send_failure, round_number)
+                more = len(read) >= self.read_limit
+        finally:
+            await self._drain_pipeline()
+            retirer.cancel()
             try:
-                more = await self.publish_round()
-                self._failures = 0
+                await retirer
             except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - every failure means: back off, retry in order
-                await self._backoff(exc, stop)
-                more = True
+                pass
         await self.flush()
+
+    def _fail(self, exc: BaseException, round_number: int) -> None:
+        """Record the first failure; rounds after `round_number` will not be marked."""
+        if self._pipeline_failure is None:
+            self._pipeline_failure = exc
+            self._failed_round = round_number
+
+    async def _drain_pipeline(self) -> None:
+        """Wait until every round sent has been acknowledged (or failed) and retired."""
+        while self._in_flight > 0:
+            self._round_done.clear()
+            await self._round_done.wait()
+
+    async def _retire_rounds(self) -> None:
+        """Await each sent round's acks in order; mark its acknowledged rows published."""
+        while True:
+            round_number, read, sent, send_failure = await self._rounds.get()
+            taken = 1
+            try:
+                if self._failed_round is not None and round_number > self._failed_round:
+                    # An earlier round failed: this one's rows are re-read and re-sent (same
+                    # Nats-Msg-Id when the composition is the same), so mark nothing now.
+                    await self._settle(sent)
+                    continue
+                acked_ids, failure = await self._collect_acks(sent, send_failure)
+                everything = failure is None and len(acked_ids) == len(read)
+                if everything:
+                    # Later rounds already fully acknowledged join this retire: one write
+                    # transaction for all of them (retires compete with the application for
+                    # the write lock; fewer is faster under a stream of small commits).
+                    reads = [read]
+                    while not self._rounds.empty():
+                        next_number, next_read, next_sent, next_failure = self._rounds._queue[0]
+                        if next_failure is not None or not all(f.done() for _, f in next_sent):
+                            break
+                        if self._failed_round is not None and next_number > self._failed_round:
+                            break
+                        next_acked, next_error = await self._collect_acks(next_sent, None)
+                        self._rounds.get_nowait()
+                        taken += 1
+                        if next_error is not None or len(next_acked) != len(next_read):
+                            # Not expected (all acks were in): mark what was acked, then stop.
+                            if next_acked:
+                                await self.retire_db.run(self.capture.mark_rows_published, next_read, next_acked)
+                            failure = next_error or nats.errors.Error("incomplete acknowledgement")
+                            self._fail(failure, next_number)
+                            break
+                        reads.append(next_read)
+                    merged = reads[0] if len(reads) == 1 else PendingRows.merged(reads)
+                    await self.retire_db.run(self.capture.mark_rows_published, merged, None)
+                    self.status.last_publish = time.time()
+                elif acked_ids:
+                    try:
+                        await self.retire_db.run(self.capture.mark_rows_published, read, acked_ids)
+                    except Exception as exc:  # noqa: BLE001 - unmarked rows are simply re-sent
+                        failure = failure or exc
+                    else:
+                        self.status.last_publish = time.time()
+                if failure is not None:
+                    self._fail(failure, round_number)
+                elif self._pipeline_failure is None:
+                    self._failures = 0
+            except Exception as exc:  # noqa: BLE001 - never let the retirer die: the sender waits on it
+                self._fail(exc, round_number)
+            finally:
+                self._in_flight -= taken
+                self._round_done.set()
+
+    async def _settle(self, sent: list[tuple[OutgoingBatch, asyncio.Future]]) -> None:
+        if sent:
+            done, not_done = await asyncio.wait([f for _, f in sent], timeout=ACK_TIMEOUT_S)
+            for future in not_done:
+                future.cancel()
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float) -> bool:
         stop_waiter = asyncio.ensure_future(stop.wait())
@@ -428,18 +572,25 @@ class Publisher:
         acked_ids, failure = await self._publish_batches(batches)
         if acked_ids:
             everything = failure is None and len(acked_ids) == len(read)
-            await self.db.run(self.capture.mark_rows_published, read, None if everything else acked_ids)
+            await self.retire_db.run(self.capture.mark_rows_published, read, None if everything else acked_ids)
             self.status.last_publish = time.time()
         if failure is not None:
             raise failure
         return len(read) >= self.read_limit
 
-    def _read_and_build(self) -> tuple[PendingRows, list[OutgoingBatch]]:
-        read = self.capture.read_pending_rows(self.read_limit)
+    def _read_and_build(self, after_id: int = 0) -> tuple[PendingRows, list[OutgoingBatch]]:
+        read = self.capture.read_pending_rows(self.read_limit, after_id)
         return read, self.builder.build_rows(read)
 
     async def _publish_batches(self, batches: list[OutgoingBatch]) -> tuple[list[int], BaseException | None]:
         """Send all batches with acks in flight; return log ids safe to mark, and the first error."""
+        sent, failure = await self._send_batches(batches)
+        return await self._collect_acks(sent, failure)
+
+    async def _send_batches(
+        self, batches: list[OutgoingBatch]
+    ) -> tuple[list[tuple[OutgoingBatch, asyncio.Future]], BaseException | None]:
+        """publish_async every batch in order; stop at the first that cannot be sent."""
         in_flight: list[tuple[OutgoingBatch, asyncio.Future]] = []
         failure: BaseException | None = None
         for outgoing in batches:
@@ -456,6 +607,12 @@ class Publisher:
                 failure = exc
                 break
             in_flight.append((outgoing, future))
+        return in_flight, failure
+
+    async def _collect_acks(
+        self, in_flight: list[tuple[OutgoingBatch, asyncio.Future]], failure: BaseException | None
+    ) -> tuple[list[int], BaseException | None]:
+        """Wait for the acks of sent batches; log ids safe to mark, and the first error."""
         if in_flight:
             done, not_done = await asyncio.wait([f for _, f in in_flight], timeout=ACK_TIMEOUT_S)
             for future in not_done:
