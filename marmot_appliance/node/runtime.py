@@ -53,6 +53,23 @@ PUBLISH_ASYNC_WINDOW = 1024
 FATAL_STREAM_ERRORS = ("insufficient resources", "replicas", "subjects overlap", "exists with subjects")
 
 
+# Every family a node exports, present from start-up (labelled ones gain labels as they occur).
+NODE_METRICS = (
+    ("rows_published", "counter", "Rows acknowledged by JetStream"),
+    ("batches_published", "counter", "Batches acknowledged by JetStream"),
+    ("bytes_uncompressed", "counter", "Payload bytes before compression"),
+    ("bytes_compressed", "counter", "Payload bytes sent (after compression)"),
+    ("rows_applied", "counter", "Rows applied from other nodes"),
+    ("batches_applied", "counter", "Batches applied"),
+    ("dead_letters", "counter", "Messages parked in the dead-letter table"),
+    ("pending_rows", "gauge", "Captured rows not yet acknowledged"),
+)
+LABELLED_NODE_METRICS = (
+    ("errors", "counter", "Errors by kind"),
+    ("stream_lag", "gauge", "Stream entries not yet applied"),
+)
+
+
 class NodeRuntime:
     """Runs one node until `stop` is set. Use `await NodeRuntime(config).run(stop)`."""
 
@@ -62,6 +79,10 @@ class NodeRuntime:
         self.node = config.node
         self.replication = config.cluster.replication
         self.metrics = metrics or Metrics()
+        for name, kind, help_text in NODE_METRICS:
+            self.metrics.declare(name, kind, help_text)
+        for name, kind, help_text in LABELLED_NODE_METRICS:
+            self.metrics.declare(name, kind, help_text, labelled=True)
         self.status = RuntimeStatus(node=self.node.name, db_path=str(config.db_path))
         self.http: ObservabilityServer | None = None
         self.nc: Any = None

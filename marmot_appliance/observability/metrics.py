@@ -41,6 +41,15 @@ class Metrics:
                 family = self._families.setdefault(full, _Family(full, kind, help_text))
         return family
 
+    def declare(self, name: str, kind: str, help: str, labelled: bool = False) -> None:
+        """Register a family up front so /metrics lists it before its first event (Prometheus
+        rates and alerts need the series to exist from the start). An unlabelled family starts
+        at zero; a labelled one gains its series as label values occur."""
+        family = self._family(name, kind, help)
+        family.help = family.help or help
+        if not labelled and not family.samples:
+            family.samples[()] = 0.0
+
     def inc(self, name: str, amount: float = 1.0, help: str = "", **labels: str) -> None:
         family = self._family(name, "counter", help)
         key = tuple(sorted((k, str(v)) for k, v in labels.items()))
