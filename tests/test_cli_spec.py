@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import skip_or_fail
 from tests.spec_helpers import EXAMPLES, MINIMAL, REPO
+from tests.test_appliance_support import chown_tree, cli_runner, make_workdir
 
 SCRIPT = Path(sys.executable).parent / "marmot-appliance"
 
@@ -94,13 +97,25 @@ def test_validate_a_directory(tmp_path):
     assert "is a directory" in result.stderr
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
-def test_validate_unreadable_file(tmp_path):
-    path = tmp_path / "spec.yaml"
-    path.write_text(MINIMAL)
-    path.chmod(0)
-    result = run("validate", str(path))
-    assert result.returncode == 1 and "permission denied" in result.stderr
+def test_validate_unreadable_file():
+    """As root the CLI runs as nobody (root reads files whatever their mode)."""
+    runner = cli_runner()
+    if os.geteuid() == 0 and runner.user is None:
+        skip_or_fail("as root this needs setpriv and a 'nobody' user to make a file unreadable")
+    workdir = make_workdir()
+    try:
+        path = workdir / "spec.yaml"
+        path.write_text(MINIMAL)
+        chown_tree(workdir)
+        path.chmod(0)
+        result = subprocess.run(
+            [*runner.prefix, runner.python, "-m", "marmot_appliance", "validate", str(path)],
+            capture_output=True, text=True, cwd=workdir, env={**os.environ, **dict(runner.env)}, timeout=60,
+        )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    assert result.returncode == 1 and "permission denied" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_config_show_prints_a_valid_fully_defaulted_spec(tmp_path):
