@@ -10,6 +10,7 @@ import struct
 
 import pytest
 
+from tests.conftest import skip_or_fail
 from tests.replication_cluster import InProcessNode, digest, execute, table_rows, wait_converged, wait_until
 
 SCHEMA = """
@@ -116,7 +117,7 @@ async def test_other_process_and_trusted_schema_off_writes_replicate(three_nodes
 
     sqlite3_cli = shutil.which("sqlite3")
     if sqlite3_cli is None:
-        pytest.skip("the sqlite3 command-line shell is not installed")
+        skip_or_fail("the sqlite3 command-line shell is not installed (apt-get install sqlite3)")
     subprocess.run([sqlite3_cli, str(dbs[0]), "INSERT INTO users (id, name, n) VALUES ('from-cli', 'shell', 7);"],
                    check=True, timeout=60)
     conn = sqlite3.connect(dbs[1])
