@@ -96,7 +96,26 @@ def start_node(node_id: int, db: Path, urls: str, port: int, log: Path) -> subpr
                 "-o", str(Path(profile_dir) / f"node{node_id}.txt"), "--"] + argv
     with open(log, "ab") as handle:
         return subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, cwd=ROOT)
+                                start_new_session=True, cwd=ROOT, preexec_fn=_die_with_parent)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the bench dies, even by kill -9.
+
+    The bench's finally block stops the nodes; this covers the case where it never runs (a
+    leaked node would keep writing and skew every later measurement on the machine).
+    Linux only; elsewhere the child simply does not get the signal.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
 
 
 def wait_health(port: int, timeout_s: float = 60) -> None:
