@@ -30,6 +30,9 @@ class ServerConfig:
     advertise: str | None = None  # address advertised to clients and routes
     max_memory: str = "256MB"
     max_file: str = "10GB"
+    # One captured row must fit in one message (compressed). nats-server's 1 MB default would
+    # stall publishing on the first larger row; 8 MB is the largest it accepts without warning.
+    max_payload: str = "8MB"
     user: str | None = None  # client + route authentication, when set
     password: str | None = None
     nkey: str | None = None  # public nkey of the allowed client user
@@ -50,6 +53,7 @@ def render_server_config(cfg: ServerConfig) -> str:
         f"server_name: {_q(cfg.server_name)}",
         f"listen: {_q(f'{cfg.host}:{cfg.client_port}')}",
         f"http: {_q(f'{cfg.host}:{cfg.monitor_port}')}",
+        f"max_payload: {cfg.max_payload}",
     ]
     if cfg.advertise:
         lines.append(f"client_advertise: {_q(f'{cfg.advertise}:{cfg.client_port}')}")
