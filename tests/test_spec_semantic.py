@@ -150,3 +150,13 @@ def test_semantic_and_schema_problems_are_reported_together():
     problems = problems_of(text)
     assert len(problems) == 2
     assert "duplicate node name 'n1'" in problems[0] and "$.replication.shards: expected integer" in problems[1]
+
+
+def test_snapshots_taken_less_often_than_the_log_is_truncated_are_refused():
+    text = MINIMAL + "replication: {max_log_entries: 1000}\n"
+    problem = single_problem(text)
+    assert "$.replication.max_log_entries: snapshots every 50000 entries but the streams keep only 1000" in problem
+    explicit = text + "snapshots: {every_entries: 1000}\n"
+    assert "$.snapshots.every_entries: snapshots every 1000 entries" in single_problem(explicit)
+    assert load_cluster_text(text + "snapshots: {every_entries: 500}\n", "spec.yaml").snapshots.every_entries == 500
+    assert load_cluster_text(text + "snapshots: {enabled: false}\n", "spec.yaml").replication.max_log_entries == 1000

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
-from .model import NatsSettings, ObservabilitySettings
+from .model import NatsSettings, ObservabilitySettings, ReplicationSettings, SnapshotSettings
 from .problems import JsonPath, Problem
 from .yaml_source import SourceDocument
 
@@ -95,6 +95,7 @@ class _Checker:
         self.ports_do_not_clash()
         self.loopback_only_in_local_clusters()
         self.replicas_fit_servers()
+        self.snapshots_reach_the_log()
         self.nats_mode_is_consistent()
         self.auth_has_its_files()
         self.paths_are_usable()
@@ -162,6 +163,23 @@ class _Checker:
                     (section, key),
                     f"{replicas} replicas but the cluster has only {servers} NATS server{'s' if servers != 1 else ''}",
                 )
+
+    def snapshots_reach_the_log(self) -> None:
+        """A node behind a truncated log restores the newest snapshot and replays from its
+        positions; if snapshots are taken less often than the log is truncated, no snapshot
+        may reach the oldest entry still in the stream and the node cannot catch up."""
+        snapshots = _section(self.data, "snapshots")
+        if snapshots.get("enabled") is False:
+            return
+        every = snapshots.get("every_entries", SnapshotSettings.every_entries)
+        retained = _int(_section(self.data, "replication"), "max_log_entries") or ReplicationSettings.max_log_entries
+        if isinstance(every, int) and not isinstance(every, bool) and every >= retained:
+            self.report(
+                ("snapshots", "every_entries") if "every_entries" in snapshots else ("replication", "max_log_entries"),
+                f"snapshots every {every} entries but the streams keep only {retained}: a node that "
+                f"falls behind could find no snapshot reaching the log; set snapshots.every_entries "
+                f"below replication.max_log_entries (half of it is a good choice)",
+            )
 
     def nats_mode_is_consistent(self) -> None:
         nats = _section(self.data, "nats")
