@@ -66,6 +66,15 @@ __all__ = [
 
 META_OWN_ORIGIN_HORIZON = "own_origin_horizon"
 
+# Per-transaction statements, built once.
+_MARKER_ON_SQL = f"INSERT OR IGNORE INTO {quote_ident(bk.MARKER_TABLE)} (id) VALUES (1)"
+_MARKER_OFF_SQL = f"DELETE FROM {quote_ident(bk.MARKER_TABLE)}"
+_POSITIONS_SQL = f"SELECT stream, seq FROM {quote_ident(POSITIONS_TABLE)}"
+_POSITION_UPSERT_SQL = (
+    f"INSERT INTO {quote_ident(POSITIONS_TABLE)} (stream, seq) VALUES (?, ?) "
+    "ON CONFLICT (stream) DO UPDATE SET seq = max(seq, excluded.seq)"
+)
+
 
 class ApplyError(MarmotError):
     """A batch could not be applied for a reason retrying will not fix: dead-letter it."""
@@ -216,8 +225,8 @@ class BatchApplier:
         conn = self._conn
         with _environment_errors(self.db_path), write_transaction(conn):
             self._begin_applying()
-            horizon = int(bk.get_meta(conn, META_OWN_ORIGIN_HORIZON, 0) or 0)
-            stored = self.positions()
+            horizon: int | None = None  # read only when an own-origin batch needs it (rare)
+            stored = dict(conn.execute(_POSITIONS_SQL).fetchall())
             newest = 0
             for batch, stream, seq in items:
                 outcome = ApplyOutcome(stream=stream, seq=int(seq))
@@ -235,6 +244,8 @@ class BatchApplier:
                 rows = batch.rows
                 if batch.origin == self.node_id:
                     outcome.own_origin = True
+                    if horizon is None:
+                        horizon = int(bk.get_meta(conn, META_OWN_ORIGIN_HORIZON, 0) or 0)
                     # Own rows newer than the horizon were written into this very file.
                     rows = tuple(row for row in rows if row.version <= horizon)
                     if not rows:
@@ -300,27 +311,25 @@ class BatchApplier:
 
     def _begin_applying(self) -> None:
         conn = self._conn
-        conn.execute(f"INSERT OR IGNORE INTO {quote_ident(bk.MARKER_TABLE)} (id) VALUES (1)")
+        conn.execute(_MARKER_ON_SQL)
         self._refresh_schema()
         bk.fold_pending(conn)
 
     def _finish_applying(self, newest_version: int, positions: dict[str, int]) -> None:
         conn = self._conn
         if newest_version:
-            bk.advance_clock(conn, newest_version)
-            # Our own writes are not logged, so no log row lies between the old watermark and
-            # the advanced clock: move the watermark too, sparing the next fold a scan.
-            bk.set_meta(conn, bk.META_FOLDED_THROUGH, bk.current_clock(conn))
+            # Our own writes are not logged (marker), and _begin_applying folded, so no log row
+            # lies between the old watermark and the advanced clock: move the watermark too,
+            # sparing the next fold a scan.
+            bk.advance_clock_and_watermark(conn, newest_version)
         self._write_positions(positions)
-        conn.execute(f"DELETE FROM {quote_ident(bk.MARKER_TABLE)}")
+        conn.execute(_MARKER_OFF_SQL)
 
     def _write_positions(self, positions: dict[str, int]) -> None:
-        if positions:
-            self._conn.executemany(
-                f"INSERT INTO {quote_ident(POSITIONS_TABLE)} (stream, seq) VALUES (?, ?) "
-                "ON CONFLICT (stream) DO UPDATE SET seq = max(seq, excluded.seq)",
-                list(positions.items()),
-            )
+        if len(positions) == 1:
+            self._conn.execute(_POSITION_UPSERT_SQL, next(iter(positions.items())))
+        elif positions:
+            self._conn.executemany(_POSITION_UPSERT_SQL, list(positions.items()))
 
     def _record_dead_letter(self, stream: str | None, seq: int | None, payload: bytes, reason: str) -> None:
         self._conn.execute(

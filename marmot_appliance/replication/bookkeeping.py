@@ -33,7 +33,7 @@ import json
 import sqlite3
 
 from marmot_appliance.replication.introspect import TableLayout
-from marmot_appliance.replication.sqlite_util import quote_ident
+from marmot_appliance.replication.sqlite_util import quote_ident, quote_text
 from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, DEAD_LETTER_TABLE, POSITIONS_TABLE
 
 CLOCK_TABLE = BOOKKEEPING_PREFIX + "clock"
@@ -120,25 +120,54 @@ def ensure_bookkeeping(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+# Statements the applier runs once per transaction: built once (the sqlite3 module then finds
+# them in its statement cache by the same string object).
+_GET_META_SQL = f"SELECT value FROM {quote_ident(META_TABLE)} WHERE key = ?"
+_SET_META_SQL = (
+    f"INSERT INTO {quote_ident(META_TABLE)} (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+_CURRENT_CLOCK_SQL = f"SELECT hlc FROM {quote_ident(CLOCK_TABLE)}"
+_ADVANCE_CLOCK_SQL = f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)"
+# The clock and the fold watermark in one read: the fold's "anything new?" check.
+_CLOCK_AND_WATERMARK_SQL = (
+    f"SELECT hlc, (SELECT value FROM {quote_ident(META_TABLE)} WHERE key = {quote_text(META_FOLDED_THROUGH)}) "
+    f"FROM {quote_ident(CLOCK_TABLE)}"
+)
+# Move the fold watermark up to the clock (no log row can lie in between: see advance_clock_and_watermark).
+_WATERMARK_TO_CLOCK_SQL = (
+    f"INSERT INTO {quote_ident(META_TABLE)} (key, value) "
+    f"SELECT {quote_text(META_FOLDED_THROUGH)}, hlc FROM {quote_ident(CLOCK_TABLE)} WHERE true "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+
+
 def get_meta(conn: sqlite3.Connection, key: str, default: object = None) -> object:
-    row = conn.execute(f"SELECT value FROM {quote_ident(META_TABLE)} WHERE key = ?", (key,)).fetchone()
+    row = conn.execute(_GET_META_SQL, (key,)).fetchone()
     return default if row is None else row[0]
 
 
 def set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:
-    conn.execute(
-        f"INSERT INTO {quote_ident(META_TABLE)} (key, value) VALUES (?, ?) "
-        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-        (key, value),
-    )
+    conn.execute(_SET_META_SQL, (key, value))
 
 
 def current_clock(conn: sqlite3.Connection) -> int:
-    return int(conn.execute(f"SELECT hlc FROM {quote_ident(CLOCK_TABLE)}").fetchone()[0])
+    return int(conn.execute(_CURRENT_CLOCK_SQL).fetchone()[0])
 
 
 def advance_clock(conn: sqlite3.Connection, version: int) -> None:
-    conn.execute(f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)", (version,))
+    conn.execute(_ADVANCE_CLOCK_SQL, (version,))
+
+
+def advance_clock_and_watermark(conn: sqlite3.Connection, version: int) -> None:
+    """Advance the clock to `version` and move the fold watermark to the clock, in two statements.
+
+    Only for a transaction that folded first and then wrote nothing that is logged (the
+    applier, under its marker): no log row can then lie between the old watermark and the
+    advanced clock, so the next fold need not scan for one.
+    """
+    conn.execute(_ADVANCE_CLOCK_SQL, (version,))
+    conn.execute(_WATERMARK_TO_CLOCK_SQL)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,8 +280,8 @@ def fold_pending(conn: sqlite3.Connection) -> int:
     Local rows not yet published are newer-than-published local state: the applier must see
     their versions, so it folds before comparing. Returns the number of log rows folded.
     """
-    clock = current_clock(conn)
-    watermark = int(get_meta(conn, META_FOLDED_THROUGH, 0) or 0)
+    clock, watermark = conn.execute(_CLOCK_AND_WATERMARK_SQL).fetchone()
+    clock, watermark = int(clock), int(watermark or 0)
     if clock <= watermark:
         return 0
     node_id = get_meta(conn, META_NODE_ID)
