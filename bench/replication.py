@@ -241,6 +241,9 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=200_000, help="rows for the end-to-end phase")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
+    # SIGTERM (e.g. from `timeout`) must unwind through the finally blocks that stop the nats
+    # servers and nodes; Python's default action would end the process without running them.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Scratch space inside the checkout (.marmot-appliance/ is git-ignored), removed afterwards.
     scratch = ROOT / ".marmot-appliance" / "bench"
     scratch.mkdir(parents=True, exist_ok=True)
