@@ -126,7 +126,11 @@ def wait_health(port: int, timeout_s: float = 60) -> None:
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                if json.loads(r.read()).get("status") == "ok":
+                health = json.loads(r.read())
+                # /health says "ok" once NATS is connected, which can be before the triggers
+                # exist: rows committed then are never captured (they count as pre-existing
+                # data). That race lost the first ~48 transactions of an end-to-end run once.
+                if health.get("status") == "ok" and health.get("capture", {}).get("installed"):
                     return
         except OSError:
             pass
