@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 BACKOFF_INITIAL_S = 0.02
 BACKOFF_MAX_S = 5.0
 IDLE_CHECK_S = 1.0
+# Own messages skipped while caught up store their position at most this often (and on every
+# idle check and at shutdown): storing it per message cost the publishing node one write
+# transaction per message, competing with the application for the write lock and waking its
+# own publisher for an empty read. A position stored late only means a few own messages are
+# delivered and skipped again after a crash.
+OWN_POSITION_SAVE_S = 0.5
 STALL_CHECKS = 3  # idle checks with lag and no delivery before the subscription is re-created
 HEARTBEAT_S = 2.0
 MAX_GROUP = 64  # messages applied in one SQLite transaction when several are buffered
@@ -93,6 +99,7 @@ class ShardConsumer:
         self.own_publishes = own_publishes
         self.on_truncated = on_truncated
         self._unsaved_own_seq: int | None = None  # own messages skipped, position not yet stored
+        self._own_position_saved_at = 0.0  # time.monotonic() of the last _save_own_position
         self._failures = 0
         self._restart_requested = False
         self.status.applied[stream] = start_position
@@ -252,7 +259,7 @@ class ShardConsumer:
             # Published by this very process: the rows are ours already, only the position moves.
             self.position = seq
             self._unsaved_own_seq = seq
-            if num_pending == 0:
+            if num_pending == 0 and time.monotonic() - self._own_position_saved_at >= OWN_POSITION_SAVE_S:
                 await self._save_own_position()
             self._after_apply(num_pending, rows=0)
             return False
@@ -315,6 +322,7 @@ class ShardConsumer:
         if self._unsaved_own_seq is None:
             return
         seq = self._unsaved_own_seq
+        self._own_position_saved_at = time.monotonic()
         try:
             await self.db.run(self.applier.apply, ChangeBatch(origin=self.node_id, rows=()), self.stream, seq)
             if self._unsaved_own_seq == seq:
