@@ -43,6 +43,11 @@ async def test_health_status_codes_and_metrics_parse():
         code, _, body = await asyncio.to_thread(_get, base + "/health")
         assert code == 503 and json.loads(body)["status"] == "unhealthy"
 
+        status.nats_connected, status.capture_installed = True, False  # still starting up
+        code, _, body = await asyncio.to_thread(_get, base + "/health")
+        assert code == 503 and json.loads(body)["capture"]["installed"] is False
+        status.capture_installed = True
+
         code, ctype, body = await asyncio.to_thread(_get, base + "/metrics")
         assert code == 200 and ctype.startswith("text/plain; version=0.0.4")
         families = {f.name: f for f in text_string_to_metric_families(body)}

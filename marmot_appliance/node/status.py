@@ -24,7 +24,10 @@ class RuntimeStatus:
 
     @property
     def healthy(self) -> bool:
-        return self.nats_connected and self.database_ok
+        # Not healthy until capture is installed: a tool that starts writing as soon as /health
+        # says ok would otherwise commit rows before the triggers exist, and those are never
+        # published (existing rows are the shared starting state, see docs/capture.md).
+        return self.nats_connected and self.database_ok and self.capture_installed
 
     def as_health(self) -> dict:
         return {
