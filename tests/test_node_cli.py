@@ -152,3 +152,11 @@ async def test_cleanup_removes_bookkeeping_and_keeps_user_data(nats_server, wal_
     assert rows == [("also", 2), ("keep", 1)]
     # Writes keep working without the triggers.
     execute(db, "INSERT INTO t VALUES ('after', 3)")
+
+
+def test_seed_flags_snapshot_more_often_than_the_log_is_truncated(tmp_path):
+    from marmot_appliance.node.config import config_from_flags
+
+    config = config_from_flags(str(tmp_path / "a.db"), 1, "nats://127.0.0.1:4222")  # seed default: 1024 entries
+    snapshots, replication = config.cluster.snapshots, config.cluster.replication
+    assert snapshots.enabled and snapshots.every_entries < replication.max_log_entries == 1024

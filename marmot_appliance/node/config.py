@@ -116,7 +116,10 @@ def config_from_flags(
         nodes=(node,),
         nats=NatsSettings(embedded=False, urls=urls, auth=NatsAuth(mode="none")),
         replication=replication,
-        snapshots=SnapshotSettings(enabled=enable_snapshot),
+        # Marmot saved near every max-log-entries/shards entries; ours counts across shards,
+        # and must stay below the retention so a snapshot always reaches the oldest kept entry
+        # (the rule `validate` enforces for specs).
+        snapshots=SnapshotSettings(enabled=enable_snapshot, every_entries=max(1, max_log_entries // 2)),
     )
     return NodeConfig(
         cluster=cluster,
