@@ -361,7 +361,19 @@ async def _next_message(queue: asyncio.Queue, connection: NatsClient):
 
 
 async def _follow(js, stream: str, subjects: list[str], start: StartPosition, queue: asyncio.Queue):
+    # "now" is pinned to the stream's next sequence, and every delivery below the start is
+    # dropped: when nats-py re-creates an ordered consumer (missed heartbeats under load)
+    # before it delivered anything, it restarts at sequence 1 and would replay history.
+    if start.policy == DeliverPolicy.NEW:
+        info = await js.stream_info(stream)
+        start = StartPosition(DeliverPolicy.BY_START_SEQUENCE, seq=info.state.last_seq + 1)
+    first_seq = start.seq or 0
+    first_time = start.time
+
     async def deliver(msg) -> None:
+        seq, stored_at = _position(msg)
+        if seq < first_seq or (first_time is not None and stored_at < first_time):
+            return
         # Awaiting here pauses this subscription (and, via flow control, the server) while the
         # reader is behind; callbacks of one subscription run one at a time, in stream order.
         await queue.put((stream, msg))

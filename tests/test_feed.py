@@ -10,6 +10,8 @@ import struct
 from datetime import timedelta
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
@@ -55,14 +57,35 @@ async def create_shard_streams(
                 max_msg_size=4 * 1024 * 1024,
             )
         )
+        await wait_stream_leader(js, names.stream_name(shard))
+
+
+async def wait_stream_leader(js, stream: str, timeout_s: float = 60.0) -> None:
+    """An R3 stream answers publishes only once its replicas elected a leader; on a loaded
+    machine that can take a while after add_stream returns (publishes then see no responders)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        info = await js.stream_info(stream)
+        if info.cluster is None or info.cluster.leader:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"stream {stream} elected no leader in {timeout_s:.0f}s")
+        await asyncio.sleep(0.05)
 
 
 async def publish(js, batch: ChangeBatch, shard: int = 1, subject_prefix: str = SUBJECT_PREFIX) -> int:
     payload = encode_batch(batch, CompressionSettings())
-    ack = await js.publish(
-        f"{subject_prefix}-{shard}", payload, headers={ORIGIN_HEADER: str(batch.origin)}, timeout=30
-    )
-    return ack.seq
+    for attempt in range(50):
+        try:
+            ack = await js.publish(
+                f"{subject_prefix}-{shard}", payload, headers={ORIGIN_HEADER: str(batch.origin)}, timeout=30
+            )
+            return ack.seq
+        except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
+            # Right after a stream is created, its subject interest may not have reached the
+            # server this client is connected to yet; nothing was stored, so retrying is safe.
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"{subject_prefix}-{shard}: no stream answered in 50 attempts")
 
 
 def batch_of(origin: int, *rows: RowChange) -> ChangeBatch:

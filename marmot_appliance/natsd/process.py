@@ -34,15 +34,33 @@ def jetstream_meta_leader(host: str, monitor_port: int) -> str | None:
     return meta.get("leader") or None
 
 
+def _meta_peers_current(host: str, monitor_port: int) -> bool:
+    """True when this server is the meta leader and sees every other peer current.
+
+    Agreement on a leader is not enough: until the leader has caught up every peer, creating
+    an R3 stream can fail with "no suitable peers for placement, peer offline"."""
+    try:
+        meta = fetch_monitor_json(host, monitor_port, "jsz").get("meta_cluster") or {}
+    except (OSError, ValueError, urllib.error.URLError):
+        return False
+    replicas = meta.get("replicas") or []
+    size = meta.get("cluster_size") or 1
+    return (
+        len(replicas) >= size - 1
+        and all(peer.get("current") and not peer.get("offline") for peer in replicas)
+    )
+
+
 def wait_for_meta_leader(servers: list[tuple[str, int]], timeout_s: float = 30.0) -> str:
-    """Wait until every server agrees there is a JetStream meta leader."""
+    """Wait until every server agrees on a JetStream meta leader that has every peer current."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         leaders = {jetstream_meta_leader(host, port) for host, port in servers}
         if None not in leaders and len(leaders) == 1:
-            return leaders.pop()
+            if len(servers) == 1 or any(_meta_peers_current(host, port) for host, port in servers):
+                return leaders.pop()
         time.sleep(0.1)
-    raise NatsServerError(f"no JetStream meta leader elected within {timeout_s:.0f}s")
+    raise NatsServerError(f"no JetStream meta leader with all peers current within {timeout_s:.0f}s")
 
 
 @dataclass
