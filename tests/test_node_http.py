@@ -23,7 +23,7 @@ def _get(url: str) -> tuple[int, str, str]:
 
 
 async def test_health_status_codes_and_metrics_parse():
-    status = RuntimeStatus(node="n1", db_path="/tmp/x.db", nats_connected=True, capture_installed=True)
+    status = RuntimeStatus(node="n1", db_path="/tmp/x.db", nats_connected=True, capture_installed=True, started=True)
     status.lag["marmot-changes-1"] = 3
     metrics = Metrics()
     metrics.inc("rows_published", 5, help="rows")
@@ -47,6 +47,11 @@ async def test_health_status_codes_and_metrics_parse():
         code, _, body = await asyncio.to_thread(_get, base + "/health")
         assert code == 503 and json.loads(body)["capture"]["installed"] is False
         status.capture_installed = True
+
+        status.started = False  # start-up flush / snapshot check still running
+        code, _, body = await asyncio.to_thread(_get, base + "/health")
+        assert code == 503 and json.loads(body)["started"] is False
+        status.started = True
 
         code, ctype, body = await asyncio.to_thread(_get, base + "/metrics")
         assert code == 200 and ctype.startswith("text/plain; version=0.0.4")

@@ -261,7 +261,7 @@ class NodeRuntime:
         if self.node.publish:
             await self.publisher.flush()
         if self.cluster.snapshots.enabled and self.node.replicate:
-            await self._restore_if_needed()
+            await self._restore_at_start(stop)
         self.parts_stop = asyncio.Event()  # consumers, publisher, scheduler stop on this, after `stop`
         self._start_snapshot_scheduler()
         tasks: list[asyncio.Task] = []
@@ -281,6 +281,7 @@ class NodeRuntime:
         tasks.append(asyncio.create_task(self._maintenance(self.parts_stop), name="maintenance"))
         for task in tasks:
             task.add_done_callback(self._part_finished)
+        self.status.started = True
         log.info(
             "node %s (id %d) running: %d shard(s), replicas %d, wake-up by %s",
             self.node.name, self.node.id, self.replication.shards, self.cluster.effective_log_replicas,
@@ -433,6 +434,26 @@ class NodeRuntime:
             for consumer in self.consumers:
                 consumer.restart_from(positions.get(consumer.stream, 0))
         return bool(restored)
+
+    async def _restore_at_start(self, stop: asyncio.Event) -> None:
+        """The start-up restore decision, retried while JetStream is still settling.
+
+        Right after the servers start, reading the snapshot manifest can time out or find no
+        responders; that must not kill the node (it did, and the cluster lost a replica)."""
+        deadline = time.monotonic() + STREAM_SETUP_TIMEOUT_S
+        while True:
+            try:
+                await self._restore_if_needed()
+                return
+            except (nats.errors.Error, asyncio.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise MarmotError(f"JetStream did not answer while checking for a snapshot to restore: {exc}") from exc
+                log.info("JetStream not ready for the snapshot check (%s); retrying", type(exc).__name__)
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+                raise MarmotError("stopped before the start-up snapshot check finished")
+            except asyncio.TimeoutError:
+                pass
 
     async def _on_truncated(self, stream: str, expected: int, available: int) -> bool:
         log.error("stream %s: next entry %d is gone (stream now starts at %d)", stream, expected, available)

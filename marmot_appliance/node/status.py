@@ -13,6 +13,7 @@ class RuntimeStatus:
     database_error: str | None = None
     nats_connected: bool = False
     capture_installed: bool = False
+    started: bool = False  # every part running (after the start-up flush and snapshot check)
     capture_mode: str | None = None  # "inotify" | "data_version"
     lag: dict[str, int] = field(default_factory=dict)  # stream -> entries behind
     applied: dict[str, int] = field(default_factory=dict)  # stream -> applied position
@@ -24,14 +25,16 @@ class RuntimeStatus:
 
     @property
     def healthy(self) -> bool:
-        # Not healthy until capture is installed: a tool that starts writing as soon as /health
-        # says ok would otherwise commit rows before the triggers exist, and those are never
-        # published (existing rows are the shared starting state, see docs/capture.md).
-        return self.nats_connected and self.database_ok and self.capture_installed
+        # Not healthy until every part runs: a tool that starts writing as soon as /health says
+        # ok would otherwise commit rows before the triggers exist (never published: existing
+        # rows are the shared starting state, see docs/capture.md), and apply would call a node
+        # healthy that is still deciding whether to restore a snapshot.
+        return self.nats_connected and self.database_ok and self.capture_installed and self.started
 
     def as_health(self) -> dict:
         return {
             "status": "ok" if self.healthy else "unhealthy",
+            "started": self.started,
             "node": self.node,
             "database": {"ok": self.database_ok, "path": self.db_path, "error": self.database_error},
             "nats": {"connected": self.nats_connected},
