@@ -17,6 +17,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from marmot_appliance.feed import ChangeRecord, FeedError, changes, json_value, parse_start
 from marmot_appliance.replication.codec import ORIGIN_HEADER, encode_batch
+from marmot_appliance.replication.streams import wait_for_stream_leader
 from marmot_appliance.replication.types import ChangeBatch, RowChange
 from marmot_appliance.spec.model import CompressionSettings, ReplicationSettings
 
@@ -57,20 +58,7 @@ async def create_shard_streams(
                 max_msg_size=4 * 1024 * 1024,
             )
         )
-        await wait_stream_leader(js, names.stream_name(shard))
-
-
-async def wait_stream_leader(js, stream: str, timeout_s: float = 60.0) -> None:
-    """An R3 stream answers publishes only once its replicas elected a leader; on a loaded
-    machine that can take a while after add_stream returns (publishes then see no responders)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        info = await js.stream_info(stream)
-        if info.cluster is None or info.cluster.leader:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"stream {stream} elected no leader in {timeout_s:.0f}s")
-        await asyncio.sleep(0.05)
+        assert await wait_for_stream_leader(js, names.stream_name(shard), timeout_s=60)
 
 
 async def publish(js, batch: ChangeBatch, shard: int = 1, subject_prefix: str = SUBJECT_PREFIX) -> int:

@@ -7,6 +7,7 @@ copies. A duplicate window makes `Nats-Msg-Id` de-duplicate a publish retried af
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats.errors
@@ -83,3 +84,19 @@ async def ensure_streams(js: JetStreamContext, replication: ReplicationSettings,
     for shard in shard_numbers(replication.shards):
         infos.append(await ensure_stream(js, stream_config(replication, shard, replicas)))
     return infos
+
+
+async def wait_for_stream_leader(js: JetStreamContext, stream: str, timeout_s: float = 30.0) -> bool:
+    """Wait until a replicated stream has elected its leader; False if it did not in time.
+
+    A just-created R3 stream answers publishes only once its leader is elected; without this
+    wait the very first publish can fail with "no responders"."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        info = await js.stream_info(stream)
+        if info.cluster is None or info.cluster.leader:
+            return True
+        if loop.time() > deadline:
+            return False
+        await asyncio.sleep(0.05)

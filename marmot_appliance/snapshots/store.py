@@ -32,6 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import Header, ObjectInfo, ObjectMetaOptions
 from nats.js.kv import KeyValue
 
+from marmot_appliance.replication.streams import wait_for_stream_leader
 from marmot_appliance.snapshots.errors import ChecksumMismatchError, NoSnapshotError, SnapshotError
 from marmot_appliance.snapshots.manifest import Manifest, SnapshotInfo
 from marmot_appliance.snapshots.progress import ProgressCallback, no_progress
@@ -77,16 +78,8 @@ async def retry_no_responders(request, attempts: int = NO_RESPONDER_RETRIES):
 
 
 async def _wait_for_leader(js: JetStreamContext, stream: str, timeout_s: float = 30.0) -> None:
-    """A just-created replicated stream answers publishes only once its leader is elected;
-    without this wait the very first publish can fail with "no responders"."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while True:
-        info = await js.stream_info(stream)
-        if info.cluster is None or info.cluster.leader:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise SnapshotError(f"stream {stream} has no leader after {timeout_s:g}s")
-        await asyncio.sleep(0.05)
+    if not await wait_for_stream_leader(js, stream, timeout_s):
+        raise SnapshotError(f"stream {stream} has no leader after {timeout_s:g}s")
 
 
 def _b64(data: bytes) -> str:
