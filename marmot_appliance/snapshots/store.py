@@ -44,6 +44,8 @@ CHUNK_SIZE = 256 * 1024  # measured: 256 KiB with 8 in flight beats larger chunk
 UPLOAD_WINDOW = 8  # chunk publishes awaiting their ack; bounds upload memory to window * chunk
 REQUEST_TIMEOUT_S = 30.0  # one chunk publish or fetch; generous, a busy R3 cluster can be slow
 DEFAULT_LEASE_TTL_S = 30.0
+# Opening the buckets is idempotent; a timed-out attempt (JetStream settling) is retried.
+OPEN_ATTEMPTS = 3
 SHA_HEADER = "Marmot-Sha256"
 
 
@@ -108,16 +110,28 @@ class SnapshotStore:
         create: bool = True,
         lease_ttl_s: float = DEFAULT_LEASE_TTL_S,
     ) -> "SnapshotStore":
-        """Open (and with `create`, create on first use) the buckets. Same config is idempotent."""
-        try:
-            direct = await cls._ensure_object_bucket(js, bucket, replicas, create)
-            manifest_kv = await cls._ensure_kv(js, manifest_bucket_name(bucket), replicas, create, history=8, ttl=None)
-            lease_kv = await cls._ensure_kv(js, lease_bucket_name(bucket), replicas, create, history=1, ttl=lease_ttl_s)
-        except nats.js.errors.APIError as exc:
-            raise SnapshotError(f"cannot open snapshot bucket {bucket!r}: {exc.description or exc}") from exc
-        except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
-            raise SnapshotError(f"timed out opening snapshot bucket {bucket!r}: is JetStream available?") from exc
-        return cls(js, bucket, manifest_kv, lease_kv, direct)
+        """Open (and with `create`, create on first use) the buckets. Same config is idempotent,
+        so a request that timed out (JetStream still settling after a server start; seen in CI)
+        is simply retried, a bounded number of times."""
+        for attempt in range(OPEN_ATTEMPTS):
+            try:
+                direct = await cls._ensure_object_bucket(js, bucket, replicas, create)
+                manifest_kv = await cls._ensure_kv(
+                    js, manifest_bucket_name(bucket), replicas, create, history=8, ttl=None
+                )
+                lease_kv = await cls._ensure_kv(
+                    js, lease_bucket_name(bucket), replicas, create, history=1, ttl=lease_ttl_s
+                )
+                return cls(js, bucket, manifest_kv, lease_kv, direct)
+            except nats.js.errors.APIError as exc:
+                raise SnapshotError(f"cannot open snapshot bucket {bucket!r}: {exc.description or exc}") from exc
+            except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+                if attempt + 1 == OPEN_ATTEMPTS:
+                    raise SnapshotError(
+                        f"timed out opening snapshot bucket {bucket!r} ({OPEN_ATTEMPTS} attempts): is JetStream available?"
+                    ) from exc
+                log.info("opening snapshot bucket %r timed out; retrying", bucket)
+        raise AssertionError("unreachable")
 
     @staticmethod
     async def _ensure_object_bucket(js: JetStreamContext, bucket: str, replicas: int, create: bool) -> bool:
