@@ -152,6 +152,18 @@ class BatchBuilder:
         self.fingerprints = fingerprints or {}
         self.primary_keys = primary_keys or {}
 
+    def _too_large(self, payload: bytes, row_count: int, table: str) -> bool:
+        """Whether an encoded batch must be split; one row alone that is too large is an error."""
+        if len(payload) <= self.max_payload:
+            return False
+        if row_count == 1:
+            raise OversizedRowError(
+                f"a change of table {table!r} encodes to {len(payload)} bytes, more than the "
+                f"NATS server's max_payload allows ({self.max_payload + PAYLOAD_HEADROOM}); "
+                "raise max_payload on the servers"
+            )
+        return True
+
     def build(self, pending: Sequence[Any]) -> list[OutgoingBatch]:
         """`pending` holds PendingChange(log_id, change) in commit order."""
         shards = self.replication.shards
@@ -191,13 +203,7 @@ class BatchBuilder:
             primary_keys={t: tuple(self.primary_keys[t]) for t in tables if t in self.primary_keys},
         )
         payload = codec.encode_batch(batch, self.replication.compression)
-        if len(payload) > self.max_payload:
-            if len(items) == 1:
-                raise OversizedRowError(
-                    f"a change of table {rows[0].table!r} encodes to {len(payload)} bytes, more than the "
-                    f"NATS server's max_payload allows ({self.max_payload + PAYLOAD_HEADROOM}); "
-                    "raise max_payload on the servers"
-                )
+        if self._too_large(payload, len(items), rows[0].table):
             middle = len(items) // 2  # the estimate was off (incompressible data): split and retry
             return self._encode(shard, items[:middle]) + self._encode(shard, items[middle:])
         log_ids = tuple(item.log_id for item in items)
@@ -279,13 +285,7 @@ class BatchBuilder:
                 append((group, row[0], getter(row)))
         body = {"o": self.node_id, "t": tables, "g": groups, "r": entries}
         payload = codec.encode_body(body, self.replication.compression)
-        if len(payload) > self.max_payload:
-            if len(chunk) == 1:
-                raise OversizedRowError(
-                    f"a change of table {layouts[chunk[0][1]].table!r} encodes to {len(payload)} bytes, more "
-                    f"than the NATS server's max_payload allows ({self.max_payload + PAYLOAD_HEADROOM}); "
-                    "raise max_payload on the servers"
-                )
+        if self._too_large(payload, len(chunk), layouts[chunk[0][1]].table):
             middle = len(chunk) // 2  # the estimate was off (incompressible data): split and retry
             return self._encode_rows(shard, chunk[:middle], layouts) + self._encode_rows(shard, chunk[middle:], layouts)
         log_ids = tuple(map(_FIRST, chunk))
