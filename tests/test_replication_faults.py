@@ -191,3 +191,21 @@ async def test_seq_map_path_keeps_a_cbor_copy_of_applied_positions(nats_cluster,
     positions = dict(conn.execute('SELECT stream, seq FROM "_marmot_positions"').fetchall())
     conn.close()
     assert positions and read_seq_map(seq_map) == positions
+
+
+async def test_a_dead_runtime_part_stops_the_node_with_a_failure_exit(nats_cluster, wal_db, monkeypatch):
+    """A bug that ends a part (here the publisher) must not leave a half-dead node reporting ok."""
+    from marmot_appliance.replication.publisher import Publisher
+
+    async def broken_run(self, stop):
+        raise RuntimeError("injected publisher bug")
+
+    monkeypatch.setattr(Publisher, "run", broken_run)
+    node = InProcessNode(1, wal_db("dead.db", SCHEMA), nats_cluster.url)
+    await node.start()
+    code = await asyncio.wait_for(node.task, 60)
+    node.task = None
+    assert code == 1
+    assert node.runtime.status.failed_parts == {"publish": "RuntimeError: injected publisher bug"}
+    assert node.runtime.status.healthy is False
+    assert node.runtime.status.as_health()["status"] == "unhealthy"

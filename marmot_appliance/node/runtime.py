@@ -102,6 +102,7 @@ class NodeRuntime:
         self._restore_lock = asyncio.Lock()
         self._last_seq_map: dict[str, int] | None = None
         self._closing = False
+        self._part_failed = asyncio.Event()  # a runtime part (consumer, publisher, ...) died
 
     # -- health ----------------------------------------------------------------------------
 
@@ -138,8 +139,13 @@ class NodeRuntime:
                 return await self._save_snapshot_and_exit()
             await self._open_database()
             tasks = await self._start_parts(stop)
-            await stop.wait()
+            await self._wait_for_stop_or_failure(stop)
             await self._stop_parts(tasks)
+            if self.status.failed_parts:
+                # A part died from a bug: exit non-zero so systemd (Restart=on-failure) or the
+                # next `apply` restarts the node, instead of running on half-dead forever.
+                log.error("stopping: runtime part(s) failed: %s", ", ".join(self.status.failed_parts))
+                return 1
             return 0
         finally:
             await self._close()
@@ -289,15 +295,25 @@ class NodeRuntime:
         )
         return tasks
 
+    async def _wait_for_stop_or_failure(self, stop: asyncio.Event) -> None:
+        stop_waiter = asyncio.ensure_future(stop.wait())
+        failure_waiter = asyncio.ensure_future(self._part_failed.wait())
+        try:
+            await asyncio.wait({stop_waiter, failure_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_waiter.cancel()
+            failure_waiter.cancel()
+
     def _part_finished(self, task: asyncio.Task) -> None:
         if task.cancelled():
             return
         exc = task.exception()
         if exc is not None:
-            # A part died from a bug: say so loudly; /health keeps the node visible as degraded.
+            # A part died from a bug: say so loudly, show it on /health (unhealthy) and stop
+            # the runtime with a failure exit (see run()).
             log.error("runtime part %s failed: %s", task.get_name(), exc, exc_info=exc)
-            self.status.database_ok = False
-            self.status.database_error = f"{task.get_name()} stopped: {exc}"
+            self.status.failed_parts[task.get_name()] = f"{type(exc).__name__}: {exc}"
+            self._part_failed.set()
 
     async def _stop_parts(self, tasks: list[asyncio.Task]) -> None:
         log.info("shutting down: flushing publishes, finishing applies")

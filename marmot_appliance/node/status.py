@@ -22,6 +22,7 @@ class RuntimeStatus:
     dead_letters: int = 0
     last_snapshot: float | None = None
     pending_rows: int = 0  # captured rows not yet acknowledged by JetStream
+    failed_parts: dict[str, str] = field(default_factory=dict)  # part name -> the error that ended it
 
     @property
     def healthy(self) -> bool:
@@ -29,7 +30,10 @@ class RuntimeStatus:
         # ok would otherwise commit rows before the triggers exist (never published: existing
         # rows are the shared starting state, see docs/capture.md), and apply would call a node
         # healthy that is still deciding whether to restore a snapshot.
-        return self.nats_connected and self.database_ok and self.capture_installed and self.started
+        return (
+            self.nats_connected and self.database_ok and self.capture_installed and self.started
+            and not self.failed_parts
+        )
 
     def as_health(self) -> dict:
         return {
@@ -42,6 +46,7 @@ class RuntimeStatus:
             "lag": dict(self.lag),
             "applied": dict(self.applied),
             "pending_rows": self.pending_rows,
+            "failed_parts": dict(self.failed_parts),
             "last_publish": self.last_publish,
             "last_apply": self.last_apply,
             "dead_letters": self.dead_letters,
