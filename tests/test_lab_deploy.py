@@ -127,7 +127,42 @@ class Lab:
                 health[host] = self.health(host)
             except AssertionError as exc:  # unreachable host: say so instead
                 health[host] = str(exc)
-        raise AssertionError(f"rows missing after {timeout_s}s: {missing}; health: {health}")
+        raise AssertionError(
+            f"rows missing after {timeout_s}s: {missing}; health: {health}\n{self.diagnostics(hosts)}"
+        )
+
+    def stream_leader(self, host: str, stream: str) -> str:
+        """The lab host whose nats-server leads `stream`, as `host`'s server sees it."""
+        script = (
+            "import json, sys, urllib.request\n"
+            "url = f'http://{sys.argv[2]}:8222/jsz?accounts=true&streams=true'\n"
+            "jsz = json.load(urllib.request.urlopen(url, timeout=5))\n"
+            "leaders = [s.get('cluster', {}).get('leader') for a in jsz.get('account_details', [])\n"
+            "           for s in a.get('stream_detail', []) if s['name'] == sys.argv[1]]\n"
+            "print(json.dumps(leaders))\n"
+        )
+        leaders = json.loads(self.python(host, script, stream, self.topology.host(host).address))
+        assert len(leaders) == 1 and leaders[0], f"no leader for {stream} seen from {host}: {leaders}"
+        server_prefix = f"{yaml.safe_load(SPEC.read_text())['name']}-"  # server_name is <cluster>-<node>
+        assert leaders[0].startswith(server_prefix), leaders
+        return leaders[0][len(server_prefix):]
+
+    def diagnostics(self, hosts: list[str]) -> str:
+        """The last journal lines of both services and the JetStream view of each host."""
+        jsz = (
+            "import sys, urllib.request\n"
+            "url = f'http://{sys.argv[1]}:8222/jsz?accounts=true&streams=true&consumers=true&raft=true'\n"
+            "print(urllib.request.urlopen(url, timeout=5).read().decode())\n"
+        )
+        parts = []
+        for host in hosts:
+            try:
+                journal = self.ssh(host, "journalctl -u marmot-node -u nats-server --no-pager -n 80 -o short-precise")
+                parts.append(f"--- {host}: journal\n{journal[-8000:]}")
+                parts.append(f"--- {host}: jsz\n{self.python(host, jsz, self.topology.host(host).address)[-6000:]}")
+            except (AssertionError, subprocess.TimeoutExpired) as exc:
+                parts.append(f"--- {host}: diagnostics failed: {exc}")
+        return "\n".join(parts)
 
 
 def parse_recap(output: str) -> dict[str, dict[str, int]]:
@@ -279,23 +314,27 @@ def test_spec_change_rolls_one_node_at_a_time_while_writes_continue(lab, tmp_pat
     lab.wait_for_rows(["node1", "node2", "node3"], expected)
 
 
-def test_partitioned_host_catches_up_and_all_converge(lab):
+def test_partitioned_stream_leader_catches_up_and_all_converge(lab):
+    """Cut off the host whose nats-server leads the shard stream: the hardest partition (a new
+    leader must be elected while both remaining nodes keep publishing single-row commits)."""
     from marmot_appliance.lab.network import set_link
 
-    set_link(lab.topology, "node3", up=False)
-    lab.console = {"node3"}  # ssh cannot reach a host that is cut off
+    cut = lab.stream_leader("node1", "marmot-changes-1")
+    writers = [host for host in ("node1", "node2", "node3") if host != cut]
+    set_link(lab.topology, cut, up=False)
+    lab.console = {cut}  # ssh cannot reach a host that is cut off
     try:
         for i in range(30):
-            lab.execute("node1", "INSERT INTO items VALUES (?, ?, ?)", [f"cut-n1-{i}", "node1", i])
-            lab.execute("node2", "INSERT INTO items VALUES (?, ?, ?)", [f"cut-n2-{i}", "node2", i])
-        lab.execute("node3", "INSERT INTO items VALUES (?, ?, ?)", ["cut-n3-0", "node3", 0])
-        during = {f"cut-n1-{i}" for i in range(30)} | {f"cut-n2-{i}" for i in range(30)}
-        lab.wait_for_rows(["node1", "node2"], during)
-        assert not (lab.ids("node3") & during), "node3 saw writes while it was cut off"
+            for host in writers:
+                lab.execute(host, "INSERT INTO items VALUES (?, ?, ?)", [f"cut-{host}-{i}", host, i])
+        lab.execute(cut, "INSERT INTO items VALUES (?, ?, ?)", [f"cut-{cut}-0", cut, 0])
+        during = {f"cut-{host}-{i}" for host in writers for i in range(30)}
+        lab.wait_for_rows(writers, during)
+        assert not (lab.ids(cut) & during), f"{cut} saw writes while it was cut off"
     finally:
-        set_link(lab.topology, "node3", up=True)
+        set_link(lab.topology, cut, up=True)
         lab.console = set()
-    everything = during | {"cut-n3-0"}
+    everything = during | {f"cut-{cut}-0"}
     lab.wait_for_rows(["node1", "node2", "node3"], everything, timeout_s=240)
     deadline = time.monotonic() + CONVERGE_TIMEOUT_S
     while True:

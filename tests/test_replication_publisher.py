@@ -150,3 +150,45 @@ def test_oversized_batches_are_split_by_encoded_size(wal_db):
         assert sorted(i for b in batches for i in b.log_ids) == sorted(p.log_id for p in capture.read_pending(1000))
     finally:
         capture.close()
+
+
+async def test_ack_wait_counts_from_the_send_not_from_the_collection(wal_db, js_conn):
+    """A lost stream leader must cost one ack timeout, not one per round in flight.
+
+    Rounds are collected one after another; each round's wait ends at its own send time +
+    ACK_TIMEOUT_S. A round collected after its deadline, whose acks never came (here: a real
+    subscriber on the subject that never replies), is failed at once and its futures released.
+    """
+    import time
+
+    import nats.errors
+
+    from marmot_appliance.replication.publisher import OutgoingBatch
+
+    nc, js = js_conn
+    replication = ReplicationSettings(shards=1, stream_prefix="silent", subject_prefix="silent-subj")
+    black_hole = await nc.subscribe(replication.subject(1))  # takes the message, never acks
+    db = wal_db("silent.db", SCHEMA)
+    db_thread = DbThread("cap")
+    capture = await db_thread.run(ChangeCapture, str(db), 3, None)
+    publisher = Publisher(js, capture, db_thread, 3, replication, nc.max_payload, _NoWakeup(), Metrics(),
+                          RuntimeStatus("n3", str(db)))
+    try:
+        outgoing = OutgoingBatch(1, (1,), None, b"\x01\x00\xa0", "3-1-1-silent")
+        sent, failure = await publisher._send_batches([outgoing])
+        assert failure is None and len(sent) == 1
+        sent_deadline = time.monotonic() - 0.001  # the round was sent ACK_TIMEOUT_S ago
+        acked, failure = await asyncio.wait_for(publisher._collect_acks(sent, None, sent_deadline), 2.0)
+        assert acked == [] and isinstance(failure, nats.errors.TimeoutError)
+        assert sent[0][1].cancelled()  # released: the publish_async window does not fill up
+        await asyncio.sleep(0)  # done-callbacks run on the next loop iteration
+        assert js.publish_async_pending() == 0
+        # A round after a failed one is abandoned without waiting at all.
+        later, _ = await publisher._send_batches([outgoing])
+        publisher._abandon(later)
+        await asyncio.sleep(0)
+        assert later[0][1].cancelled() and js.publish_async_pending() == 0
+    finally:
+        await black_hole.unsubscribe()
+        await db_thread.run(capture.close)
+        db_thread.shutdown()

@@ -436,10 +436,11 @@ class Publisher:
                     continue
                 cursor = max(cursor, read.rows[-1][0])
                 sent, send_failure = await self._send_batches(batches)
+                ack_deadline = time.monotonic() + ACK_TIMEOUT_S
                 round_number = self._next_round
                 self._next_round += 1
                 self._in_flight += 1
-                self._rounds.put_nowait((round_number, read, sent, send_failure))
+                self._rounds.put_nowait((round_number, read, sent, send_failure, ack_deadline))
                 if send_failure is not None:
                     self._fail(send_failure, round_number)
                 more = len(read) >= self.read_limit
@@ -467,15 +468,16 @@ class Publisher:
     async def _retire_rounds(self) -> None:
         """Await each sent round's acks in order; mark its acknowledged rows published."""
         while True:
-            round_number, read, sent, send_failure = await self._rounds.get()
+            round_number, read, sent, send_failure, ack_deadline = await self._rounds.get()
             taken = 1
             try:
                 if self._failed_round is not None and round_number > self._failed_round:
                     # An earlier round failed: this one's rows are re-read and re-sent (same
-                    # Nats-Msg-Id when the composition is the same), so mark nothing now.
-                    await self._settle(sent)
+                    # Nats-Msg-Id when the composition is the same), so mark nothing now and
+                    # do not wait for its acks either.
+                    self._abandon(sent)
                     continue
-                acked_ids, failure = await self._collect_acks(sent, send_failure)
+                acked_ids, failure = await self._collect_acks(sent, send_failure, ack_deadline)
                 everything = failure is None and len(acked_ids) == len(read)
                 if everything:
                     # Later rounds already fully acknowledged join this retire: one write
@@ -483,7 +485,7 @@ class Publisher:
                     # the write lock; fewer is faster under a stream of small commits).
                     reads = [read]
                     while not self._rounds.empty():
-                        next_number, next_read, next_sent, next_failure = self._rounds._queue[0]
+                        next_number, next_read, next_sent, next_failure, _ = self._rounds._queue[0]
                         if next_failure is not None or not all(f.done() for _, f in next_sent):
                             break
                         if self._failed_round is not None and next_number > self._failed_round:
@@ -519,11 +521,11 @@ class Publisher:
                 self._in_flight -= taken
                 self._round_done.set()
 
-    async def _settle(self, sent: list[tuple[OutgoingBatch, asyncio.Future]]) -> None:
-        if sent:
-            done, not_done = await asyncio.wait([f for _, f in sent], timeout=ACK_TIMEOUT_S)
-            for future in not_done:
-                future.cancel()
+    @staticmethod
+    def _abandon(sent: list[tuple[OutgoingBatch, asyncio.Future]]) -> None:
+        """Stop waiting for a round's acks (its rows stay pending and are sent again)."""
+        for _, future in sent:
+            future.cancel()
 
     async def _wait(self, stop: asyncio.Event, timeout_s: float) -> bool:
         stop_waiter = asyncio.ensure_future(stop.wait())
@@ -610,11 +612,21 @@ class Publisher:
         return in_flight, failure
 
     async def _collect_acks(
-        self, in_flight: list[tuple[OutgoingBatch, asyncio.Future]], failure: BaseException | None
+        self,
+        in_flight: list[tuple[OutgoingBatch, asyncio.Future]],
+        failure: BaseException | None,
+        ack_deadline: float | None = None,
     ) -> tuple[list[int], BaseException | None]:
-        """Wait for the acks of sent batches; log ids safe to mark, and the first error."""
+        """Wait for the acks of sent batches; log ids safe to mark, and the first error.
+
+        `ack_deadline` (monotonic) counts from when the round was sent, not from now: rounds
+        are collected one after the other, so a fresh timeout per round would make a lost
+        stream leader cost ACK_TIMEOUT_S per round in flight (minutes under a trickle of
+        single-row commits) instead of ACK_TIMEOUT_S once.
+        """
         if in_flight:
-            done, not_done = await asyncio.wait([f for _, f in in_flight], timeout=ACK_TIMEOUT_S)
+            timeout_s = ACK_TIMEOUT_S if ack_deadline is None else max(0.0, ack_deadline - time.monotonic())
+            done, not_done = await asyncio.wait([f for _, f in in_flight], timeout=timeout_s)
             for future in not_done:
                 future.cancel()
             if not_done and failure is None:
