@@ -106,6 +106,10 @@ class InProcessNode:
             **({"subject_prefix": self.extra["prefixes"] + "-subj", "stream_prefix": self.extra["prefixes"] + "-s"}
                if "prefixes" in self.extra else {}),
         )
+        if "batch_max_rows" in self.extra:  # small batches: one transaction spans many messages
+            replication = config.cluster.replication
+            replication = replace(replication, batch=replace(replication.batch, max_rows=self.extra["batch_max_rows"]))
+            config = replace(config, cluster=replace(config.cluster, replication=replication))
         return replace(config, use_inotify=self.extra.get("use_inotify", True))
 
     async def start(self) -> "InProcessNode":

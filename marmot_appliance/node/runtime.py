@@ -62,6 +62,7 @@ NODE_METRICS = (
     ("rows_applied", "counter", "Rows applied from other nodes"),
     ("batches_applied", "counter", "Batches applied"),
     ("dead_letters", "counter", "Messages parked in the dead-letter table"),
+    ("runs_split", "counter", "Publisher runs applied before their end arrived"),
     ("pending_rows", "gauge", "Captured rows not yet acknowledged"),
 )
 LABELLED_NODE_METRICS = (

@@ -45,6 +45,10 @@ from marmot_appliance.spec.model import CompressionSettings
 
 MSG_ID_HEADER = "Nats-Msg-Id"
 ORIGIN_HEADER = "Marmot-Origin"
+# On every message of a publisher's round but the last of its shard: the rows that follow on
+# this stream from the same origin belong with these (committed together, or in one read of
+# committed rows), so the receiver applies them in the same SQLite transaction.
+MORE_HEADER = "Marmot-More"
 
 FORMAT_VERSION = 1
 FLAG_ZSTD = 0x01

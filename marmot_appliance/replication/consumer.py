@@ -49,6 +49,12 @@ OWN_POSITION_SAVE_S = 0.5
 STALL_CHECKS = 3  # idle checks with lag and no delivery before the subscription is re-created
 HEARTBEAT_S = 2.0
 MAX_GROUP = 64  # messages applied in one SQLite transaction when several are buffered
+# A publisher's run of messages flagged MORE_HEADER is applied in one SQLite transaction (rows
+# committed together stay together, DESIGN.md §2.5), past MAX_GROUP if need be, within these
+# bounds: a run whose end does not arrive in time (its publisher died or is backing off) or
+# that grows past the byte cap is applied as far as it got.
+OPEN_RUN_WAIT_S = 2.0
+MAX_RUN_BYTES = 128 * 1024 * 1024
 
 # sqlite3 errors worth retrying: another writer holds the lock, or the disk is momentarily
 # unavailable. Anything else (constraint, type mismatch, malformed SQL) is permanent.
@@ -168,13 +174,53 @@ class ShardConsumer:
             if self._restart_requested:
                 self._restart_requested = False
                 return
-            group = [msg]
-            # Messages already buffered go into the same SQLite transaction (fewer commits while
-            # catching up); never wait for more, so a lone message is applied at once.
-            while sub.pending_msgs > 0 and len(group) < MAX_GROUP:
-                group.append(await sub.next_msg(timeout=IDLE_CHECK_S))
+            group = await self._gather(sub, msg)
             if await self.handle_group(group):
                 return
+
+    async def _gather(self, sub, first) -> list:
+        """The messages to apply in one SQLite transaction, starting with `first`.
+
+        Messages already buffered join (fewer commits while catching up), up to MAX_GROUP; a
+        lone message is applied at once. While some origin's run is open (its last message
+        carried MORE_HEADER), the group waits for the run's end, past MAX_GROUP, bounded by
+        OPEN_RUN_WAIT_S per message and MAX_RUN_BYTES.
+        """
+        group = [first]
+        open_runs: set[str] = set()
+        self._track_run(open_runs, first)
+        size = len(first.data)
+        while len(group) < MAX_GROUP or open_runs:
+            if sub.pending_msgs > 0:
+                wait_s = IDLE_CHECK_S
+            elif open_runs:
+                wait_s = OPEN_RUN_WAIT_S
+            else:
+                break
+            try:
+                msg = await sub.next_msg(timeout=wait_s)
+            except nats.errors.TimeoutError:
+                self.metrics.inc("runs_split", help="Publisher runs applied before their end arrived")
+                log.info("stream %s: the end of a run from node(s) %s did not arrive within %.0fs; "
+                         "applying what arrived", self.stream, ", ".join(sorted(open_runs)), wait_s)
+                break
+            group.append(msg)
+            self._track_run(open_runs, msg)
+            size += len(msg.data)
+            if size >= MAX_RUN_BYTES:
+                self.metrics.inc("runs_split", help="Publisher runs applied before their end arrived")
+                break
+        return group
+
+    def _track_run(self, open_runs: set[str], msg) -> None:
+        headers = msg.headers or {}
+        origin = headers.get(codec.ORIGIN_HEADER, "")
+        if origin == str(self.node_id):
+            return  # our own messages are skipped, not applied
+        if headers.get(codec.MORE_HEADER):
+            open_runs.add(origin)
+        else:
+            open_runs.discard(origin)
 
     async def _lagging(self) -> bool:
         """Refresh the lag gauge from the stream; True if messages beyond our position exist."""

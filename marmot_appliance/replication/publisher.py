@@ -20,7 +20,7 @@ import logging
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from operator import itemgetter
 from typing import Any
 
@@ -62,6 +62,22 @@ class OutgoingBatch:
     batch: ChangeBatch | None  # None when encoded straight from raw log rows (build_rows)
     payload: bytes
     msg_id: str
+    more: bool = False  # more rows of the same read follow on this shard (MORE_HEADER)
+
+
+def mark_continuations(batches: list[OutgoingBatch], read_was_cut: bool) -> list[OutgoingBatch]:
+    """Flag every batch but the last of its shard: a receiver applies the run together.
+
+    One read of the log holds whole committed transactions unless it stopped at its row limit
+    (`read_was_cut`); then the last batch of each shard is flagged too and the run continues
+    into the next read. Batches arrive grouped by shard (build / build_rows sort them).
+    """
+    flagged = []
+    for index, outgoing in enumerate(batches):
+        last_of_shard = index + 1 == len(batches) or batches[index + 1].shard != outgoing.shard
+        more = read_was_cut or not last_of_shard
+        flagged.append(replace(outgoing, more=True) if more else outgoing)
+    return flagged
 
 
 def estimate_row_bytes(change: RowChange) -> int:
@@ -582,7 +598,7 @@ class Publisher:
 
     def _read_and_build(self, after_id: int = 0) -> tuple[PendingRows, list[OutgoingBatch]]:
         read = self.capture.read_pending_rows(self.read_limit, after_id)
-        return read, self.builder.build_rows(read)
+        return read, mark_continuations(self.builder.build_rows(read), len(read) >= self.read_limit)
 
     async def _publish_batches(self, batches: list[OutgoingBatch]) -> tuple[list[int], BaseException | None]:
         """Send all batches with acks in flight; return log ids safe to mark, and the first error."""
@@ -597,6 +613,8 @@ class Publisher:
         failure: BaseException | None = None
         for outgoing in batches:
             headers = {codec.MSG_ID_HEADER: outgoing.msg_id, codec.ORIGIN_HEADER: str(self.node_id)}
+            if outgoing.more:
+                headers[codec.MORE_HEADER] = "1"
             try:
                 future = await self.js.publish_async(
                     self.replication.subject(outgoing.shard),
