@@ -128,3 +128,50 @@ def test_rendered_cluster_runs_and_enforces_auth(tmp_path: Path):
     finally:
         for proc in processes:
             proc.stop()
+
+
+def test_nkey_auth_runs_end_to_end(tmp_path: Path):
+    """auth: nkey — the server is configured with the public key derived from the seed file, a
+    node connects with the connect arguments the runtime uses, and a client without it is refused."""
+    import dataclasses
+    import os
+
+    import nkeys
+
+    from marmot_appliance.appliance.credentials import credentials_from_spec
+    from marmot_appliance.nats_client import connect_kwargs
+
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+    seed_file.chmod(0o600)
+    base = local_cluster(1, auth="nkey")
+    cluster = dataclasses.replace(
+        base, nats=dataclasses.replace(base.nats, auth=NatsAuth(mode="nkey", nkey_seed_file=str(seed_file)))
+    )
+    node = cluster.nodes[0]
+    credentials = credentials_from_spec(cluster)
+    assert credentials.nkey.startswith("U") and credentials.password is None
+    config_path = tmp_path / "n1.conf"
+    config_path.write_text(render_server_config(server_config_for(cluster, node, str(tmp_path / "js"), credentials)))
+    assert seed_file.read_text().strip() not in config_path.read_text()  # only the public key
+    proc = NatsServerProcess(config_path=config_path, log_path=tmp_path / "n1.log")
+    proc.start()
+    try:
+        proc.wait_listening("127.0.0.1", node.ports.client, timeout_s=30)
+        url = f"nats://127.0.0.1:{node.ports.client}"
+
+        async def probe():
+            with pytest.raises(Exception) as refused:
+                await nats.connect(url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0)
+            assert "authorization" in str(refused.value).lower()
+            kwargs = connect_kwargs(cluster, node)
+            kwargs.update(allow_reconnect=False, max_reconnect_attempts=0)
+            nc = await nats.connect(**kwargs)
+            try:
+                assert (await nc.jetstream().account_info()) is not None
+            finally:
+                await nc.close()
+
+        asyncio.run(asyncio.wait_for(probe(), timeout=60))
+    finally:
+        proc.stop()

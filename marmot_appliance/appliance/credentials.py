@@ -101,7 +101,7 @@ def _read_secret_file(path: str, what: str) -> str:
 
 def _public_nkey(seed: str) -> str:
     try:
-        import nkeys  # optional: nats-py's `nkeys` extra
+        import nkeys  # a dependency (nats-py[nkeys]); missing only in a hand-trimmed install
     except ImportError as exc:
         raise ApplianceError(
             "nats.auth.mode 'nkey' needs the nkeys package: pip install 'nats-py[nkeys]'"
