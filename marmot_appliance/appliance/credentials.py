@@ -101,10 +101,10 @@ def _read_secret_file(path: str, what: str) -> str:
 
 def _public_nkey(seed: str) -> str:
     try:
-        import nkeys  # a dependency (nats-py[nkeys]); missing only in a hand-trimmed install
+        import nkeys  # the optional `nkeys` extra
     except ImportError as exc:
         raise ApplianceError(
-            "nats.auth.mode 'nkey' needs the nkeys package: pip install 'nats-py[nkeys]'"
+            "nats.auth.mode 'nkey' needs the nkeys package: pip install 'marmot-appliance[nkeys]'"
         ) from exc
     try:
         return nkeys.from_seed(seed.encode()).public_key.decode()
