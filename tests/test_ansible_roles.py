@@ -91,8 +91,9 @@ def test_invalid_spec_is_reported_with_its_location(tmp_path):
     assert "colour" in result.stderr and "cluster.yaml:5" in result.stderr
 
 
-def test_playbook_syntax_check_with_spec_inventory():
-    result = _run([str(BIN / "ansible-playbook"), "-i", "vagrant/cluster.yaml", "ansible/site.yml", "--syntax-check"])
+@pytest.mark.parametrize("playbook", ["site.yml", "status.yml", "destroy.yml"])
+def test_playbook_syntax_check_with_spec_inventory(playbook):
+    result = _run([str(BIN / "ansible-playbook"), "-i", "vagrant/cluster.yaml", f"ansible/{playbook}", "--syntax-check"])
     assert result.returncode == 0, result.stdout + result.stderr
 
 

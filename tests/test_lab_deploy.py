@@ -240,21 +240,21 @@ def test_remote_plan_shows_nothing_then_the_pending_spec_change(lab, tmp_path):
         "import sys\nfrom marmot_appliance.deploy.remote import plan_remote\n"
         "from marmot_appliance.spec.loader import load_cluster\n"
         "c = load_cluster(sys.argv[1])\n"
-        "sys.exit(plan_remote(c, c.source, extra_args=sys.argv[2:]))\n"
+        "sys.exit(plan_remote(c, c.source, extra_args=sys.argv[2:], detailed_exitcode=True))\n"
     )
     extra = ["-e", f"marmot_controller_state_dir={lab.controller_state}",
              "-e", f"marmot_packages_wheelhouse_dir={lab.wheelhouse}", "-e", "marmot_packages_build_wheelhouse=false"]
 
-    def plan(spec: Path) -> str:
+    def plan(spec: Path, expected_exit: int) -> str:
         result = subprocess.run(
             ["ip", "netns", "exec", lab.topology.controller_namespace, sys.executable, "-c", script, str(spec), *extra],
             capture_output=True, text=True, env=lab.env, timeout=PLAYBOOK_TIMEOUT_S, cwd=REPO, check=False,
         )
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert result.returncode == expected_exit, result.stdout + result.stderr  # --detailed-exitcode
         return result.stdout
 
-    assert "No changes." in plan(SPEC)
-    pending = plan(_changed_spec(tmp_path))
+    assert "No changes." in plan(SPEC, 0)
+    pending = plan(_changed_spec(tmp_path), 2)
     for host in ("node1", "node2", "node3"):
         assert f"~ host {host}" in pending
     assert "marmot_node: Write the cluster spec" in pending
@@ -343,6 +343,47 @@ def test_partitioned_stream_leader_catches_up_and_all_converge(lab):
             break
         time.sleep(1)
     assert digests[0] == digests[1] == digests[2], digests
+
+
+def _cli(lab, *args: str) -> subprocess.CompletedProcess:
+    """marmot-appliance from the controller namespace (ssh reaches the lab hosts from there)."""
+    return subprocess.run(
+        ["ip", "netns", "exec", lab.topology.controller_namespace, sys.executable, "-m", "marmot_appliance", *args],
+        capture_output=True, text=True, env=lab.env, timeout=PLAYBOOK_TIMEOUT_S, cwd=REPO, check=False,
+    )
+
+
+def test_remote_status_shows_every_node(lab):
+    result = _cli(lab, "status", str(SPEC))
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:] if line.strip()}
+    assert lines == {"node1": "healthy", "node2": "healthy", "node3": "healthy"}, result.stdout
+    as_json = json.loads(_cli(lab, "status", str(SPEC), "--output", "json").stdout)
+    assert [(n["node"], n["healthy"], n["health"]["node"]) for n in as_json] == [
+        ("node1", True, "node1"), ("node2", True, "node2"), ("node3", True, "node3")]
+
+
+def test_remote_destroy_stops_services_purges_state_and_keeps_databases(lab):
+    rows_before = lab.ids("node2")
+    lab.ssh("node2", "systemctl stop marmot-node")  # one node already down: destroy still works
+    down = _cli(lab, "status", str(SPEC))
+    assert down.returncode == 1 and re.search(r"^node2\s+down\b", down.stdout, re.M), down.stdout
+
+    result = _cli(lab, "destroy", str(SPEC), "--purge")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Databases are never removed" in result.stdout
+    from marmot_appliance.lab.ssh import ssh_command
+
+    probe = ("systemctl is-active nats-server marmot-node; systemctl is-enabled marmot-node; "
+             "test -e /var/lib/marmot-appliance/nats && echo store-left || echo store-gone; "
+             "test -e /var/lib/marmot-appliance/node && echo state-left || echo state-gone")
+    for host in ("node1", "node2", "node3"):
+        # `systemctl is-active` exits non-zero for inactive units: read stdout, not the exit code.
+        states = subprocess.run(ssh_command(lab.topology, host, probe), capture_output=True, text=True,
+                                timeout=60, check=False).stdout.split()
+        assert states == ["inactive", "inactive", "disabled", "store-gone", "state-gone"], f"{host}: {states}"
+    assert lab.ids("node2") == rows_before  # the application's database is untouched
+    assert "from-node1" in rows_before
 
 
 def test_lab_down_leaves_nothing_behind(lab):

@@ -47,7 +47,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     cluster = _load(args.spec)
     if not cluster.is_local:
-        return int(remote_entry("plan_remote")(cluster, cluster.source) or 0)
+        return int(remote_entry("plan_remote")(
+            cluster, cluster.source, output=args.output, detailed_exitcode=args.detailed_exitcode) or 0)
     plan = plan_local(cluster, prune=args.prune)
     print(render_plan_json(plan) if args.output == "json" else render_plan_text(plan))
     if args.detailed_exitcode and plan.has_changes:
@@ -73,7 +74,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cluster = _load(args.spec)
     if not cluster.is_local:
-        return int(remote_entry("status_remote")(cluster, cluster.source) or 0)
+        return int(remote_entry("status_remote")(cluster, cluster.source, output=args.output) or 0)
     statuses = collect_status(cluster)
     print(render_status_json(cluster, statuses) if args.output == "json" else render_status_text(cluster, statuses))
     return 0 if all(status.healthy for status in statuses) else 1
@@ -86,7 +87,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
     cluster = _load(args.spec)
     if not cluster.is_local:
-        return int(remote_entry("destroy_remote")(cluster, cluster.source) or 0)
+        return int(remote_entry("destroy_remote")(cluster, cluster.source, purge=args.purge) or 0)
     destroy_local(cluster, purge=args.purge)
     return 0
 

@@ -1,9 +1,12 @@
-"""`plan` and `apply` for specs whose nodes live on other hosts: drive ansible/site.yml.
+"""plan / apply / status / destroy for specs whose nodes live on other hosts (Ansible).
 
-plan   runs the playbook in check mode with --diff; the marmot_plan callback records every task
-       that would change, and this module prints them per host, Terraform style.
-apply  shows that plan, then runs the playbook for real; with nothing to change it says
-       "No changes." and touches nothing.
+plan     runs site.yml in check mode with --diff; the marmot_plan callback records every task
+         that would change, and this module prints them per host, Terraform style.
+apply    shows that plan, then runs site.yml for real; with nothing to change it says
+         "No changes." and touches nothing.
+status   runs status.yml: every node's /health read on its host, shown per node.
+destroy  runs destroy.yml: services stopped and disabled; --purge also removes the node state
+         and the JetStream store. Databases are never touched.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from marmot_appliance.deploy.errors import DeployError
 from marmot_appliance.spec.model import Cluster
 
 PLAYBOOK_TIMEOUT_S = 3600.0
+EXIT_CHANGES_PENDING = 2  # plan --detailed-exitcode, as for local specs
 
 
 def ansible_dir() -> Path:
@@ -49,8 +53,8 @@ class RemotePlan:
 
 
 def run_playbook(spec_path: Path, check: bool, extra_args: list[str] | None = None,
-                 live_output: bool = False) -> tuple[int, dict, str]:
-    """Run site.yml against the spec; returns (exit code, recorded plan JSON, captured output)."""
+                 live_output: bool = False, playbook: str = "site.yml") -> tuple[int, dict, str]:
+    """Run a playbook of ansible/ against the spec; (exit code, recorded plan JSON, output)."""
     directory = ansible_dir()
     with tempfile.TemporaryDirectory(prefix="marmot-plan-") as scratch:
         plan_file = Path(scratch) / "plan.json"
@@ -64,7 +68,7 @@ def run_playbook(spec_path: Path, check: bool, extra_args: list[str] | None = No
                 "MARMOT_PLAN_FILE": str(plan_file),
             }
         )
-        command = [_ansible_playbook(), "-i", str(spec_path), str(directory / "site.yml"), *(extra_args or [])]
+        command = [_ansible_playbook(), "-i", str(spec_path), str(directory / playbook), *(extra_args or [])]
         if check:
             command += ["--check", "--diff"]
         try:
@@ -112,11 +116,17 @@ def render_plan(plan: RemotePlan) -> str:
     return "\n".join(lines)
 
 
-def plan_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list[str] | None = None) -> int:
+def render_plan_json(plan: RemotePlan) -> str:
+    return json.dumps({"changes": plan.changes, "has_changes": plan.has_changes}, indent=2, sort_keys=True)
+
+
+def plan_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list[str] | None = None,
+                output: str = "text", detailed_exitcode: bool = False) -> int:
+    """Print the plan; with `detailed_exitcode` return 2 when changes are pending."""
     path = Path(spec_path or cluster.source or "")
     plan = compute_plan(path, extra_args)
-    print(render_plan(plan))
-    return 0
+    print(render_plan_json(plan) if output == "json" else render_plan(plan))
+    return EXIT_CHANGES_PENDING if detailed_exitcode and plan.has_changes else 0
 
 
 def apply_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list[str] | None = None) -> int:
@@ -132,4 +142,98 @@ def apply_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: lis
         detail = "\n".join(f"  {f['host']}: {f['task']}: {f['msg']}" for f in failures)
         raise DeployError(f"ansible-playbook failed (exit {code})" + (f":\n{detail}" if detail else ""))
     print("Apply complete.")
+    return 0
+
+
+@dataclass
+class RemoteNodeStatus:
+    node: str
+    reached: bool  # Ansible reached the host
+    http_status: int | None  # None: nothing answered on the node's /health
+    health: dict | None
+    error: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return self.http_status == 200 and bool(self.health) and self.health.get("status") == "ok"
+
+
+def collect_remote_status(cluster: Cluster, spec_path: Path, extra_args: list[str] | None = None) -> list[RemoteNodeStatus]:
+    """Every node's /health, read on its own host through status.yml."""
+    with tempfile.TemporaryDirectory(prefix="marmot-status-") as scratch:
+        code, recorded, output = run_playbook(
+            spec_path, check=False, extra_args=[*(extra_args or []), "-e", f"marmot_status_dir={scratch}"],
+            playbook="status.yml",
+        )
+        if code not in (0, 4) and not any(Path(scratch).iterdir()):  # 4: some hosts unreachable
+            raise DeployError(f"the status run failed (ansible-playbook exit {code}):\n{output[-3000:]}")
+        statuses = []
+        for node in sorted(cluster.nodes, key=lambda n: n.id):
+            path = Path(scratch) / f"{node.name}.json"
+            if not path.is_file():
+                statuses.append(RemoteNodeStatus(node.name, False, None, None, "host not reached"))
+                continue
+            data = json.loads(path.read_text())
+            http_status = data.get("http_status")
+            statuses.append(RemoteNodeStatus(
+                node.name, True, http_status if http_status and http_status > 0 else None, data.get("health"),
+                data.get("error") or "",
+            ))
+        return statuses
+
+
+def render_remote_status(statuses: list[RemoteNodeStatus]) -> str:
+    lines = [f"{'NODE':<16} {'STATE':<11} {'NATS':<6} {'LAG':>6} {'PENDING':>8} {'DEAD':>5}  DETAIL"]
+    for status in statuses:
+        health = status.health or {}
+        if not status.reached:
+            state, detail = "unreachable", status.error
+        elif status.http_status is None:
+            state, detail = "down", f"/health does not answer: {status.error}"
+        else:
+            state = "healthy" if status.healthy else "unhealthy"
+            failed = health.get("failed_parts") or {}
+            database = health.get("database") or {}
+            detail = "; ".join(filter(None, [
+                status.error,
+                database.get("error") or "",
+                ", ".join(f"{part}: {why}" for part, why in failed.items()),
+                "" if health.get("started", True) else "starting",
+            ]))
+        nats_ok = (health.get("nats") or {}).get("connected")
+        lag = sum((health.get("lag") or {}).values()) if health else ""
+        lines.append(
+            f"{status.node:<16} {state:<11} {('yes' if nats_ok else 'no') if health else '-':<6} "
+            f"{lag if health else '-':>6} {health.get('pending_rows', '-') if health else '-':>8} "
+            f"{health.get('dead_letters', '-') if health else '-':>5}  {detail}"
+        )
+    return "\n".join(lines)
+
+
+def status_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list[str] | None = None,
+                  output: str = "text") -> int:
+    """Print every node's health; 0 when all are healthy, 1 otherwise."""
+    statuses = collect_remote_status(cluster, Path(spec_path or cluster.source or ""), extra_args)
+    if output == "json":
+        print(json.dumps([{"node": s.node, "healthy": s.healthy, "reached": s.reached, "http_status": s.http_status,
+                           "health": s.health, "error": s.error} for s in statuses], indent=2, sort_keys=True))
+    else:
+        print(render_remote_status(statuses))
+    return 0 if all(s.healthy for s in statuses) else 1
+
+
+def destroy_remote(cluster: Cluster, spec_path: Path | str | None, purge: bool = False,
+                   extra_args: list[str] | None = None) -> int:
+    """Stop and disable the services on every host; --purge also removes appliance state."""
+    path = Path(spec_path or cluster.source or "")
+    args = [*(extra_args or []), "-e", f"marmot_destroy_purge={'true' if purge else 'false'}"]
+    print(f"Stopping marmot-node and nats-server on {len(cluster.nodes)} host(s) ...", flush=True)
+    code, recorded, output = run_playbook(path, check=False, extra_args=args, playbook="destroy.yml")
+    if code != 0:
+        failures = recorded.get("failures", [])
+        detail = "\n".join(f"  {f['host']}: {f['task']}: {f['msg']}" for f in failures) or output[-3000:]
+        raise DeployError(f"destroy failed (ansible-playbook exit {code}):\n{detail}")
+    databases = ", ".join(sorted({f"{n.name}:{n.db}" for n in cluster.nodes}))
+    print(("Destroyed; node state and JetStream stores removed." if purge else "Destroyed; data kept.")
+          + f" Databases are never removed: {databases}")
     return 0
