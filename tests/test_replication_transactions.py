@@ -65,3 +65,21 @@ async def test_a_replica_never_shows_part_of_a_transaction(nats_cluster, wal_db)
     partial = {view for view in seen if any(count != complete[txn] for txn, count in view)}
     assert not partial, f"a reader on the replica saw partial transactions: {sorted(partial)[:3]}"
     assert len(seen) > 1  # the reader did watch the rows arrive
+
+
+async def test_a_run_past_the_size_cap_is_applied_in_pieces_and_still_converges(nats_cluster, wal_db, monkeypatch):
+    """The cap bounds a receiver's memory; past it a run is split (counted), nothing is lost."""
+    from marmot_appliance.replication import consumer
+
+    monkeypatch.setattr(consumer, "MAX_RUN_BYTES", 2_000)
+    db1, db2 = wal_db("c1.db", SCHEMA), wal_db("c2.db", SCHEMA)
+    prefixes = {"prefixes": "txncap", "batch_max_rows": 10}
+    node1 = await InProcessNode(1, db1, nats_cluster.url, shards=1, extra=prefixes).start()
+    node2 = await InProcessNode(2, db2, nats_cluster.url, shards=1, extra=prefixes).start()
+    try:
+        execute(db1, "INSERT INTO ledger VALUES (?, ?, ?)", [(i, 1, i) for i in range(1, 501)], many=True)
+        await wait_converged([db1, db2])
+        assert node2.runtime.metrics.get("runs_split") > 0
+    finally:
+        await node1.stop()
+        await node2.stop()

@@ -579,3 +579,12 @@ def encode_body(body_map: dict[str, Any], compression: CompressionSettings | Non
 def decode_batch(payload: bytes) -> ChangeBatch:
     """Decode with the module's shared codec; raises CodecError on anything malformed."""
     return _shared_codec.decode(payload)
+
+
+def uncompressed_size(payload: bytes) -> int:
+    """Envelope size before compression, without decompressing (zstd frames declare it)."""
+    if len(payload) > 2 and payload[1] & FLAG_ZSTD:
+        declared = zstandard.frame_content_size(payload[2:])
+        if declared >= 0:
+            return declared + 2
+    return len(payload)

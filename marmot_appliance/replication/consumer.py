@@ -52,9 +52,11 @@ MAX_GROUP = 64  # messages applied in one SQLite transaction when several are bu
 # A publisher's run of messages flagged MORE_HEADER is applied in one SQLite transaction (rows
 # committed together stay together, DESIGN.md §2.5), past MAX_GROUP if need be, within these
 # bounds: a run whose end does not arrive in time (its publisher died or is backing off) or
-# that grows past the byte cap is applied as far as it got.
+# that grows past the size cap is applied as far as it got. The cap counts bytes before
+# compression: while a publisher is far behind, its rounds stop at their row limit and a run
+# goes on round after round; the cap keeps the memory of one group bounded.
 OPEN_RUN_WAIT_S = 2.0
-MAX_RUN_BYTES = 128 * 1024 * 1024
+MAX_RUN_BYTES = 32 * 1024 * 1024
 
 # sqlite3 errors worth retrying: another writer holds the lock, or the disk is momentarily
 # unavailable. Anything else (constraint, type mismatch, malformed SQL) is permanent.
@@ -184,12 +186,12 @@ class ShardConsumer:
         Messages already buffered join (fewer commits while catching up), up to MAX_GROUP; a
         lone message is applied at once. While some origin's run is open (its last message
         carried MORE_HEADER), the group waits for the run's end, past MAX_GROUP, bounded by
-        OPEN_RUN_WAIT_S per message and MAX_RUN_BYTES.
+        OPEN_RUN_WAIT_S per message and MAX_RUN_BYTES (before compression).
         """
         group = [first]
         open_runs: set[str] = set()
         self._track_run(open_runs, first)
-        size = len(first.data)
+        size = codec.uncompressed_size(first.data)
         while len(group) < MAX_GROUP or open_runs:
             if sub.pending_msgs > 0:
                 wait_s = IDLE_CHECK_S
@@ -206,7 +208,7 @@ class ShardConsumer:
                 break
             group.append(msg)
             self._track_run(open_runs, msg)
-            size += len(msg.data)
+            size += codec.uncompressed_size(msg.data)
             if size >= MAX_RUN_BYTES:
                 self.metrics.inc("runs_split", help="Publisher runs applied before their end arrived")
                 break

@@ -25,7 +25,6 @@ from operator import itemgetter
 from typing import Any
 
 import nats.errors
-import zstandard
 import nats.js.errors
 from nats.js import JetStreamContext
 
@@ -89,15 +88,6 @@ def estimate_row_bytes(change: RowChange) -> int:
         else:
             size += 9
     return size
-
-
-def uncompressed_size(payload: bytes) -> int:
-    """Body size before compression, read from the envelope (zstd frames declare it)."""
-    if len(payload) > 2 and payload[1] & codec.FLAG_ZSTD:
-        declared = zstandard.frame_content_size(payload[2:])
-        if declared >= 0:
-            return declared + 2
-    return len(payload)
 
 
 def message_id(node_id: int, log_ids: Sequence[int], payload: bytes) -> str:
@@ -668,7 +658,7 @@ class Publisher:
             rows += len(outgoing.log_ids)
             batches_count += 1
             raw_bytes += len(outgoing.payload)
-            plain_bytes += uncompressed_size(outgoing.payload)
+            plain_bytes += codec.uncompressed_size(outgoing.payload)
         # Batches never sent (publish_async raised) are simply not marked.
         if rows:
             self.metrics.inc("rows_published", rows, help="Rows acknowledged by JetStream")
