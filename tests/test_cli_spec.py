@@ -193,3 +193,17 @@ def test_help_on_every_subcommand(command):
 def test_version():
     result = run("--version")
     assert result.returncode == 0 and result.stdout.startswith("marmot-appliance ")
+
+
+@pytest.mark.parametrize("command", ["plan", "apply"])
+def test_remote_spec_with_nkey_auth_is_refused_before_any_host_is_touched(tmp_path, command):
+    spec = yaml.safe_load((EXAMPLES / "lab-3-host.yaml").read_text())
+    seed = tmp_path / "user.nk"
+    seed.write_text("SUAEXAMPLEONLY\n")
+    spec["nats"]["auth"] = {"mode": "nkey", "nkey_seed_file": str(seed)}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = run(command, str(path))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "nkey" in result.stderr and "cannot be deployed to hosts yet" in result.stderr
+    assert_no_traceback(result)

@@ -120,9 +120,20 @@ def render_plan_json(plan: RemotePlan) -> str:
     return json.dumps({"changes": plan.changes, "has_changes": plan.has_changes}, indent=2, sort_keys=True)
 
 
+def require_deployable(cluster: Cluster) -> None:
+    """Refuse, before any host is touched, what the offline install cannot deliver."""
+    if cluster.nats.auth.mode == "nkey":
+        raise DeployError(
+            "nats.auth.mode 'nkey' cannot be deployed to hosts yet: nodes need the nkeys package, "
+            "which ships only as a source package, and the offline wheelhouse carries binary "
+            "wheels only; use auth 'generated' or 'user' (docs/deploy.md, Secrets)"
+        )
+
+
 def plan_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list[str] | None = None,
                 output: str = "text", detailed_exitcode: bool = False) -> int:
     """Print the plan; with `detailed_exitcode` return 2 when changes are pending."""
+    require_deployable(cluster)
     path = Path(spec_path or cluster.source or "")
     plan = compute_plan(path, extra_args)
     print(render_plan_json(plan) if output == "json" else render_plan(plan))
@@ -130,6 +141,7 @@ def plan_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list
 
 
 def apply_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list[str] | None = None) -> int:
+    require_deployable(cluster)
     path = Path(spec_path or cluster.source or "")
     plan = compute_plan(path, extra_args)
     print(render_plan(plan))
