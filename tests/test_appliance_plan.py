@@ -314,19 +314,25 @@ def test_destroy_purge_refuses_a_directory_it_did_not_create(workdir: Path):
     assert (foreign / "keep.txt").read_text() == "mine"
 
 
-def test_remote_status_and_destroy_are_refused_clearly(workdir: Path):
-    """status/destroy for remote hosts are not built yet: one clear line, exit 1, and no
-    connection attempt (nothing here may send traffic toward lab addresses)."""
-    data = spec_data()
-    for i, node in enumerate(data["nodes"]):
-        node["host"] = f"10.77.0.{11 + i}"
-        node["db"] = "/var/lib/marmot-appliance/app.db"
-    spec = write_spec(workdir, data)
-    for command in ("status", "destroy"):
-        result = run_cli(workdir, command, str(spec))
-        assert result.returncode == 1, describe(result)
-        assert "remote hosts is not supported yet" in result.stderr
-        assert "Traceback" not in result.stderr
+def test_remote_status_names_each_node_state():
+    """status for remote specs (run for real in tests/test_lab_deploy.py): how each state reads."""
+    from marmot_appliance.deploy.remote import RemoteNodeStatus, render_remote_status
+
+    ok = {"status": "ok", "started": True, "nats": {"connected": True}, "lag": {"s-1": 2},
+          "pending_rows": 0, "dead_letters": 0, "database": {"ok": True, "error": None}, "failed_parts": {}}
+    broken = {**ok, "status": "unhealthy", "failed_parts": {"publish": "RuntimeError: boom"}}
+    lines = render_remote_status([
+        RemoteNodeStatus("n1", True, 200, ok),
+        RemoteNodeStatus("n2", True, 503, broken),
+        RemoteNodeStatus("n3", True, None, None, "Connection refused"),
+        RemoteNodeStatus("n4", False, None, None, "host not reached"),
+    ]).splitlines()
+    assert lines[0].split()[:3] == ["NODE", "STATE", "NATS"]
+    assert lines[1].split()[:6] == ["n1", "healthy", "yes", "2", "0", "0"]
+    assert lines[2].split()[:2] == ["n2", "unhealthy"] and "publish: RuntimeError: boom" in lines[2]
+    assert lines[3].split()[:2] == ["n3", "down"] and "Connection refused" in lines[3]
+    assert lines[4].split()[:2] == ["n4", "unreachable"]
+    assert [RemoteNodeStatus("n", True, 200, ok).healthy, RemoteNodeStatus("n", True, 503, broken).healthy] == [True, False]
 
 
 def test_status_before_apply_reports_unhealthy(workdir: Path, spec: Path):
