@@ -176,23 +176,46 @@ def test_upsert_updates_named_columns_only(wal_db):
 
 
 def test_a_row_violating_another_constraint_is_dead_lettered_alone(wal_db):
-    db = wal_db(schema="CREATE TABLE t (k TEXT PRIMARY KEY, v UNIQUE);")
-    connect(db).execute("INSERT INTO t VALUES ('x', 'taken')")
+    db = wal_db(schema="CREATE TABLE t (k TEXT PRIMARY KEY, v CHECK (v <> 'forbidden'));")
+    connect(db).execute("INSERT INTO t VALUES ('x', 'kept')")
     with BatchApplier(db, 2) as applier:
         outcome = applier.apply(
-            batch(up("t", "a", "fine", BASE + 1, 1), up("t", "b", "taken", BASE + 2, 1), up("t", "c", "also fine", BASE + 3, 1)),
+            batch(up("t", "a", "fine", BASE + 1, 1), up("t", "b", "forbidden", BASE + 2, 1), up("t", "c", "also fine", BASE + 3, 1)),
             "s",
             1,
         )
         assert (outcome.rows_applied, outcome.rows_rejected) == (2, 1)
-        assert rows_of(db) == {"x": "taken", "a": "fine", "c": "also fine"}
+        assert rows_of(db) == {"x": "kept", "a": "fine", "c": "also fine"}
         assert applier.dead_letter_count() == 1
         assert applier.positions() == {"s": 1}
     stream, seq, reason, payload = connect(db).execute(
         f'SELECT stream, seq, reason, payload FROM "{DEAD_LETTER_TABLE}"'
     ).fetchone()
-    assert (stream, seq) == ("s", 1) and "UNIQUE" in reason
+    assert (stream, seq) == ("s", 1) and "CHECK" in reason
     assert decode_parked_change(payload).pk == ("b",)
+
+
+def test_a_unique_collision_is_settled_by_version_not_dead_lettered(wal_db):
+    """Newer than every row it collides with: those rows go (tombstoned at its version) and it is
+    applied. Older than one of them: it loses, and its key is tombstoned at the winner's version."""
+    db = wal_db(schema="CREATE TABLE t (k TEXT PRIMARY KEY, v UNIQUE);")
+    connect(db).execute("INSERT INTO t VALUES ('x', 'taken')")  # existed before replication: no version
+    with BatchApplier(db, 2) as applier:
+        newer = applier.apply(batch(up("t", "b", "taken", BASE + 2, 1)), "s", 1)
+        assert (newer.rows_applied, newer.rows_rejected) == (1, 0)
+        assert rows_of(db) == {"b": "taken"}
+        # An older row claiming the same value loses; so does a later change older than 'b'.
+        older = applier.apply(batch(up("t", "y", "taken", BASE + 1, 3)), "s", 2)
+        assert (older.rows_applied, older.rows_stale, older.rows_rejected) == (0, 1, 0)
+        assert rows_of(db) == {"b": "taken"}
+        revived_too_late = applier.apply(batch(up("t", "y", "free", BASE + 1, 3)), "s", 3)
+        assert revived_too_late.rows_applied == 0 and rows_of(db) == {"b": "taken"}
+        # The displaced 'x' is tombstoned at b's version: only a newer change brings it back.
+        applier.apply(batch(up("t", "x", "back", BASE + 2, 0)), "s", 4)
+        assert rows_of(db) == {"b": "taken"}
+        applier.apply(batch(up("t", "x", "back", BASE + 3, 1)), "s", 5)
+        assert rows_of(db) == {"b": "taken", "x": "back"}
+        assert applier.dead_letter_count() == 0
 
 
 def test_dead_letter_records_the_message_and_moves_the_position(wal_db):

@@ -108,3 +108,28 @@ def _pk_collations(conn: sqlite3.Connection, table: str, primary_key: tuple[str,
                 by_column[col_name] = coll or "BINARY"
         return tuple(by_column.get(col, "BINARY") for col in primary_key)
     return tuple("BINARY" for _ in primary_key)
+
+
+@dataclass(frozen=True)
+class UniqueIndex:
+    """A UNIQUE constraint or index other than the primary key, on plain columns."""
+
+    name: str
+    columns: tuple[str, ...]
+    collations: tuple[str, ...]
+
+
+def unique_indexes(conn: sqlite3.Connection, table: str) -> list[UniqueIndex]:
+    """UNIQUE indexes of `table` besides its primary key. Partial and expression indexes are
+    left out: which rows they cover cannot be matched with a plain column comparison."""
+    out = []
+    for _seq, name, unique, origin, partial in conn.execute(
+        "PRAGMA main.index_list(" + quote_ident(table) + ")"
+    ).fetchall():
+        if not unique or origin == "pk" or partial:
+            continue
+        keys = [row for row in conn.execute("PRAGMA main.index_xinfo(" + quote_ident(name) + ")") if row[5]]
+        if not keys or any(row[1] is None for row in keys):  # an expression in the index
+            continue
+        out.append(UniqueIndex(name, tuple(row[2] for row in keys), tuple(row[4] or "BINARY" for row in keys)))
+    return out
