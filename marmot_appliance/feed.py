@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 
 OPERATIONS: tuple[Operation, ...] = ("upsert", "delete")
 REQUEST_TIMEOUT_S = 10.0
+# How long set-up requests (stream info, consumer creation) are repeated on transient errors.
+SETUP_RETRY_S = 60.0
 # Ordered consumers are re-created by the client when heartbeats stop (e.g. a server restart).
 IDLE_HEARTBEAT_S = 5.0
 # Messages buffered between the NATS callbacks and the reader; a slow reader pauses delivery
@@ -249,7 +251,7 @@ async def _resolve_streams(
     resolved = []
     for name in names:
         try:
-            info = await js.stream_info(name)
+            info = await _retrying(f"reading {name}", lambda name=name: js.stream_info(name))
         except nats.js.errors.NotFoundError:
             raise FeedError(
                 f"stream {name} does not exist; check the stream prefix and shard count "
@@ -360,12 +362,40 @@ async def _next_message(queue: asyncio.Queue, connection: NatsClient):
                 raise FeedError("the connection to NATS closed (no server reachable); stopping") from None
 
 
+def _transient(exc: BaseException) -> bool:
+    """A JetStream request that may well succeed if repeated (a cluster still settling)."""
+    if isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError)):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.code == 503
+
+
+async def _retrying(what: str, request: Callable[[], Any]):
+    """Run a set-up request, repeating it on transient errors for up to SETUP_RETRY_S.
+
+    Creating a consumer right after a cluster (re)started can time out while JetStream settles;
+    repeating is safe: a consumer whose creation answer was lost has no subscriber, gets no
+    deliveries here and is removed by the server once inactive.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SETUP_RETRY_S
+    delay = 0.2
+    while True:
+        try:
+            return await request()
+        except Exception as exc:  # noqa: BLE001 - classified right below
+            if not _transient(exc) or loop.time() + delay > deadline:
+                raise
+            log.warning("%s: JetStream did not answer (%s); retrying in %.1fs", what, type(exc).__name__, delay)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
 async def _follow(js, stream: str, subjects: list[str], start: StartPosition, queue: asyncio.Queue):
     # "now" is pinned to the stream's next sequence, and every delivery below the start is
     # dropped: when nats-py re-creates an ordered consumer (missed heartbeats under load)
     # before it delivered anything, it restarts at sequence 1 and would replay history.
     if start.policy == DeliverPolicy.NEW:
-        info = await js.stream_info(stream)
+        info = await _retrying(f"reading {stream}", lambda: js.stream_info(stream))
         start = StartPosition(DeliverPolicy.BY_START_SEQUENCE, seq=info.state.last_seq + 1)
     first_seq = start.seq or 0
     first_time = start.time
@@ -378,17 +408,20 @@ async def _follow(js, stream: str, subjects: list[str], start: StartPosition, qu
         # reader is behind; callbacks of one subscription run one at a time, in stream order.
         await queue.put((stream, msg))
 
-    config = start.consumer_config()
-    if len(subjects) > 1:
-        config.filter_subjects = subjects
-    return await js.subscribe(
-        subjects[0],
-        stream=stream,
-        cb=deliver,
-        ordered_consumer=True,
-        idle_heartbeat=IDLE_HEARTBEAT_S,
-        config=config,
-    )
+    def subscribe():
+        config = start.consumer_config()  # fresh each attempt: nats-py fills it in
+        if len(subjects) > 1:
+            config.filter_subjects = subjects
+        return js.subscribe(
+            subjects[0],
+            stream=stream,
+            cb=deliver,
+            ordered_consumer=True,
+            idle_heartbeat=IDLE_HEARTBEAT_S,
+            config=config,
+        )
+
+    return await _retrying(f"following {stream}", subscribe)
 
 
 def _position(msg) -> tuple[int, datetime]:

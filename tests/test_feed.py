@@ -106,11 +106,16 @@ async def collect(feed, count: int, timeout: float = WAIT_S) -> list[ChangeRecor
     return records
 
 
-async def wait_for_consumers(js, stream: str, count: int = 1) -> None:
-    """The feed's consumer exists: what is published from now on is 'new' for it."""
-    for _ in range(600):
+async def wait_for_consumers(js, stream: str, count: int = 1, process=None) -> None:
+    """The feed's consumer exists: what is published from now on is 'new' for it.
+
+    `process` (a Popen running the feed) ends the wait early, with its stderr, if it exits."""
+    for _ in range(900):
         if (await js.stream_info(stream)).state.consumer_count >= count:
             return
+        if process is not None and process.poll() is not None:
+            raise AssertionError(f"the feed exited ({process.returncode}) before a consumer appeared on "
+                                 f"{stream}: {process.stderr.read()}")
         await asyncio.sleep(0.1)
     raise AssertionError(f"no consumer appeared on {stream}")
 
@@ -358,3 +363,31 @@ async def test_feed_ends_with_feed_error_when_nats_is_gone_for_good(nats_server)
             await asyncio.wait_for(feed.__anext__(), WAIT_S)
     finally:
         await feed.aclose()
+
+
+async def test_setup_requests_repeat_transient_errors_only():
+    """Consumer set-up right after a cluster starts may time out: repeated, bounded; a real
+    refusal (stream missing) is not repeated."""
+    import nats.errors
+    import nats.js.errors
+
+    from marmot_appliance import feed
+
+    attempts = []
+
+    async def flaky():
+        attempts.append(1)
+        if len(attempts) < 3:
+            raise nats.errors.TimeoutError
+        return "answer"
+
+    assert await feed._retrying("test", flaky) == "answer" and len(attempts) == 3
+
+    async def missing():
+        attempts.append(1)
+        raise nats.js.errors.NotFoundError
+
+    attempts.clear()
+    with pytest.raises(nats.js.errors.NotFoundError):
+        await feed._retrying("test", missing)
+    assert len(attempts) == 1
