@@ -38,6 +38,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.replication.codec import CodecError, decode_batch
+from marmot_appliance.replication.streams import retry_while_settling
 from marmot_appliance.replication.types import Operation
 from marmot_appliance.spec.model import ReplicationSettings
 
@@ -251,7 +252,7 @@ async def _resolve_streams(
     resolved = []
     for name in names:
         try:
-            info = await _retrying(f"reading {name}", lambda name=name: js.stream_info(name))
+            info = await retry_while_settling(f"reading {name}", lambda name=name: js.stream_info(name), SETUP_RETRY_S)
         except nats.js.errors.NotFoundError:
             raise FeedError(
                 f"stream {name} does not exist; check the stream prefix and shard count "
@@ -362,40 +363,12 @@ async def _next_message(queue: asyncio.Queue, connection: NatsClient):
                 raise FeedError("the connection to NATS closed (no server reachable); stopping") from None
 
 
-def _transient(exc: BaseException) -> bool:
-    """A JetStream request that may well succeed if repeated (a cluster still settling)."""
-    if isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError)):
-        return True
-    return isinstance(exc, nats.js.errors.APIError) and exc.code == 503
-
-
-async def _retrying(what: str, request: Callable[[], Any]):
-    """Run a set-up request, repeating it on transient errors for up to SETUP_RETRY_S.
-
-    Creating a consumer right after a cluster (re)started can time out while JetStream settles;
-    repeating is safe: a consumer whose creation answer was lost has no subscriber, gets no
-    deliveries here and is removed by the server once inactive.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + SETUP_RETRY_S
-    delay = 0.2
-    while True:
-        try:
-            return await request()
-        except Exception as exc:  # noqa: BLE001 - classified right below
-            if not _transient(exc) or loop.time() + delay > deadline:
-                raise
-            log.warning("%s: JetStream did not answer (%s); retrying in %.1fs", what, type(exc).__name__, delay)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
-
-
 async def _follow(js, stream: str, subjects: list[str], start: StartPosition, queue: asyncio.Queue):
     # "now" is pinned to the stream's next sequence, and every delivery below the start is
     # dropped: when nats-py re-creates an ordered consumer (missed heartbeats under load)
     # before it delivered anything, it restarts at sequence 1 and would replay history.
     if start.policy == DeliverPolicy.NEW:
-        info = await _retrying(f"reading {stream}", lambda: js.stream_info(stream))
+        info = await retry_while_settling(f"reading {stream}", lambda: js.stream_info(stream), SETUP_RETRY_S)
         start = StartPosition(DeliverPolicy.BY_START_SEQUENCE, seq=info.state.last_seq + 1)
     first_seq = start.seq or 0
     first_time = start.time
@@ -421,7 +394,9 @@ async def _follow(js, stream: str, subjects: list[str], start: StartPosition, qu
             config=config,
         )
 
-    return await _retrying(f"following {stream}", subscribe)
+    # Repeating a creation is safe: a consumer whose answer was lost has no subscriber, gets
+    # no deliveries here and is removed by the server once inactive.
+    return await retry_while_settling(f"following {stream}", subscribe, SETUP_RETRY_S)
 
 
 def _position(msg) -> tuple[int, datetime]:

@@ -366,12 +366,13 @@ async def test_feed_ends_with_feed_error_when_nats_is_gone_for_good(nats_server)
 
 
 async def test_setup_requests_repeat_transient_errors_only():
-    """Consumer set-up right after a cluster starts may time out: repeated, bounded; a real
-    refusal (stream missing) is not repeated."""
+    """Set-up right after a cluster starts may time out: repeated, bounded; a real refusal
+    (stream missing) is not repeated. The feed, the node start-up and the snapshot buckets
+    share this helper."""
     import nats.errors
     import nats.js.errors
 
-    from marmot_appliance import feed
+    from marmot_appliance.replication.streams import retry_while_settling
 
     attempts = []
 
@@ -381,7 +382,7 @@ async def test_setup_requests_repeat_transient_errors_only():
             raise nats.errors.TimeoutError
         return "answer"
 
-    assert await feed._retrying("test", flaky) == "answer" and len(attempts) == 3
+    assert await retry_while_settling("test", flaky, 30.0) == "answer" and len(attempts) == 3
 
     async def missing():
         attempts.append(1)
@@ -389,5 +390,15 @@ async def test_setup_requests_repeat_transient_errors_only():
 
     attempts.clear()
     with pytest.raises(nats.js.errors.NotFoundError):
-        await feed._retrying("test", missing)
+        await retry_while_settling("test", missing, 30.0)
     assert len(attempts) == 1
+
+    attempts.clear()
+    with pytest.raises(nats.errors.TimeoutError):  # the deadline bounds the repeats
+        await retry_while_settling("test", lambda: _always_timing_out(attempts), 0.5)
+    assert 1 <= len(attempts) <= 3
+
+
+async def _always_timing_out(attempts):
+    attempts.append(1)
+    raise nats.errors.TimeoutError

@@ -39,7 +39,7 @@ from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication.consumer import ShardConsumer
 from marmot_appliance.replication.publisher import OwnPublishes, Publisher
 from marmot_appliance.replication.sharding import shard_numbers
-from marmot_appliance.replication.streams import StreamSetupError, ensure_streams
+from marmot_appliance.replication.streams import StreamSetupError, ensure_streams, retry_while_settling
 from marmot_appliance.replication.wakeup import CommitWakeup
 
 log = logging.getLogger(__name__)
@@ -216,25 +216,19 @@ class NodeRuntime:
 
     async def _ensure_streams(self, stop: asyncio.Event) -> None:
         replicas = self.cluster.effective_log_replicas
-        deadline = time.monotonic() + STREAM_SETUP_TIMEOUT_S
-        while True:
-            try:
-                await ensure_streams(self.js, self.replication, replicas)
-                return
-            except StreamSetupError as exc:
-                if any(word in str(exc).lower() for word in FATAL_STREAM_ERRORS) or time.monotonic() > deadline:
-                    raise
-                error: Exception = exc
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise MarmotError(f"JetStream did not answer while creating the shard streams: {exc}") from exc
-                error = exc
-            log.info("JetStream not ready for stream setup (%s); retrying", error)
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-                raise MarmotError("stopped before the shard streams were ready")
-            except asyncio.TimeoutError:
-                pass
+
+        def retryable(exc: BaseException) -> bool:
+            if isinstance(exc, StreamSetupError):
+                return not any(word in str(exc).lower() for word in FATAL_STREAM_ERRORS)
+            return isinstance(exc, (nats.errors.Error, asyncio.TimeoutError))
+
+        try:
+            await retry_while_settling(
+                "creating the shard streams", lambda: ensure_streams(self.js, self.replication, replicas),
+                STREAM_SETUP_TIMEOUT_S, retryable, stop,
+            )
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise MarmotError(f"JetStream did not answer while creating the shard streams: {exc}") from exc
 
     async def _open_database(self) -> None:
         from marmot_appliance.replication.applier import BatchApplier
@@ -457,20 +451,13 @@ class NodeRuntime:
 
         Right after the servers start, reading the snapshot manifest can time out or find no
         responders; that must not kill the node (it did, and the cluster lost a replica)."""
-        deadline = time.monotonic() + STREAM_SETUP_TIMEOUT_S
-        while True:
-            try:
-                await self._restore_if_needed()
-                return
-            except (nats.errors.Error, asyncio.TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise MarmotError(f"JetStream did not answer while checking for a snapshot to restore: {exc}") from exc
-                log.info("JetStream not ready for the snapshot check (%s); retrying", type(exc).__name__)
-            try:
-                await asyncio.wait_for(stop.wait(), 1.0)
-                raise MarmotError("stopped before the start-up snapshot check finished")
-            except asyncio.TimeoutError:
-                pass
+        try:
+            await retry_while_settling(
+                "the start-up snapshot check", self._restore_if_needed, STREAM_SETUP_TIMEOUT_S,
+                lambda exc: isinstance(exc, (nats.errors.Error, asyncio.TimeoutError)), stop,
+            )
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            raise MarmotError(f"JetStream did not answer while checking for a snapshot to restore: {exc}") from exc
 
     async def _on_truncated(self, stream: str, expected: int, available: int) -> bool:
         log.error("stream %s: next entry %d is gone (stream now starts at %d)", stream, expected, available)

@@ -3,6 +3,9 @@
 One stream per shard, `<stream_prefix>-<n>` capturing subject `<subject_prefix>-<n>` (n = 1..N),
 file storage, limits retention keeping the newest `max_log_entries` messages, `num_replicas`
 copies. A duplicate window makes `Nats-Msg-Id` de-duplicate a publish retried after a crash.
+
+Also the two waits every JetStream user here needs right after servers start: for a stream's
+leader, and `retry_while_settling` for idempotent set-up requests that time out meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ log = logging.getLogger(__name__)
 
 # Long enough to cover a crash + restart of the node runtime; JetStream keeps the ids in memory.
 DUPLICATE_WINDOW_S = 600.0
+LEADER_TIMEOUT_S = 30.0  # a just-created replicated stream elects its leader within seconds
 
 
 class StreamSetupError(MarmotError):
@@ -79,10 +83,14 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, timeout_s: f
 
 
 async def ensure_streams(js: JetStreamContext, replication: ReplicationSettings, replicas: int) -> list[StreamInfo]:
-    """Create or check every shard stream. Raises StreamSetupError with a readable reason."""
+    """Create or check every shard stream and wait for its leader (so the first publish after
+    this returns is answered). Raises StreamSetupError with a readable reason."""
     infos = []
     for shard in shard_numbers(replication.shards):
+        name = replication.stream_name(shard)
         infos.append(await ensure_stream(js, stream_config(replication, shard, replicas)))
+        if not await wait_for_stream_leader(js, name, LEADER_TIMEOUT_S):
+            raise StreamSetupError(f"stream {name} has elected no leader after {LEADER_TIMEOUT_S:g}s")
     return infos
 
 
@@ -100,3 +108,46 @@ async def wait_for_stream_leader(js: JetStreamContext, stream: str, timeout_s: f
         if loop.time() > deadline:
             return False
         await asyncio.sleep(0.05)
+
+
+def is_settling_error(exc: BaseException) -> bool:
+    """A JetStream request that may well succeed if repeated (a cluster still settling)."""
+    if isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError)):
+        return True
+    return isinstance(exc, nats.js.errors.APIError) and exc.code == 503
+
+
+async def retry_while_settling(
+    what: str,
+    request,
+    timeout_s: float,
+    retryable=is_settling_error,
+    stop: asyncio.Event | None = None,
+):
+    """Run `request()` (a coroutine factory) until it succeeds, repeating `retryable` errors
+    with growing pauses for up to `timeout_s`; then the last error is raised.
+
+    Only for idempotent set-up requests (create-or-check a stream, open a bucket, create a
+    consumer, read state): right after servers start they can time out while JetStream settles.
+    A set `stop` ends the wait early with a MarmotError.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    delay = 0.2
+    while True:
+        try:
+            return await request()
+        except Exception as exc:  # noqa: BLE001 - classified right below
+            if not retryable(exc) or loop.time() + delay > deadline:
+                raise
+            log.warning("%s: JetStream not ready (%s); retrying in %.1fs", what, exc or type(exc).__name__, delay)
+        if stop is None:
+            await asyncio.sleep(delay)
+        else:
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            else:
+                raise MarmotError(f"stopped before {what} finished")
+        delay = min(delay * 2, 5.0)

@@ -32,7 +32,7 @@ from nats.js import JetStreamContext
 from nats.js.api import Header, ObjectInfo, ObjectMetaOptions
 from nats.js.kv import KeyValue
 
-from marmot_appliance.replication.streams import wait_for_stream_leader
+from marmot_appliance.replication.streams import retry_while_settling, wait_for_stream_leader
 from marmot_appliance.snapshots.errors import ChecksumMismatchError, NoSnapshotError, SnapshotError
 from marmot_appliance.snapshots.manifest import Manifest, SnapshotInfo
 from marmot_appliance.snapshots.progress import ProgressCallback, no_progress
@@ -44,8 +44,8 @@ CHUNK_SIZE = 256 * 1024  # measured: 256 KiB with 8 in flight beats larger chunk
 UPLOAD_WINDOW = 8  # chunk publishes awaiting their ack; bounds upload memory to window * chunk
 REQUEST_TIMEOUT_S = 30.0  # one chunk publish or fetch; generous, a busy R3 cluster can be slow
 DEFAULT_LEASE_TTL_S = 30.0
-# Opening the buckets is idempotent; a timed-out attempt (JetStream settling) is retried.
-OPEN_ATTEMPTS = 3
+# Opening the buckets is idempotent; timed-out attempts (JetStream settling) are repeated this long.
+OPEN_TIMEOUT_S = 60.0
 SHA_HEADER = "Marmot-Sha256"
 
 
@@ -112,26 +112,20 @@ class SnapshotStore:
     ) -> "SnapshotStore":
         """Open (and with `create`, create on first use) the buckets. Same config is idempotent,
         so a request that timed out (JetStream still settling after a server start; seen in CI)
-        is simply retried, a bounded number of times."""
-        for attempt in range(OPEN_ATTEMPTS):
-            try:
-                direct = await cls._ensure_object_bucket(js, bucket, replicas, create)
-                manifest_kv = await cls._ensure_kv(
-                    js, manifest_bucket_name(bucket), replicas, create, history=8, ttl=None
-                )
-                lease_kv = await cls._ensure_kv(
-                    js, lease_bucket_name(bucket), replicas, create, history=1, ttl=lease_ttl_s
-                )
-                return cls(js, bucket, manifest_kv, lease_kv, direct)
-            except nats.js.errors.APIError as exc:
-                raise SnapshotError(f"cannot open snapshot bucket {bucket!r}: {exc.description or exc}") from exc
-            except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
-                if attempt + 1 == OPEN_ATTEMPTS:
-                    raise SnapshotError(
-                        f"timed out opening snapshot bucket {bucket!r} ({OPEN_ATTEMPTS} attempts): is JetStream available?"
-                    ) from exc
-                log.info("opening snapshot bucket %r timed out; retrying", bucket)
-        raise AssertionError("unreachable")
+        is simply repeated, for up to OPEN_TIMEOUT_S."""
+
+        async def open_buckets() -> "SnapshotStore":
+            direct = await cls._ensure_object_bucket(js, bucket, replicas, create)
+            manifest_kv = await cls._ensure_kv(js, manifest_bucket_name(bucket), replicas, create, history=8, ttl=None)
+            lease_kv = await cls._ensure_kv(js, lease_bucket_name(bucket), replicas, create, history=1, ttl=lease_ttl_s)
+            return cls(js, bucket, manifest_kv, lease_kv, direct)
+
+        try:
+            return await retry_while_settling(f"opening snapshot bucket {bucket!r}", open_buckets, OPEN_TIMEOUT_S)
+        except nats.js.errors.APIError as exc:
+            raise SnapshotError(f"cannot open snapshot bucket {bucket!r}: {exc.description or exc}") from exc
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError) as exc:
+            raise SnapshotError(f"timed out opening snapshot bucket {bucket!r}: is JetStream available?") from exc
 
     @staticmethod
     async def _ensure_object_bucket(js: JetStreamContext, bucket: str, replicas: int, create: bool) -> bool:
