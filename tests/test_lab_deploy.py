@@ -172,8 +172,8 @@ def parse_recap(output: str) -> dict[str, dict[str, int]]:
     return recap
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory):
+def lab_for(spec: Path, tmp_path_factory, extra_requirements: list[str] | None = None):
+    """A lab built from `spec` for a test module (generator: yields a Lab, then tears it down)."""
     reason = _missing_capability()
     if reason:
         skip_or_fail(reason)
@@ -183,13 +183,13 @@ def lab(tmp_path_factory):
     from marmot_appliance.lab.topology import default_cache_dir, topology_for
     from marmot_appliance.spec.loader import load_cluster
 
-    topology = topology_for(load_cluster(SPEC))
+    topology = topology_for(load_cluster(spec))
     if is_up(topology):
         lab_down(topology)  # left over by an interrupted run: start clean
     # The dependency wheels are fetched here, in the root namespace (package index reachable);
     # inside the controller namespace the role only rebuilds the project wheel, offline.
     wheelhouse = default_cache_dir() / "wheelhouse"
-    build_wheelhouse(wheelhouse)
+    build_wheelhouse(wheelhouse, extra_requirements=extra_requirements)
     env = dict(os.environ)
     env.update(ansible_environment(topology))
     env.update({"ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
@@ -199,6 +199,11 @@ def lab(tmp_path_factory):
         yield Lab(topology, tmp_path_factory.mktemp("controller-state"), wheelhouse, env)
     finally:
         lab_down(topology, progress=lambda _m: None)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory):
+    yield from lab_for(SPEC, tmp_path_factory)
 
 
 def test_site_yml_deploys_services_and_replicates_both_ways(lab):

@@ -8,7 +8,6 @@ lab packages, like tests/test_lab_deploy.py (fails under MARMOT_REQUIRE_LAB=1).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import skip_or_fail
-from tests.test_lab_deploy import Lab, _missing_capability
+from tests.test_lab_deploy import Lab, lab_for
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = REPO / "tests" / "specs" / "lab-supervisor.yaml"
@@ -28,29 +26,7 @@ pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
-    reason = _missing_capability()
-    if reason:
-        skip_or_fail(reason)
-    from marmot_appliance.deploy.wheelhouse import build_wheelhouse
-    from marmot_appliance.lab.lifecycle import is_up, lab_down, lab_up
-    from marmot_appliance.lab.ssh import ansible_environment
-    from marmot_appliance.lab.topology import default_cache_dir, topology_for
-    from marmot_appliance.spec.loader import load_cluster
-
-    topology = topology_for(load_cluster(SPEC))
-    if is_up(topology):
-        lab_down(topology)
-    wheelhouse = default_cache_dir() / "wheelhouse"
-    build_wheelhouse(wheelhouse, extra_requirements=["supervisor"])  # the package index is reachable here only
-    env = dict(os.environ)
-    env.update(ansible_environment(topology))
-    env.update({"ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1",
-                "ANSIBLE_INVENTORY_UNPARSED_FAILED": "1"})
-    lab_up(topology, progress=lambda _m: None)
-    try:
-        yield Lab(topology, tmp_path_factory.mktemp("controller-state"), wheelhouse, env)
-    finally:
-        lab_down(topology, progress=lambda _m: None)
+    yield from lab_for(SPEC, tmp_path_factory, extra_requirements=["supervisor"])
 
 
 def _programs(lab: Lab) -> dict[str, str]:
