@@ -48,16 +48,19 @@ async def create_shard_streams(
     js, shards: int, stream_prefix: str = STREAM_PREFIX, subject_prefix: str = SUBJECT_PREFIX, replicas: int = 3
 ) -> None:
     names = ReplicationSettings(stream_prefix=stream_prefix, subject_prefix=subject_prefix)
+    from marmot_appliance.replication.streams import retry_while_settling
+
     for shard in range(1, shards + 1):
-        await js.add_stream(
-            StreamConfig(
-                name=names.stream_name(shard),
-                subjects=[names.subject(shard)],
-                storage=StorageType.FILE,
-                num_replicas=replicas,
-                max_msg_size=4 * 1024 * 1024,
-            )
+        config = StreamConfig(
+            name=names.stream_name(shard),
+            subjects=[names.subject(shard)],
+            storage=StorageType.FILE,
+            num_replicas=replicas,
+            max_msg_size=4 * 1024 * 1024,
         )
+        # Right after the cluster starts the request can time out (seen in CI); adding the
+        # same config again is idempotent.
+        await retry_while_settling(f"creating {config.name}", lambda config=config: js.add_stream(config), 60.0)
         assert await wait_for_stream_leader(js, names.stream_name(shard), timeout_s=60)
 
 
