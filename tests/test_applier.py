@@ -386,3 +386,26 @@ def test_new_table_catch_up_does_not_recapture_rows_from_other_nodes(wal_db):
         capture.install()
         assert [(c.change.table, c.change.pk) for c in capture.read_pending()] == [("fresh", ("local",))]
     assert rows_of(db, "fresh") == {"remote": 1, "local": 2}
+
+
+def test_case_only_key_change_of_an_existing_row_reaches_the_replica(wal_db):
+    """Issue 10 case 7: 'alice' -> 'Alice' under COLLATE NOCASE on a row the replica already holds.
+
+    The rename arrives as delete('alice') + upsert('Alice') in one batch; both name the same
+    key for SQLite, so the upsert's ON CONFLICT used to keep the replica's old spelling.
+    """
+    schema = "CREATE TABLE t (k TEXT PRIMARY KEY COLLATE NOCASE, v);"
+    origin_db = wal_db("a.db", schema)
+    replica_db = wal_db("b.db", schema)
+    with ChangeCapture(origin_db, 1) as source, BatchApplier(replica_db, 2) as applier:
+        source.install()
+        conn = connect(origin_db)
+        conn.execute("INSERT INTO t VALUES ('alice', 1)")
+        ship(source, applier, "s", 1)
+        assert rows_of(replica_db) == {"alice": 1}
+        conn.execute("UPDATE t SET k = 'Alice'")
+        ship(source, applier, "s", 2)
+        conn.execute("UPDATE t SET k = 'ALICE', v = 2")  # a key and a value change together
+        ship(source, applier, "s", 3)
+    assert rows_of(origin_db) == {"ALICE": 2}
+    assert rows_of(replica_db) == {"ALICE": 2}

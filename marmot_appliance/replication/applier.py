@@ -403,8 +403,13 @@ class BatchApplier:
             targets = ", ".join(quote_ident(local_columns[col]) for col in incoming)
             params = ", ".join(f"?{i + 1}" for i in range(n))
             key_set = {col.lower() for col in layout.primary_key}
+            # Under a key collation other than BINARY ('alice' and 'Alice' are one key under
+            # NOCASE) the conflict must also take the incoming key's spelling, or a case-only
+            # rename never lands. With BINARY keys a conflict means the same key: leave it be
+            # (rewriting a key column costs an index update per row).
+            respell_key = any(collation.upper() != "BINARY" for collation in layout.pk_collations)
             updates = [f"{quote_ident(local_columns[col])} = excluded.{quote_ident(local_columns[col])}"
-                       for col in incoming if col not in key_set]
+                       for col in incoming if respell_key or col not in key_set]
             conflict = ", ".join(quote_ident(col) for col in layout.primary_key)
             on_conflict = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
             # INSERT ... SELECT needs a WHERE before ON CONFLICT (SQLite's upsert parsing rule);
