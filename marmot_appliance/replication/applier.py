@@ -51,6 +51,7 @@ from marmot_appliance.replication.sqlite_util import (
     schema_version,
     write_transaction,
 )
+from marmot_appliance.replication.trigger_guard import AppTriggerGuard
 from marmot_appliance.replication.types import DEAD_LETTER_TABLE, POSITIONS_TABLE, ChangeBatch, RowChange
 from marmot_appliance.spec.model import TableSelection
 
@@ -193,6 +194,10 @@ class BatchApplier:
         self.node_id = int(node_id)
         self.selection = selection or TableSelection()
         self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=64)
+        # The application's triggers must not write replicated tables again on apply (their
+        # effects arrive as captured changes) but must keep maintaining derived state.
+        self._trigger_guard = AppTriggerGuard()
+        self._trigger_guard.install(self._conn)
         self._schema_version: int | None = None
         self._layouts: dict[str, TableLayout] = {}  # lower-case name -> layout
         self._plans: dict[tuple[str, tuple[str, ...], str], _RowPlan] = {}
@@ -349,6 +354,9 @@ class BatchApplier:
             layout = table_layout(self._conn, name)
             if layout is not None:
                 self._layouts[name.lower()] = layout
+        self._trigger_guard.set_replicated(
+            layout.name for layout in self._layouts.values() if layout.primary_key and self.selection.selects(layout.name)
+        )
         self._plans = {}
         self._versions_ready = set()
         self._schema_version = version
