@@ -10,6 +10,9 @@ which is retried while /health reports "unhealthy"):
 5. restore a snapshot if a stream's log was truncated below our position;
 6. one consumer per shard stream from the stored position, the publisher, the maintenance loop.
 
+A snapshot restore while running (a consumer found a gap) stops the publisher and every consumer
+first, and restarts them from the restored positions (node/restore_coordinator.py).
+
 SIGTERM / SIGINT: stop capture-driven publishing after flushing what is in flight, let each
 consumer finish the batch it is applying (positions are committed with every batch), write the
 seq-map copy, `nc.drain()`, exit 0.
@@ -32,6 +35,7 @@ from marmot_appliance.errors import DatabaseStateError, MarmotError
 from marmot_appliance.node import snapshot_bridge
 from marmot_appliance.node.config import NodeConfig
 from marmot_appliance.node.db_thread import DbThread
+from marmot_appliance.node.restore_coordinator import RestoreCoordinator
 from marmot_appliance.node.seq_map import write_seq_map
 from marmot_appliance.node.status import RuntimeStatus
 from marmot_appliance.observability.http import ObservabilityServer
@@ -48,6 +52,7 @@ STREAM_SETUP_TIMEOUT_S = 60.0
 SCHEMA_CHECK_S = 0.5
 PARKED_RETRY_S = 2.0
 STATUS_REFRESH_S = 1.0
+FLOW_PAUSE_TIMEOUT_S = 30.0  # consumers and the publisher finish their batch within this, or are cancelled
 PUBLISH_ASYNC_WINDOW = 1024
 # A stream error with these words is a configuration problem, not a transient one.
 FATAL_STREAM_ERRORS = ("insufficient resources", "replicas", "subjects overlap", "exists with subjects")
@@ -64,6 +69,8 @@ NODE_METRICS = (
     ("dead_letters", "counter", "Messages parked in the dead-letter table"),
     ("runs_split", "counter", "Publisher runs applied before their end arrived"),
     ("pending_rows", "gauge", "Captured rows not yet acknowledged"),
+    ("snapshot_restores", "counter", "Snapshots restored while the node was running"),
+    ("snapshot_restore_in_progress", "gauge", "1 while a snapshot restore is pending or running on this node"),
 )
 LABELLED_NODE_METRICS = (
     ("errors", "counter", "Errors by kind"),
@@ -100,7 +107,10 @@ class NodeRuntime:
         self.consumers: list[ShardConsumer] = []
         self.own_publishes = OwnPublishes()
         self.snapshot_scheduler: Any = None
-        self._restore_lock = asyncio.Lock()
+        self.restores = RestoreCoordinator(self)
+        # The consumers and the publisher run on _flow_stop, which a restore sets to pause them.
+        self._flow_stop = asyncio.Event()
+        self._flow_tasks: list[asyncio.Task] = []
         self._last_seq_map: dict[str, int] | None = None
         self._closing = False
         self._part_failed = asyncio.Event()  # a runtime part (consumer, publisher, ...) died
@@ -110,7 +120,9 @@ class NodeRuntime:
     def health(self) -> dict:
         self._refresh_gauges()
         self.status.nats_connected = bool(self.nc is not None and self.nc.is_connected)
-        return self.status.as_health()
+        health = self.status.as_health()
+        health["restore"] = self.restores.state.as_health()
+        return health
 
     def _refresh_gauges(self) -> None:
         if self.snapshot_scheduler is not None:
@@ -273,13 +285,12 @@ class NodeRuntime:
                 consumer = ShardConsumer(
                     self.js, self.applier, self.apply_db, stream, self.replication.subject(shard), self.node.id,
                     self.metrics, self.status, positions.get(stream, 0), own_publishes=self.own_publishes,
-                    on_truncated=self._on_truncated,
+                    on_truncated=self._on_truncated, on_replaced=self.restores.request_adopt,
                 )
                 self.consumers.append(consumer)
-                tasks.append(asyncio.create_task(consumer.run(self.parts_stop), name=f"consume-{stream}"))
-        if self.node.publish:
-            tasks.append(asyncio.create_task(self.publisher.run(self.parts_stop), name="publish"))
+        self._start_flow()
         tasks.append(asyncio.create_task(self._maintenance(self.parts_stop), name="maintenance"))
+        tasks.append(asyncio.create_task(self.restores.run(self.parts_stop), name="restore-coordinator"))
         for task in tasks:
             task.add_done_callback(self._part_finished)
         self.status.started = True
@@ -310,12 +321,57 @@ class NodeRuntime:
             self.status.failed_parts[task.get_name()] = f"{type(exc).__name__}: {exc}"
             self._part_failed.set()
 
+    # -- the flow: consumers and publisher, paused around a restore ---------------------------
+
+    def _start_flow(self) -> None:
+        self._flow_stop = asyncio.Event()
+        tasks = [
+            asyncio.create_task(consumer.run(self._flow_stop), name=f"consume-{consumer.stream}")
+            for consumer in self.consumers
+        ]
+        if self.node.publish:
+            tasks.append(asyncio.create_task(self.publisher.run(self._flow_stop), name="publish"))
+        for task in tasks:
+            task.add_done_callback(self._part_finished)
+        self._flow_tasks = tasks
+
+    async def pause_flow(self) -> None:
+        """Stop the publisher and every consumer; return once none of them can write any more."""
+        self._flow_stop.set()
+        if self.wakeup is not None:
+            self.wakeup.notify()
+        tasks, self._flow_tasks = self._flow_tasks, []
+        if not tasks:
+            return
+        _done, pending = await asyncio.wait(tasks, timeout=FLOW_PAUSE_TIMEOUT_S)
+        for task in pending:
+            log.warning("%s did not stop within %.0fs for a restore; cancelling it", task.get_name(),
+                        FLOW_PAUSE_TIMEOUT_S)
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+        # A cancelled apply may still run on the apply thread; this call queues behind it, so
+        # once it returns nothing from before the pause can still commit.
+        await self.apply_db.run(lambda: None)
+
+    async def resume_flow(self) -> None:
+        """Start the consumers (from the positions the file holds now) and the publisher again."""
+        if self.parts_stop.is_set():
+            return
+        if self.consumers:
+            positions = await self.apply_db.run(self.applier.positions)
+            for consumer in self.consumers:
+                consumer.restart_from(positions.get(consumer.stream, 0))
+        self._start_flow()
+
     async def _stop_parts(self, tasks: list[asyncio.Task]) -> None:
         log.info("shutting down: flushing publishes, finishing applies")
         self.parts_stop.set()
+        self._flow_stop.set()
         if self.wakeup is not None:
             self.wakeup.notify()
-        done, pending = await asyncio.wait(tasks, timeout=30.0)
+        # A restore running now finishes (or fails) first: it resumes nothing once parts_stop is set.
+        done, pending = await asyncio.wait([*tasks, *self._flow_tasks], timeout=30.0)
         for task in pending:
             task.cancel()
         if pending:
@@ -367,6 +423,8 @@ class NodeRuntime:
                 return
             except asyncio.TimeoutError:
                 pass
+            if self.restores.busy:
+                continue  # the file is being replaced; the capture is re-installed after it
             now = time.monotonic()
             try:
                 await self._check_schema()
@@ -429,22 +487,30 @@ class NodeRuntime:
 
     # -- snapshots ---------------------------------------------------------------------------
 
-    async def _restore_if_needed(self) -> bool:
-        async with self._restore_lock:
-            restored = await snapshot_bridge.restore_if_needed(self)
+    async def restore_database(self) -> bool:
+        """Restore a snapshot if this node needs one; nothing may be applying or publishing.
+
+        At start-up before the parts run; while running only through the RestoreCoordinator,
+        which pauses the flow first."""
+        restored = await snapshot_bridge.restore_if_needed(self)
         if restored:
             log.info("restored a snapshot; re-installing capture, consumers resume from its positions")
-            # [snapshots] The restored file lacks what this process published just before (the
-            # pre-restore flush): those messages must be applied on replay, not skipped as ours.
-            for shard in shard_numbers(self.replication.shards):
-                self.own_publishes.forget_below(self.replication.stream_name(shard), 2**63)
-            await self.capture_db.run(self.capture.install)
-            if self.publisher is not None:
-                self.publisher.schema_changed()
-            positions = await self.apply_db.run(self.applier.positions)
-            for consumer in self.consumers:
-                consumer.restart_from(positions.get(consumer.stream, 0))
+            await self.adopt_database()
         return bool(restored)
+
+    async def adopt_database(self) -> dict[str, int]:
+        """Take the file as it is now (restored or replaced): capture, positions, the fence."""
+        # [snapshots] The restored file lacks what this process published just before (the
+        # pre-restore flush): those messages must be applied on replay, not skipped as ours.
+        for shard in shard_numbers(self.replication.shards):
+            self.own_publishes.forget_below(self.replication.stream_name(shard), 2**63)
+        await self.capture_db.run(self.capture.install)
+        if self.publisher is not None:
+            self.publisher.schema_changed()
+        positions = await self.apply_db.run(self.applier.adopt_database)
+        for consumer in self.consumers:
+            consumer.restart_from(positions.get(consumer.stream, 0))
+        return positions
 
     async def _restore_at_start(self, stop: asyncio.Event) -> None:
         """The start-up restore decision, retried while JetStream is still settling.
@@ -453,22 +519,20 @@ class NodeRuntime:
         responders; that must not kill the node (it did, and the cluster lost a replica)."""
         try:
             await retry_while_settling(
-                "the start-up snapshot check", self._restore_if_needed, STREAM_SETUP_TIMEOUT_S,
+                "the start-up snapshot check", self.restore_database, STREAM_SETUP_TIMEOUT_S,
                 lambda exc: isinstance(exc, (nats.errors.Error, asyncio.TimeoutError)), stop,
             )
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             raise MarmotError(f"JetStream did not answer while checking for a snapshot to restore: {exc}") from exc
 
     async def _on_truncated(self, stream: str, expected: int, available: int) -> bool:
+        """True: a restore was requested and the consumer holds until it is restarted."""
         log.error("stream %s: next entry %d is gone (stream now starts at %d)", stream, expected, available)
         if not self.cluster.snapshots.enabled:
             return False
-        try:
-            return await self._restore_if_needed()
-        except MarmotError as exc:
-            log.error("cannot restore a snapshot for %s: %s", stream, exc)
-            self.metrics.inc("errors", kind="restore", help="Errors by kind")
-            return False
+        return self.restores.request_restore(
+            stream, f"stream {stream}: entries {expected}..{available - 1} are gone before this node applied them"
+        )
 
     def _start_snapshot_scheduler(self) -> None:
         if not self.cluster.snapshots.enabled:

@@ -45,7 +45,10 @@ def start_scheduler(runtime: Any) -> Any | None:
     scheduler_class = getattr(api, "SnapshotScheduler", None) if api else None
     if scheduler_class is None:
         return None
-    scheduler = scheduler_class(runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path), runtime.metrics)
+    scheduler = scheduler_class(
+        runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path), runtime.metrics,
+        save_lock=runtime.restores.save_lock, saving_blocked=runtime.restores.saving_blocked,
+    )
     if not getattr(scheduler, "enabled", True):
         return None
     scheduler.task = asyncio.create_task(scheduler.run(runtime.parts_stop), name="snapshot-scheduler")

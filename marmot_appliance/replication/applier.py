@@ -19,6 +19,13 @@ this node does not have are parked and retried by retry_parked() once the schema
 A row SQLite refuses (e.g. a UNIQUE constraint other than the key) is dead-lettered on its own;
 the rest of the batch still applies.
 
+Position fence: a snapshot restore replaces the whole file, positions included, while an apply
+may be waiting for the write lock. The applier remembers the file's *database epoch*
+(`_marmot_meta.database_epoch`, rewritten by every restore) and writes a position only while the
+file still carries it; otherwise the transaction rolls back with DatabaseReplacedError and the
+runtime restarts every consumer from the restored positions. A position written into a restored
+file by an apply begun before the restore would skip the entries in between (issue 10, case 1).
+
 Own-origin batches: rows this node wrote are already in its database, so they are skipped (the
 position still advances), except rows older than the *own-origin horizon*: the moment this
 database started recording this node's writes (first install, or restore/replacement of the
@@ -59,6 +66,7 @@ __all__ = [
     "ApplyError",
     "ApplyOutcome",
     "BatchApplier",
+    "DatabaseReplacedError",
     "DatabaseBusyError",
     "decode_parked_change",
     "encode_parked_change",
@@ -71,14 +79,26 @@ META_OWN_ORIGIN_HORIZON = "own_origin_horizon"
 _MARKER_ON_SQL = f"INSERT OR IGNORE INTO {quote_ident(bk.MARKER_TABLE)} (id) VALUES (1)"
 _MARKER_OFF_SQL = f"DELETE FROM {quote_ident(bk.MARKER_TABLE)}"
 _POSITIONS_SQL = f"SELECT stream, seq FROM {quote_ident(POSITIONS_TABLE)}"
+# No max(): positions only ever move forward because every caller writes a sequence above the
+# stored one (apply_many drops duplicates), and the fence below, not max(), keeps a position from
+# before a restore out of the restored file.
 _POSITION_UPSERT_SQL = (
     f"INSERT INTO {quote_ident(POSITIONS_TABLE)} (stream, seq) VALUES (?, ?) "
-    "ON CONFLICT (stream) DO UPDATE SET seq = max(seq, excluded.seq)"
+    "ON CONFLICT (stream) DO UPDATE SET seq = excluded.seq"
 )
 
 
 class ApplyError(MarmotError):
     """A batch could not be applied for a reason retrying will not fix: dead-letter it."""
+
+
+class DatabaseReplacedError(MarmotError):
+    """The file was replaced (a snapshot restore) since this applier adopted it.
+
+    Nothing was written. Not transient and not the message's fault: never retry or dead-letter
+    it; stop applying until the runtime has adopted the file (`adopt_database`) and restarted
+    the consumers from the positions the file now holds.
+    """
 
 
 @dataclass
@@ -206,8 +226,20 @@ class BatchApplier:
             bk.ensure_bookkeeping(self._conn)
             if bk.get_meta(self._conn, META_OWN_ORIGIN_HORIZON) is None:
                 _set_horizon_now(self._conn)
+            self._epoch = bk.get_meta(self._conn, bk.META_DATABASE_EPOCH)
 
     # -- public API ----------------------------------------------------------------------------
+
+    def adopt_database(self) -> dict[str, int]:
+        """Accept the file as it is now (after a restore) and return its positions.
+
+        Call only once nothing that began before the restore can still apply (every consumer
+        stopped): from then on positions are written into this file again.
+        """
+        with write_transaction(self._conn):
+            self._epoch = bk.get_meta(self._conn, bk.META_DATABASE_EPOCH)
+            self._schema_version = None  # the restored file has its own schema: re-read it
+            return self.positions()
 
     def positions(self) -> dict[str, int]:
         return {
@@ -331,6 +363,14 @@ class BatchApplier:
         conn.execute(_MARKER_OFF_SQL)
 
     def _write_positions(self, positions: dict[str, int]) -> None:
+        """Store positions, inside the caller's transaction, only into the file we adopted."""
+        if not positions:
+            return
+        if bk.get_meta(self._conn, bk.META_DATABASE_EPOCH) != self._epoch:
+            raise DatabaseReplacedError(
+                f"database {self.db_path} was replaced (snapshot restore) while applying; "
+                "nothing was written, the consumers restart from the restored positions"
+            )
         if len(positions) == 1:
             self._conn.execute(_POSITION_UPSERT_SQL, next(iter(positions.items())))
         elif positions:

@@ -12,7 +12,8 @@ Objects:
                          triggers say WHEN NOT EXISTS (SELECT 1 FROM marker), so the applier's
                          writes are not captured again. SQLite has one writer at a time, so no
                          other connection ever sees the marker row.
-  _marmot_meta           key/value: node id that owns the log, fold watermark, schema version.
+  _marmot_meta           key/value: node id that owns the log, fold watermark, schema version,
+                         database epoch (new on every snapshot restore: the position fence).
   _marmot_layouts        column layout of each captured table, one row per version of it; every
                          log row names the layout it was written with.
   _marmot_log_<table>    captured changes of one table: id (= HLC version, unique, commit order),
@@ -53,6 +54,9 @@ META_FOLDED_THROUGH = "folded_through"
 META_SCHEMA_VERSION = "schema_version"
 # Clock value when the schema was last seen equal to the installed one (install, mark_published).
 META_SCHEMA_SEEN_CLOCK = "schema_seen_clock"
+# Changes whenever the file's contents are replaced (snapshot restore): the applier writes a
+# position only while the file still carries the epoch it adopted (see applier.py, the fence).
+META_DATABASE_EPOCH = "database_epoch"
 
 # Columns of the versions table after the key columns k0..kN.
 _VERSION_COLUMNS = ("version", "origin", "deleted")

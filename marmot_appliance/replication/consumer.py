@@ -7,8 +7,13 @@ crash at any instant neither loses nor doubles an effect. Per message:
 
 * seq <= applied position: a duplicate delivery, dropped;
 * seq > applied position + 1: the log was truncated below us (retention), the node must restore
-  a snapshot; `on_truncated` decides (it may restore and return True to restart from the new
-  position), otherwise we log loudly and continue from what the stream still has;
+  a snapshot; `on_truncated` decides: True means the runtime took over (a restore is under way)
+  and this consumer *holds* (applies nothing) until the runtime stops it and restarts it from
+  the restored position (`restart_from`); otherwise we log loudly and continue from what the
+  stream still has;
+* the database was replaced underneath (applier.DatabaseReplacedError, the position fence):
+  nothing was written; the consumer holds and tells the runtime (`on_replaced`), which adopts
+  the file and restarts every consumer from its positions;
 * undecodable payload or a permanent apply error: dead-lettered with the reason, replication
   continues;
 * SQLITE_BUSY / locked and other transient errors: retried with bounded exponential backoff.
@@ -33,6 +38,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication import codec
+from marmot_appliance.replication.applier import DatabaseReplacedError
 from marmot_appliance.replication.types import ChangeBatch
 
 log = logging.getLogger(__name__)
@@ -63,6 +69,7 @@ MAX_RUN_BYTES = 32 * 1024 * 1024
 TRANSIENT_SQLITE_MARKERS = ("locked", "busy", "disk i/o", "database or disk is full", "unable to open")
 
 TruncationHandler = Callable[[str, int, int], Awaitable[bool]]
+ReplacedHandler = Callable[[str], None]
 
 
 def _row_count(batch: "ChangeBatch | codec.GroupedBatch") -> int:
@@ -94,6 +101,7 @@ class ShardConsumer:
         start_position: int,
         own_publishes: Any = None,
         on_truncated: TruncationHandler | None = None,
+        on_replaced: ReplacedHandler | None = None,
     ):
         self.js = js
         self.applier = applier
@@ -106,6 +114,8 @@ class ShardConsumer:
         self.position = start_position
         self.own_publishes = own_publishes
         self.on_truncated = on_truncated
+        self.on_replaced = on_replaced
+        self.holding: str | None = None  # why this consumer applies nothing until restart_from
         self._unsaved_own_seq: int | None = None  # own messages skipped, position not yet stored
         self._own_position_saved_at = 0.0  # time.monotonic() of the last _save_own_position
         self._failures = 0
@@ -117,11 +127,23 @@ class ShardConsumer:
         self.position = position
         self._unsaved_own_seq = None
         self._restart_requested = True
+        self.holding = None
+        self.status.applied[self.stream] = position
+
+    def hold(self, reason: str) -> None:
+        """Apply nothing more until `restart_from` (the runtime is replacing the database)."""
+        if self.holding is None:
+            log.warning("stream %s: holding at position %d: %s", self.stream, self.position, reason)
+        self.holding = reason
+        self._unsaved_own_seq = None  # an own-message position must not land in the new file
 
     # -- main loop -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            if self.holding is not None:
+                await _wait_for(stop, IDLE_CHECK_S)
+                continue
             sub = None
             try:
                 sub = await self._subscribe()
@@ -129,6 +151,10 @@ class ShardConsumer:
                 self._failures = 0
             except asyncio.CancelledError:
                 raise
+            except DatabaseReplacedError as exc:
+                self.hold(str(exc))
+                if self.on_replaced is not None:
+                    self.on_replaced(self.stream)
             except Exception as exc:  # noqa: BLE001 - NATS trouble: back off, resubscribe from position
                 await self._backoff(f"consumer {self.stream}", exc, stop)
             finally:
@@ -173,7 +199,7 @@ class ShardConsumer:
                     idle_checks = 0
                 continue
             idle_checks = 0
-            if self._restart_requested:
+            if self._restart_requested or self.holding is not None:
                 self._restart_requested = False
                 return
             group = await self._gather(sub, msg)
@@ -267,6 +293,8 @@ class ShardConsumer:
         if simple and items:
             try:
                 await self._apply_many_with_retry(items)
+            except DatabaseReplacedError:
+                raise
             except Exception:  # noqa: BLE001 - one bad batch: apply one by one to isolate it
                 simple = False
             else:
@@ -332,6 +360,8 @@ class ShardConsumer:
         while True:
             try:
                 await self.db.run(self.applier.apply, batch, self.stream, seq)
+            except DatabaseReplacedError:
+                raise
             except Exception as exc:  # noqa: BLE001 - classified below
                 if is_transient(exc):
                     attempt += 1
@@ -356,6 +386,8 @@ class ShardConsumer:
             try:
                 await self.db.run(self.applier.dead_letter, self.stream, seq, payload, reason)
                 break
+            except DatabaseReplacedError:
+                raise
             except Exception as exc:  # noqa: BLE001 - the dead letter itself must not be lost
                 attempt += 1
                 log.warning("stream %s seq %d: cannot record dead letter (%s); retrying", self.stream, seq, exc)
@@ -382,11 +414,10 @@ class ShardConsumer:
         expected = self.position + 1
         self.metrics.inc("errors", kind="log_truncated", help="Errors by kind")
         if self.on_truncated is not None:
-            restored = await self.on_truncated(self.stream, expected, seq)
-            if restored:
-                self.position = (await self.db.run(self.applier.positions)).get(self.stream, 0)
-                if self.own_publishes is not None:
-                    self.own_publishes.forget_below(self.stream, self.position + 1)
+            if await self.on_truncated(self.stream, expected, seq):
+                # The runtime restores a snapshot: apply nothing until it restarts us from the
+                # restored position (it stops every consumer first, see node/restore_coordinator.py).
+                self.hold(f"entries {expected}..{seq - 1} are gone; waiting for a snapshot restore")
                 return True
         log.error(
             "stream %s: entries %d..%d were dropped by retention before this node applied them; "
@@ -406,3 +437,10 @@ class ShardConsumer:
             await asyncio.wait_for(stop.wait(), delay)
         except asyncio.TimeoutError:
             pass
+
+
+async def _wait_for(event: asyncio.Event, timeout_s: float) -> None:
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except asyncio.TimeoutError:
+        pass

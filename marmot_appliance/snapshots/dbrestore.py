@@ -15,7 +15,9 @@ come from the snapshot):
   * every shard stream gets a position row (0 when the snapshot never applied it), so the node
     counts as replicated from now on and replays exactly from the snapshot's positions;
   * tables this node does not replicate (its `tables.exclude` / not in `include`) are local
-    data: their current contents are carried over from the live database instead.
+    data: their current contents are carried over from the live database instead;
+  * a new database epoch is written: an apply that began before the restore can then not write
+    its position into the restored file (the applier's fence, see replication/applier.py).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
 from marmot_appliance.errors import DatabaseStateError
+from marmot_appliance.replication.bookkeeping import META_DATABASE_EPOCH
 from marmot_appliance.replication.sqlite_util import quote_ident
 from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, POSITIONS_TABLE
 from marmot_appliance.snapshots.dbcopy import strip_node_private_state
@@ -85,7 +89,14 @@ def prepare_copy_for_node(
         try:
             if table_exists(copy, CLOCK_TABLE):
                 copy.execute(f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)", (local_clock,))
-            if table_exists(copy, META_TABLE):
+            had_meta = table_exists(copy, META_TABLE)
+            copy.execute(f"CREATE TABLE IF NOT EXISTS {quote_ident(META_TABLE)} (key TEXT PRIMARY KEY, value)")
+            copy.execute(
+                f"INSERT INTO {quote_ident(META_TABLE)} (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (META_DATABASE_EPOCH, uuid.uuid4().hex),
+            )
+            if had_meta:
                 clock = read_clock(copy)
                 for key, value in (
                     (META_NODE_ID, node_id),

@@ -6,14 +6,20 @@ whichever node wrote them. Every node may run a scheduler; the lease lets one sa
 the "already up to date" rule turns the others' attempts into no-ops. The interval is measured on
 this node's monotonic clock from the moment it last saw the manifest change, so no node compares
 its wall clock with another's.
+
+Inside a node the runtime passes `save_lock` and `saving_blocked`: a save never runs while this
+node has a snapshot restore pending or running (it would upload a file about to be replaced, or
+one whose positions are behind), and a restore waits for a save in progress.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
+from typing import Callable
 
 import nats.errors
 from nats.js import JetStreamContext
@@ -40,6 +46,9 @@ class SnapshotScheduler:
         metrics: Metrics | None = None,
         check_interval_s: float = 5.0,
         work_dir: Path | None = None,
+        *,
+        save_lock: asyncio.Lock | None = None,
+        saving_blocked: Callable[[], str | None] | None = None,
     ):
         self.js = js
         self.cluster = cluster
@@ -48,6 +57,8 @@ class SnapshotScheduler:
         self.metrics = metrics
         self.check_interval_s = check_interval_s
         self.work_dir = work_dir
+        self.save_lock = save_lock
+        self.saving_blocked = saving_blocked or (lambda: None)
         self.settings = cluster.snapshots
         self.newest: SnapshotInfo | None = None
         self.saved = 0  # snapshots this scheduler saved (for status and tests)
@@ -96,12 +107,19 @@ class SnapshotScheduler:
 
     async def check_once(self) -> SnapshotInfo | None:
         """Save if due. Returns the snapshot saved, None when not due or skipped."""
+        if self.saving_blocked() is not None:
+            return None
         reason = await self.due()
         if reason is None:
             return None
-        log.info("saving a snapshot: %s", reason)
         try:
-            info = await save_snapshot(self.js, self.cluster, self.node, self.db_path, work_dir=self.work_dir)
+            async with self.save_lock or contextlib.nullcontext():
+                blocked = self.saving_blocked()
+                if blocked is not None:
+                    log.info("snapshot not saved: %s", blocked)
+                    return None
+                log.info("saving a snapshot: %s", reason)
+                info = await save_snapshot(self.js, self.cluster, self.node, self.db_path, work_dir=self.work_dir)
         except SnapshotSkipped as exc:
             log.debug("snapshot not saved: %s", exc)
             self._seen_at = time.monotonic()  # someone else is on it, or nothing new: wait a full interval
