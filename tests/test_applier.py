@@ -161,16 +161,18 @@ def test_applied_versions_advance_the_local_clock(wal_db):
         assert capture.read_pending()[0].change.version > far_future
 
 
-def test_upsert_updates_named_columns_only(wal_db):
-    db = wal_db(schema="CREATE TABLE t (k TEXT PRIMARY KEY, v, local_only DEFAULT 'd', UNIQUE (v));")
+def test_upsert_is_a_full_row_image_that_keeps_the_rowid(wal_db):
+    db = wal_db(schema="CREATE TABLE t (k TEXT PRIMARY KEY, v, added_later DEFAULT 'd', UNIQUE (v));")
     conn = connect(db)
     conn.execute("INSERT INTO t VALUES ('a', 1, 'mine')")
     rowid_before = conn.execute("SELECT rowid FROM t WHERE k = 'a'").fetchone()[0]
     with BatchApplier(db, 2) as applier:
         applier.apply(batch(up("t", "a", 2, BASE + 1, 1), up("t", "b", 3, BASE + 2, 1)), "s", 1)
-    # Not INSERT OR REPLACE: the column the batch does not name keeps its value, rowid stays.
-    assert conn.execute("SELECT k, v, local_only, rowid FROM t ORDER BY k").fetchall() == [
-        ("a", 2, "mine", rowid_before),
+    # The writer's schema had no added_later (a rolling ADD COLUMN): the newest row wins as a
+    # whole, so that column takes its default, as on the writer once it migrates (issue 10
+    # case 6). Still not INSERT OR REPLACE: the rowid stays.
+    assert conn.execute("SELECT k, v, added_later, rowid FROM t ORDER BY k").fetchall() == [
+        ("a", 2, "d", rowid_before),
         ("b", 3, "d", rowid_before + 1),
     ]
 

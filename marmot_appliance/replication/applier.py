@@ -458,6 +458,13 @@ class BatchApplier:
             respell_key = any(collation.upper() != "BINARY" for collation in layout.pk_collations)
             updates = [f"{quote_ident(local_columns[col])} = excluded.{quote_ident(local_columns[col])}"
                        for col in incoming if respell_key or col not in key_set]
+            # An upsert is a full row image: a column the writer's schema did not have yet (a
+            # rolling ADD COLUMN) takes its default here too, as it does on the writer once it
+            # migrates, so every node ends with the same row (docs/capture.md).
+            carried = set(incoming)
+            updates += [f"{quote_ident(col)} = ({default if default is not None else 'NULL'})"
+                        for col, default in zip(layout.columns, layout.defaults or [None] * len(layout.columns))
+                        if col.lower() not in carried]
             conflict = ", ".join(quote_ident(col) for col in layout.primary_key)
             on_conflict = f"DO UPDATE SET {', '.join(updates)}" if updates else "DO NOTHING"
             # INSERT ... SELECT needs a WHERE before ON CONFLICT (SQLite's upsert parsing rule);

@@ -30,6 +30,9 @@ class TableLayout:
     pk_collations: tuple[str, ...]  # collation of each primary-key column (BINARY, NOCASE, ...)
     rowid_alias: bool  # the key is an INTEGER PRIMARY KEY (an alias of the rowid)
     without_rowid: bool
+    # Each column's DEFAULT as SQL text from the schema (None: no default, i.e. NULL), in
+    # `columns` order. The applier sets the columns an incoming row does not carry to these.
+    defaults: tuple[str | None, ...] = ()
 
     @property
     def fingerprint(self) -> str:
@@ -72,11 +75,13 @@ def table_layout(conn: sqlite3.Connection, table: str) -> TableLayout | None:
     without_rowid = bool(listed[0][4])
     info = conn.execute("PRAGMA main.table_xinfo(" + quote_ident(real_name) + ")").fetchall()
     columns: list[str] = []
+    defaults: list[str | None] = []
     pk_positions: list[tuple[int, str, str]] = []
-    for _cid, name, decl_type, _notnull, _default, pk, hidden in info:
+    for _cid, name, decl_type, _notnull, default, pk, hidden in info:
         if hidden in _GENERATED:
             continue
         columns.append(name)
+        defaults.append(default)
         if pk:
             pk_positions.append((pk, name, (decl_type or "").strip().upper()))
     pk_positions.sort()
@@ -89,6 +94,7 @@ def table_layout(conn: sqlite3.Connection, table: str) -> TableLayout | None:
         pk_collations=_pk_collations(conn, real_name, primary_key, rowid_alias),
         rowid_alias=rowid_alias,
         without_rowid=without_rowid,
+        defaults=tuple(defaults),
     )
 
 
