@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sqlite3
 import struct
+import time
 
 import pytest
 
@@ -153,7 +154,7 @@ def test_unpublished_local_write_beats_an_older_remote_one(wal_db):
 
 def test_applied_versions_advance_the_local_clock(wal_db):
     db = wal_db(schema=SCHEMA)
-    far_future = (1 << 62) + 12345
+    far_future = int((time.time() + 30) * 1000) << 16  # ahead, but within max_clock_skew_s (60 s)
     with ChangeCapture(db, 2) as capture, BatchApplier(db, 2) as applier:
         capture.install()
         applier.apply(batch(up("t", "a", "remote", far_future, 1)), "s", 1)
@@ -411,3 +412,75 @@ def test_case_only_key_change_of_an_existing_row_reaches_the_replica(wal_db):
         ship(source, applier, "s", 3)
     assert rows_of(origin_db) == {"ALICE": 2}
     assert rows_of(replica_db) == {"ALICE": 2}
+
+
+def _version_at(seconds_from_now: float) -> int:
+    return int((time.time() + seconds_from_now) * 1000) << 16
+
+
+def _clock(db) -> int:
+    return connect(db).execute("SELECT hlc FROM _marmot_clock").fetchone()[0]
+
+
+def test_versions_from_beyond_the_clock_skew_are_held_then_applied_and_absurd_ones_dead_lettered(wal_db):
+    """Issue 10 case 10, on one database: nothing received can pin the clock or break local writes."""
+    db = wal_db(schema=SCHEMA)
+    with ChangeCapture(db, 2) as capture, BatchApplier(db, 2, max_clock_skew_s=1) as applier:
+        capture.install()
+        clock_before = _clock(db)
+        outcome = applier.apply(batch(
+            up("t", "soon", "held a few seconds", _version_at(2.5), 3),
+            up("t", "max", "2**63-1", 2**63 - 1, 4),
+            up("t", "far", "1 << 62", 1 << 62, 4),
+            up("t", "now", "applied", _version_at(0), 3),
+        ), "s", 1)
+        assert (outcome.rows_applied, outcome.rows_held, outcome.rows_rejected) == (1, 1, 2)
+        assert rows_of(db) == {"now": "applied"}
+        assert _clock(db) < _version_at(1)  # not dragged ahead by any of them
+        report = applier.waiting_report()
+        assert list(report.held_by_origin) == [3] and report.held_by_origin[3][0] == 1
+        assert report.skew_dead_letters_by_origin[4][0] == 2
+        assert applier.dead_letter_count() == 2
+        conn = connect(db)
+        conn.execute("INSERT INTO t VALUES ('local', 'write still works')")  # hlc + 1 stays in range
+        assert applier.retry_held() == 0  # not yet due
+        deadline = time.monotonic() + 60
+        while applier.retry_held() == 0:
+            assert time.monotonic() < deadline, "held row never applied"
+            time.sleep(0.2)
+        assert rows_of(db)["soon"] == "held a few seconds"
+        assert applier.held_count() == 0 and applier.waiting_report().held_by_origin == {}
+
+
+def test_parked_rows_are_retried_only_when_their_table_changes_in_chunks(wal_db):
+    """Issue 10 case 11: no schema change, no work; an unrelated table's change, no work."""
+    db = wal_db(schema=SCHEMA)
+    with BatchApplier(db, 2) as applier:
+        rows = [up("later", f"k{i}", i, BASE + i, 1) for i in range(1, 1201)]
+        applier.apply(batch(*rows), "s", 1)
+        assert applier.parked_count() == 1200
+        assert applier.retry_parked(chunk_rows=500) == 0  # first look after start: table still missing
+        looked = applier.waiting_report().retried_rows
+        assert looked == 1200
+        assert applier.retry_parked(chunk_rows=500) == 0
+        connect(db).execute("CREATE TABLE unrelated (k TEXT PRIMARY KEY)")
+        assert applier.retry_parked(chunk_rows=500) == 0
+        assert applier.waiting_report().retried_rows == looked  # nothing decoded again
+        connect(db).execute("CREATE TABLE later (k TEXT PRIMARY KEY, v)")
+        chunks_before = applier.waiting_report().retry_chunks
+        assert applier.retry_parked(chunk_rows=500) == 1200
+        assert applier.waiting_report().retry_chunks - chunks_before == 3  # 500 + 500 + 200
+        assert applier.parked_count() == 0
+    assert len(rows_of(db, "later")) == 1200
+
+
+def test_parked_rows_are_bounded_and_the_overflow_is_dead_lettered_and_counted(wal_db):
+    db = wal_db(schema=SCHEMA)
+    with BatchApplier(db, 2, max_parked_rows=10) as applier:
+        applier.apply(batch(*[up("later", f"k{i}", i, BASE + i, 1) for i in range(1, 8)]), "s", 1)
+        outcome = applier.apply(batch(*[up("later", f"j{i}", i, BASE + 100 + i, 1) for i in range(1, 8)]), "s", 2)
+        assert (outcome.rows_parked, outcome.rows_rejected) == (3, 4)
+        assert applier.parked_count() == 10
+        assert applier.waiting_report().park_overflow == 4
+        reasons = [r for (r,) in connect(db).execute(f"SELECT reason FROM {DEAD_LETTER_TABLE}")]
+        assert len(reasons) == 4 and all("max_parked_rows 10" in r for r in reasons)

@@ -38,6 +38,7 @@ from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.node.restore_coordinator import RestoreCoordinator
 from marmot_appliance.node.seq_map import write_seq_map
 from marmot_appliance.node.status import RuntimeStatus
+from marmot_appliance.node import waiting_rows
 from marmot_appliance.observability.http import ObservabilityServer
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication.consumer import ShardConsumer
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 
 STREAM_SETUP_TIMEOUT_S = 60.0
 SCHEMA_CHECK_S = 0.5
-PARKED_RETRY_S = 2.0
+PARKED_RETRY_S = 2.0  # how often parked rows are looked at (work only after a schema change) and held rows
 STATUS_REFRESH_S = 1.0
 FLOW_PAUSE_TIMEOUT_S = 30.0  # consumers and the publisher finish their batch within this, or are cancelled
 PUBLISH_ASYNC_WINDOW = 1024
@@ -91,7 +92,9 @@ class NodeRuntime:
             self.metrics.declare(name, kind, help_text)
         for name, kind, help_text in LABELLED_NODE_METRICS:
             self.metrics.declare(name, kind, help_text, labelled=True)
+        waiting_rows.declare_metrics(self.metrics)
         self.status = RuntimeStatus(node=self.node.name, db_path=str(config.db_path))
+        self.waiting = waiting_rows.WaitingRowsReporter(self.status, self.metrics, self.replication.max_clock_skew_s)
         self.http: ObservabilityServer | None = None
         self.nc: Any = None
         self.js: Any = None
@@ -256,7 +259,10 @@ class NodeRuntime:
         log.info("capturing %d table(s): %s", len(report.tables), ", ".join(report.tables) or "(none yet)")
         await self.capture_db.run(self.capture.use_retire_connection)
         self.status.capture_installed = True
-        self.applier = await self.apply_db.run(BatchApplier, db, node_id, selection)
+        self.applier = await self.apply_db.run(
+            BatchApplier, db, node_id, selection, max_clock_skew_s=self.replication.max_clock_skew_s,
+            max_parked_rows=self.replication.max_parked_rows,
+        )
 
     # -- parts -----------------------------------------------------------------------------
 
@@ -430,9 +436,10 @@ class NodeRuntime:
                 await self._check_schema()
                 if now - last_parked >= PARKED_RETRY_S:
                     last_parked = now
-                    retried = await self.apply_db.run(self.applier.retry_parked)
-                    if retried:
-                        log.info("applied %d parked row(s) after the schema caught up", retried)
+                    # Parked rows: work only when the schema changed since the last look (also
+                    # the first look after start, and after a restore); held rows once due.
+                    await waiting_rows.retry_parked(self.apply_db, self.applier)
+                    await waiting_rows.retry_held(self.apply_db, self.applier)
                 if now - last_purge >= self.replication.cleanup_interval_s:
                     last_purge = now
                     purged = await self.capture_db.run(self.capture.purge_published)
@@ -461,15 +468,14 @@ class NodeRuntime:
         log.info("schema changed: capture re-installed on %d table(s)", len(report.tables))
         if self.publisher is not None:
             self.publisher.schema_changed()
-        retried = await self.apply_db.run(self.applier.retry_parked)
-        if retried:
-            log.info("applied %d parked row(s) after the schema change", retried)
+        await waiting_rows.retry_parked(self.apply_db, self.applier)
         if self.wakeup is not None:
             self.wakeup.notify()
 
     async def _refresh_status(self) -> None:
         self.status.pending_rows = await self.capture_db.run(self.capture.pending_count)
         self.status.dead_letters = await self.apply_db.run(self.applier.dead_letter_count)
+        self.waiting.publish(await self.apply_db.run(self.applier.waiting_report))
         self.metrics.set("pending_rows", self.status.pending_rows, help="Captured rows not yet acknowledged")
         await self._write_seq_map()
 

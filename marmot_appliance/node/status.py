@@ -23,6 +23,11 @@ class RuntimeStatus:
     last_snapshot: float | None = None
     pending_rows: int = 0  # captured rows not yet acknowledged by JetStream
     failed_parts: dict[str, str] = field(default_factory=dict)  # part name -> the error that ended it
+    parked_rows: int = 0  # rows waiting for a table or column this node lacks
+    # Rows from beyond replication.max_clock_skew_s: {"max_clock_skew_s": s, "held": {origin:
+    # {"rows", "ahead_s"}}, "dead_lettered": {origin: {"rows", "max_ahead_s"}}}. Held rows make
+    # the node unhealthy: it cannot converge with that origin until time catches up.
+    clock_skew: dict = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
@@ -32,7 +37,7 @@ class RuntimeStatus:
         # healthy that is still deciding whether to restore a snapshot.
         return (
             self.nats_connected and self.database_ok and self.capture_installed and self.started
-            and not self.failed_parts
+            and not self.failed_parts and not self.clock_skew.get("held")
         )
 
     def as_health(self) -> dict:
@@ -51,4 +56,6 @@ class RuntimeStatus:
             "last_apply": self.last_apply,
             "dead_letters": self.dead_letters,
             "last_snapshot": self.last_snapshot,
+            "parked_rows": self.parked_rows,
+            "clock_skew": dict(self.clock_skew),
         }

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import operator
+from collections import Counter
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -46,6 +47,7 @@ import cbor2
 
 from marmot_appliance.errors import DatabaseStateError, MarmotError
 from marmot_appliance.replication import bookkeeping as bk
+from marmot_appliance.replication.clock_bound import ClockLimits, clock_limits
 from marmot_appliance.replication.codec import GroupedBatch
 from marmot_appliance.replication.introspect import TableLayout, table_layout, unique_indexes, user_tables
 from marmot_appliance.replication.sqlite_util import (
@@ -55,12 +57,13 @@ from marmot_appliance.replication.sqlite_util import (
     is_busy_error,
     is_environment_error,
     quote_ident,
+    read_transaction,
     schema_version,
     write_transaction,
 )
 from marmot_appliance.replication.trigger_guard import AppTriggerGuard
 from marmot_appliance.replication.types import DEAD_LETTER_TABLE, POSITIONS_TABLE, ChangeBatch, RowChange
-from marmot_appliance.spec.model import TableSelection
+from marmot_appliance.spec.model import ReplicationSettings, TableSelection
 
 __all__ = [
     "ApplyError",
@@ -74,11 +77,22 @@ __all__ = [
 ]
 
 META_OWN_ORIGIN_HORIZON = "own_origin_horizon"
+DEFAULT_MAX_CLOCK_SKEW_S = ReplicationSettings.max_clock_skew_s
+DEFAULT_MAX_PARKED_ROWS = ReplicationSettings.max_parked_rows
+# Parked or held rows retried per transaction: the write lock is held for one chunk at a time.
+RETRY_CHUNK_ROWS = 500
 
 # Per-transaction statements, built once.
 _MARKER_ON_SQL = f"INSERT OR IGNORE INTO {quote_ident(bk.MARKER_TABLE)} (id) VALUES (1)"
 _MARKER_OFF_SQL = f"DELETE FROM {quote_ident(bk.MARKER_TABLE)}"
 _POSITIONS_SQL = f"SELECT stream, seq FROM {quote_ident(POSITIONS_TABLE)}"
+_PARK_SQL = (
+    f"INSERT INTO {quote_ident(bk.PARKED_TABLE)} (tbl, reason, change, stream, seq, parked_at) VALUES (?, ?, ?, ?, ?, ?)"
+)
+_HOLD_SQL = (
+    f"INSERT INTO {quote_ident(bk.HELD_TABLE)} (tbl, reason, change, stream, seq, held_at, due_at, origin, version) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 # No max(): positions only ever move forward because every caller writes a sequence above the
 # stored one (apply_many drops duplicates), and the fence below, not max(), keeps a position from
 # before a restore out of the restored file.
@@ -110,6 +124,7 @@ class ApplyOutcome:
     rows_applied: int = 0  # rows whose version won (including tombstones for absent rows)
     rows_stale: int = 0  # rows an equal or newer version already covered
     rows_parked: int = 0  # rows for a table/column this node lacks, kept for retry_parked()
+    rows_held: int = 0  # rows from further ahead than max_clock_skew_s, kept for retry_held()
     rows_ignored: int = 0  # rows for tables not selected on this node
     rows_rejected: int = 0  # rows SQLite refused (constraint errors): dead-lettered one by one
     max_version: int = 0
@@ -119,6 +134,18 @@ def encode_parked_change(change: RowChange) -> bytes:
     return cbor2.dumps(
         [change.table, change.op, list(change.pk), list(change.columns), list(change.values), change.version, change.origin]
     )
+
+
+@dataclass(frozen=True)
+class WaitingReport:
+    """Rows not applied yet, and what was given up on, for /health, status and metrics."""
+
+    parked_rows: int  # waiting for a table or column (retried when that table's schema changes)
+    held_by_origin: dict[int, tuple[int, float]]  # origin -> (held rows, seconds its newest is ahead now)
+    skew_dead_letters_by_origin: dict[int, tuple[int, float]]  # origin -> (rows, most seconds ahead seen)
+    park_overflow: int  # rows dead-lettered because max_parked_rows was reached (since start)
+    retried_rows: int  # parked rows a retry looked at (since start)
+    retry_chunks: int  # transactions those retries took (since start)
 
 
 def decode_parked_change(blob: bytes) -> RowChange:
@@ -209,10 +236,25 @@ class BatchApplier:
         selection: TableSelection | None = None,
         *,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        max_clock_skew_s: float = DEFAULT_MAX_CLOCK_SKEW_S,
+        max_parked_rows: int = DEFAULT_MAX_PARKED_ROWS,
     ):
         self.db_path = Path(db_path)
         self.node_id = int(node_id)
         self.selection = selection or TableSelection()
+        self.max_clock_skew_s = float(max_clock_skew_s)
+        self.max_parked_rows = int(max_parked_rows)
+        self._limits: ClockLimits = clock_limits(self.max_clock_skew_s)  # renewed per transaction
+        self._waiting_count: int | None = None  # parked + held rows; counted once, then kept current
+        self._tx_counts: Counter = Counter()  # this transaction's events, merged into _counts on commit
+        self._counts: Counter = Counter()  # ("skew", origin) / ("park_overflow",) / ... since start
+        self._skew_seen: dict[int, float] = {}  # origin -> most seconds ahead among dead-lettered rows
+        # Parked-row retries: table -> its local layout signature at its last retry, and the
+        # tables (with the last id visited) a retry in progress still has to go through.
+        self._parked_retried: dict[str, tuple] = {}
+        self._retry_queue: list[tuple[str, tuple]] = []
+        self._retry_cursor = 0
+        self._parked_checked_schema: int | None = None  # schema version the last retry was planned on
         self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=64)
         # The application's triggers must not write replicated tables again on apply (their
         # effects arrive as captured changes) but must keep maintaining derived state.
@@ -237,8 +279,14 @@ class BatchApplier:
         stopped): from then on positions are written into this file again.
         """
         with write_transaction(self._conn):
+            bk.ensure_bookkeeping(self._conn)  # a file saved by an older version may lack some
             self._epoch = bk.get_meta(self._conn, bk.META_DATABASE_EPOCH)
             self._schema_version = None  # the restored file has its own schema: re-read it
+            # Its parked and held rows are not the ones we knew: count and retry them afresh.
+            self._waiting_count = None
+            self._parked_retried = {}
+            self._retry_queue = []
+            self._parked_checked_schema = None
             return self.positions()
 
     def positions(self) -> dict[str, int]:
@@ -260,8 +308,7 @@ class BatchApplier:
         items = list(items)
         outcomes: list[ApplyOutcome] = []
         conn = self._conn
-        with _environment_errors(self.db_path), write_transaction(conn):
-            self._begin_applying()
+        with self._applying():
             horizon: int | None = None  # read only when an own-origin batch needs it (rare)
             stored = dict(conn.execute(_POSITIONS_SQL).fetchall())
             newest = 0
@@ -298,42 +345,118 @@ class BatchApplier:
             self._record_dead_letter(stream, seq, payload, reason)
             self._write_positions({stream: int(seq)})
 
-    def retry_parked(self) -> int:
-        """Apply parked rows whose table and columns now exist. Returns how many left the park."""
+    def retry_parked(self, chunk_rows: int = RETRY_CHUNK_ROWS) -> int:
+        """Apply parked rows of every table whose schema changed since its last retry.
+
+        Each chunk of `chunk_rows` is its own transaction. Returns how many rows left the park.
+        (The runtime drives start_parked_retry / retry_parked_chunk itself, so that applies from
+        the streams interleave with a long retry.)
+        """
+        self.start_parked_retry()
+        total = 0
+        while True:
+            retired, done = self.retry_parked_chunk(chunk_rows)
+            total += retired
+            if done:
+                return total
+
+    def start_parked_retry(self) -> bool:
+        """Queue the tables whose parked rows may apply now; True when there is any.
+
+        A table is queued when its local layout (columns, primary key, selected or not) differs
+        from what it was at its last retry, or it was never retried by this process: rows parked
+        for a table whose schema did not change would only be parked again. Reads only.
+        """
         conn = self._conn
-        with _environment_errors(self.db_path), write_transaction(conn):
-            self._begin_applying()
-            parked = conn.execute(
-                f"SELECT id, change, stream, seq FROM {quote_ident(bk.PARKED_TABLE)} ORDER BY id"
+        if self._retry_queue:
+            return True  # a retry is under way: finish it first
+        with read_transaction(conn):
+            self._refresh_schema()
+            if self._schema_version == self._parked_checked_schema:
+                return False  # no table changed since the last look: nothing can apply now
+            tables = [row[0] for row in conn.execute(f"SELECT DISTINCT tbl FROM {quote_ident(bk.PARKED_TABLE)}")]
+        self._parked_checked_schema = self._schema_version
+        self._retry_queue = [
+            (table, signature)
+            for table in tables
+            if self._parked_retried.get(table) != (signature := self._table_signature(table))
+        ]
+        self._retry_cursor = 0
+        return bool(self._retry_queue)
+
+    def retry_parked_chunk(self, chunk_rows: int = RETRY_CHUNK_ROWS) -> tuple[int, bool]:
+        """One transaction of the queued retry: (rows that left the park, whether it is done)."""
+        if not self._retry_queue:
+            return 0, True
+        table, signature = self._retry_queue[0]
+        with self._applying() as conn:
+            rows = conn.execute(
+                f"SELECT id, change, stream, seq FROM {quote_ident(bk.PARKED_TABLE)} "
+                "WHERE tbl = ? AND id > ? ORDER BY id LIMIT ?",
+                (table, self._retry_cursor, chunk_rows),
             ).fetchall()
-            retired: list[tuple[int]] = []
-            newest = 0
-            for parked_id, blob, stream, seq in parked:
-                try:
-                    row = decode_parked_change(blob)
-                except Exception as exc:  # noqa: BLE001 - a corrupt park entry must not block the rest
-                    self._record_dead_letter(stream, seq, blob, f"unreadable parked row: {exc}")
-                    retired.append((parked_id,))
-                    continue
-                plan = self._plan(row)
-                if plan.action == "park":
-                    continue
-                retired.append((parked_id,))
-                if plan.action == "ignore":
-                    continue
-                outcome = ApplyOutcome(stream=stream or "", seq=seq or 0)
-                self._apply_one_by_one([(row, plan)], outcome)
-                newest = max(newest, row.version)
-            if retired:
-                conn.executemany(f"DELETE FROM {quote_ident(bk.PARKED_TABLE)} WHERE id = ?", retired)
-            self._finish_applying(newest, {})
-        return len(retired)
+            retired = self._retry_waiting(rows, held=False)
+            self._tx_counts["retried_rows"] += len(rows)
+            self._tx_counts["retry_chunks"] += 1
+        if len(rows) < chunk_rows:
+            self._parked_retried[table] = signature
+            self._retry_queue.pop(0)
+            self._retry_cursor = 0
+        else:
+            self._retry_cursor = rows[-1][0]
+        return retired, not self._retry_queue
+
+    def retry_held(self, chunk_rows: int = RETRY_CHUNK_ROWS) -> int:
+        """Apply held rows whose version the clock has caught up with. Returns how many left."""
+        total = 0
+        after = 0
+        due_sql = f"SELECT 1 FROM {quote_ident(bk.HELD_TABLE)} WHERE due_at <= ? AND id > ? LIMIT 1"
+        while True:
+            # Look first without the write lock: most of the time nothing is due.
+            if self._conn.execute(due_sql, (time.time(), after)).fetchone() is None:
+                return total
+            with self._applying() as conn:
+                rows = conn.execute(
+                    f"SELECT id, change, stream, seq FROM {quote_ident(bk.HELD_TABLE)} "
+                    "WHERE due_at <= ? AND id > ? ORDER BY id LIMIT ?",
+                    (self._limits.now_s, after, chunk_rows),
+                ).fetchall()
+                total += self._retry_waiting(rows, held=True)
+            if len(rows) < chunk_rows:
+                return total
+            after = rows[-1][0]
+
+    def waiting_report(self) -> WaitingReport:
+        conn = self._conn
+        now = clock_limits(self.max_clock_skew_s)
+        with read_transaction(conn):
+            waiting = self._count_waiting()
+            held = {
+                int(origin): (int(count), now.ahead_s(int(newest)))
+                for origin, count, newest in conn.execute(
+                    f"SELECT origin, count(*), max(version) FROM {quote_ident(bk.HELD_TABLE)} GROUP BY origin"
+                )
+            }
+        counts = self._counts
+        return WaitingReport(
+            parked_rows=max(0, waiting - sum(count for count, _ in held.values())),
+            held_by_origin=held,
+            skew_dead_letters_by_origin={
+                origin: (counts[("skew", origin)], ahead) for origin, ahead in self._skew_seen.items()
+            },
+            park_overflow=counts[("park_overflow",)],
+            retried_rows=counts["retried_rows"],
+            retry_chunks=counts["retry_chunks"],
+        )
 
     def dead_letter_count(self) -> int:
         return int(self._conn.execute(f"SELECT count(*) FROM {quote_ident(DEAD_LETTER_TABLE)}").fetchone()[0])
 
     def parked_count(self) -> int:
         return int(self._conn.execute(f"SELECT count(*) FROM {quote_ident(bk.PARKED_TABLE)}").fetchone()[0])
+
+    def held_count(self) -> int:
+        return int(self._conn.execute(f"SELECT count(*) FROM {quote_ident(bk.HELD_TABLE)}").fetchone()[0])
 
     def close(self) -> None:
         self._conn.close()
@@ -346,8 +469,22 @@ class BatchApplier:
 
     # -- transaction frame ---------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _applying(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction of the applier: marker, schema, fold, clock limits; counters on commit."""
+        self._tx_counts = Counter()
+        try:
+            with _environment_errors(self.db_path), write_transaction(self._conn):
+                self._begin_applying()
+                yield self._conn
+        except BaseException:
+            self._waiting_count = None  # parked/held rows of this transaction rolled back: recount
+            raise
+        self._counts.update(self._tx_counts)
+
     def _begin_applying(self) -> None:
         conn = self._conn
+        self._limits = clock_limits(self.max_clock_skew_s)
         conn.execute(_MARKER_ON_SQL)
         self._refresh_schema()
         bk.fold_pending(conn)
@@ -501,11 +638,16 @@ class BatchApplier:
         """
         conn = self._conn
         work: list[tuple[_RowPlan, list]] = []
+        hold_above = self._limits.hold_above
         for group in batch.groups:
             plan = self._plan_for(group.table, group.columns, group.op)
             if plan.action == "apply":
-                work.append((plan, group.params))
                 newest = max(map(_VERSION_OF[len(group.columns)], group.params))
+                if newest > hold_above:
+                    # A row from beyond the allowed clock skew (rare): the per-row path holds it.
+                    self._apply_rows(group.row_changes(), outcome, stream, seq)
+                    continue
+                work.append((plan, group.params))
                 if newest > outcome.max_version:
                     outcome.max_version = newest
             elif plan.action == "park":
@@ -547,6 +689,8 @@ class BatchApplier:
         groups: dict[tuple, tuple[_RowPlan, list, list]] = {}
         planned: list[tuple[RowChange, _RowPlan]] = []
         parked: list[tuple] = []
+        held: list[tuple] = []
+        limits = self._limits
         newest = 0
         for row in rows:
             shape = (row.table, row.columns, row.op)
@@ -559,13 +703,18 @@ class BatchApplier:
                 )
                 outcome.rows_rejected += 1
                 continue
-            if plan.action != "apply":
-                if plan.action == "park":
-                    parked.append((row.table, plan.reason, encode_parked_change(row), stream, seq, time.time()))
-                else:
-                    outcome.rows_ignored += 1
+            if plan.action == "ignore":
+                outcome.rows_ignored += 1
                 continue
             version = row.version
+            if version > limits.hold_above:
+                if self._hold_or_reject(row, stream, seq, held):
+                    continue
+                outcome.rows_rejected += 1
+                continue
+            if plan.action == "park":
+                parked.append((row.table, plan.reason, encode_parked_change(row), stream, seq, time.time()))
+                continue
             if version > newest:
                 newest = version
             group = groups.get(shape)
@@ -574,13 +723,8 @@ class BatchApplier:
             group[1].append((*plan.key_of(row.values), version, row.origin, plan.deleted))
             group[2].append((*row.values, version, row.origin))
             planned.append((row, plan))
-        if parked:
-            conn.executemany(
-                f"INSERT INTO {quote_ident(bk.PARKED_TABLE)} (tbl, reason, change, stream, seq, parked_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                parked,
-            )
-            outcome.rows_parked += len(parked)
+        if parked or held:
+            self._store_waiting(parked, held, outcome)
         outcome.max_version = max(outcome.max_version, newest)
         if not groups:
             return
@@ -604,6 +748,111 @@ class BatchApplier:
         conn.execute("RELEASE marmot_batch")
         outcome.rows_applied += won
         outcome.rows_stale += len(planned) - won
+
+    # -- rows that wait: parked (schema) and held (clock skew) --------------------------------
+
+    def _hold_or_reject(self, row: RowChange, stream: str | None, seq: int | None, held: list[tuple]) -> bool:
+        """A row from beyond the allowed clock skew: queue it in `held` (True) or dead-letter it (False)."""
+        limits = self._limits
+        if not limits.hold_above < row.version <= limits.reject_above:
+            ahead = limits.ahead_s(row.version) if 0 <= row.version else 0.0
+            self._record_dead_letter(stream, seq, encode_parked_change(row), limits.reject_reason(row.version, row.origin))
+            self._tx_counts[("skew", row.origin)] += 1
+            self._skew_seen[row.origin] = max(self._skew_seen.get(row.origin, 0.0), ahead)
+            return False
+        held.append((
+            row.table, limits.hold_reason(row.version, row.origin), encode_parked_change(row), stream, seq,
+            limits.now_s, limits.due_at(row.version), row.origin, row.version,
+        ))
+        return True
+
+    def _count_waiting(self) -> int:
+        if self._waiting_count is None:
+            self._waiting_count = int(self._conn.execute(
+                f"SELECT (SELECT count(*) FROM {quote_ident(bk.PARKED_TABLE)}) "
+                f"+ (SELECT count(*) FROM {quote_ident(bk.HELD_TABLE)})"
+            ).fetchone()[0])
+        return self._waiting_count
+
+    def _store_waiting(self, parked: list[tuple], held: list[tuple], outcome: ApplyOutcome) -> None:
+        """Insert parked and held rows, up to max_parked_rows in all; the overflow is dead-lettered."""
+        room = max(0, self.max_parked_rows - self._count_waiting())
+        overflow = [row for row in (parked + held)[room:]]
+        if overflow:
+            held = held[: max(0, room - len(parked))]
+            parked = parked[:room]
+            for table, reason, blob, stream, seq, *_ in overflow:
+                self._record_dead_letter(
+                    stream, seq, blob,
+                    f"parked-row limit reached (replication.max_parked_rows {self.max_parked_rows}): {reason}",
+                )
+            self._tx_counts[("park_overflow",)] += len(overflow)
+            outcome.rows_rejected += len(overflow)
+        if parked:
+            self._conn.executemany(_PARK_SQL, parked)
+        if held:
+            self._conn.executemany(_HOLD_SQL, held)
+        self._waiting_count = self._count_waiting() + len(parked) + len(held)
+        outcome.rows_parked += len(parked)
+        outcome.rows_held += len(held)
+
+    def _table_signature(self, table: str) -> tuple:
+        layout = self._layouts.get(table.lower())
+        if layout is None:
+            return (None, self.selection.selects(table))
+        return (layout.fingerprint, self.selection.selects(layout.name))
+
+    def _retry_waiting(self, rows: list[tuple], *, held: bool) -> int:
+        """Retry parked (held=False) or held rows inside the open transaction; returns how many left.
+
+        Each row is checked again, clock first, then schema: a parked row from the future moves to
+        the held table, a held row whose table or column is missing moves to the park.
+        """
+        conn = self._conn
+        limits = self._limits
+        source = bk.HELD_TABLE if held else bk.PARKED_TABLE
+        done: list[tuple[int]] = []
+        moved_to_park: list[tuple] = []
+        moved_to_held: list[tuple] = []
+        newest = 0
+        for waiting_id, blob, stream, seq in rows:
+            try:
+                row = decode_parked_change(blob)
+            except Exception as exc:  # noqa: BLE001 - a corrupt entry must not block the rest
+                self._record_dead_letter(stream, seq, blob, f"unreadable parked row: {exc}")
+                done.append((waiting_id,))
+                continue
+            plan = self._plan(row)
+            if plan.action == "ignore":
+                done.append((waiting_id,))
+                continue
+            if row.version > limits.hold_above:
+                if held:
+                    conn.execute(f"UPDATE {quote_ident(source)} SET due_at = ? WHERE id = ?",
+                                 (limits.due_at(row.version), waiting_id))
+                    continue
+                done.append((waiting_id,))  # to the held table, or dead-lettered when absurd
+                self._hold_or_reject(row, stream, seq, moved_to_held)
+                continue
+            if plan.action == "park":
+                if held:
+                    done.append((waiting_id,))
+                    moved_to_park.append((row.table, plan.reason, blob, stream, seq, time.time()))
+                continue
+            done.append((waiting_id,))
+            self._apply_one_by_one([(row, plan)], ApplyOutcome(stream=stream or "", seq=seq or 0))
+            newest = max(newest, row.version)
+        if done:
+            conn.executemany(f"DELETE FROM {quote_ident(source)} WHERE id = ?", done)
+        if moved_to_park:
+            conn.executemany(_PARK_SQL, moved_to_park)
+        if moved_to_held:
+            conn.executemany(_HOLD_SQL, moved_to_held)
+        left = len(done) - len(moved_to_park) - len(moved_to_held)
+        if self._waiting_count is not None:
+            self._waiting_count -= left
+        self._finish_applying(newest, {})
+        return left
 
     def _apply_one_by_one(
         self,

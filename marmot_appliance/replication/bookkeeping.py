@@ -26,6 +26,9 @@ Objects:
   _marmot_positions      applied position per stream (same transaction as the rows).
   _marmot_dead_letters   messages that could not be decoded or applied.
   _marmot_parked         rows for tables/columns this node does not have yet.
+  _marmot_held           rows whose version lies further ahead of this node's clock than
+                         replication.max_clock_skew_s allows, kept until time catches up
+                         (due_at), with their origin and version for /health.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ MARKER_TABLE = BOOKKEEPING_PREFIX + "apply_marker"
 META_TABLE = BOOKKEEPING_PREFIX + "meta"
 LAYOUTS_TABLE = BOOKKEEPING_PREFIX + "layouts"
 PARKED_TABLE = BOOKKEEPING_PREFIX + "parked"
+HELD_TABLE = BOOKKEEPING_PREFIX + "held"
 LOG_TABLE_PREFIX = BOOKKEEPING_PREFIX + "log_"
 VERSIONS_TABLE_PREFIX = BOOKKEEPING_PREFIX + "ver_"
 TRIGGER_PREFIX = BOOKKEEPING_PREFIX + "trg_"
@@ -78,6 +82,13 @@ _FIXED_DDL = (
     f"CREATE TABLE IF NOT EXISTS {quote_ident(PARKED_TABLE)} ("
     "id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, reason TEXT NOT NULL, change BLOB NOT NULL, "
     "stream TEXT, seq INTEGER, parked_at REAL NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS {quote_ident(HELD_TABLE)} ("
+    "id INTEGER PRIMARY KEY, tbl TEXT NOT NULL, reason TEXT NOT NULL, change BLOB NOT NULL, "
+    "stream TEXT, seq INTEGER, held_at REAL NOT NULL, due_at REAL NOT NULL, "
+    "origin INTEGER NOT NULL, version INTEGER NOT NULL)",
+    # A retry visits one table's parked rows in id order, chunk by chunk; held rows by due time.
+    f"CREATE INDEX IF NOT EXISTS {quote_ident(PARKED_TABLE + '_by_table')} ON {quote_ident(PARKED_TABLE)} (tbl, id)",
+    f"CREATE INDEX IF NOT EXISTS {quote_ident(HELD_TABLE + '_by_due')} ON {quote_ident(HELD_TABLE)} (due_at)",
 )
 
 
@@ -110,7 +121,10 @@ def ensure_bookkeeping(conn: sqlite3.Connection) -> None:
     """Create the fixed bookkeeping tables (idempotent; call inside a write transaction)."""
     # Skip the DDL when everything is there: CREATE ... IF NOT EXISTS on existing tables does
     # not bump schema_version, but checking first keeps this a pure read in the common case.
-    wanted = (CLOCK_TABLE, MARKER_TABLE, META_TABLE, LAYOUTS_TABLE, POSITIONS_TABLE, DEAD_LETTER_TABLE, PARKED_TABLE)
+    wanted = (
+        CLOCK_TABLE, MARKER_TABLE, META_TABLE, LAYOUTS_TABLE, POSITIONS_TABLE, DEAD_LETTER_TABLE, PARKED_TABLE,
+        HELD_TABLE,
+    )
     present = {
         row[0]
         for row in conn.execute(

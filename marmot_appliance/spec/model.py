@@ -132,6 +132,9 @@ class ReplicationSettings:
     compression: CompressionSettings = field(default_factory=CompressionSettings)
     poll_interval_ms: int = 500  # fallback poll when no commit wake-up arrives
     cleanup_interval_s: float = 5.0  # how often published log rows are deleted
+    # Rows whose version lies further ahead of the receiver's clock are held until it catches up.
+    max_clock_skew_s: float = 60.0
+    max_parked_rows: int = 100_000  # parked + held rows kept per node; beyond that, dead-lettered
 
     def stream_name(self, shard: int) -> str:
         return f"{self.stream_prefix}-{shard}"

@@ -1,0 +1,102 @@
+"""Rows the applier could not apply yet: retried at the right moments, shown on /health and /metrics.
+
+* Parked rows (a table or column this node lacks) are retried only when the schema changed, per
+  table, one chunk per transaction (BatchApplier.start_parked_retry / retry_parked_chunk): the
+  shard consumers apply in between, and the write lock is held for one chunk at a time.
+* Held rows (a version from beyond replication.max_clock_skew_s) are retried once the clock has
+  caught up with them (BatchApplier.retry_held); while any are held the node is unhealthy and
+  /health names each origin and how far ahead it is (docs/replication.md, "Clock skew").
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from marmot_appliance.node.status import RuntimeStatus
+from marmot_appliance.observability.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+WAITING_METRICS = (
+    ("parked_rows", "gauge", "Rows waiting for a table or column this node lacks"),
+    ("parked_overflow", "counter", "Rows dead-lettered because replication.max_parked_rows was reached"),
+    ("parked_retry_rows", "counter", "Parked rows looked at by retries after schema changes"),
+)
+LABELLED_WAITING_METRICS = (
+    ("clock_skew_held_rows", "gauge", "Rows held because their version is beyond max_clock_skew_s, by origin"),
+    ("clock_skew_seconds", "gauge", "How far ahead of this node's clock an origin's newest held or refused version is"),
+    ("clock_skew_dead_letters", "counter", "Rows dead-lettered for a version absurdly far ahead, by origin"),
+)
+
+
+def declare_metrics(metrics: Metrics) -> None:
+    for name, kind, help_text in WAITING_METRICS:
+        metrics.declare(name, kind, help_text)
+    for name, kind, help_text in LABELLED_WAITING_METRICS:
+        metrics.declare(name, kind, help_text, labelled=True)
+
+
+async def retry_parked(apply_db: Any, applier: Any) -> int:
+    """Retry parked rows of tables whose schema changed since their last retry, chunk by chunk."""
+    if not await apply_db.run(applier.start_parked_retry):
+        return 0
+    total = 0
+    while True:
+        retired, done = await apply_db.run(applier.retry_parked_chunk)
+        total += retired
+        if done:
+            break
+    if total:
+        log.info("applied %d parked row(s) after the schema caught up", total)
+    return total
+
+
+async def retry_held(apply_db: Any, applier: Any) -> int:
+    applied = await apply_db.run(applier.retry_held)
+    if applied:
+        log.info("applied %d held row(s): the clock caught up with their versions", applied)
+    return applied
+
+
+class WaitingRowsReporter:
+    """Turns BatchApplier.waiting_report() into status fields and metrics (once a second)."""
+
+    def __init__(self, status: RuntimeStatus, metrics: Metrics, max_clock_skew_s: float):
+        self.status = status
+        self.metrics = metrics
+        self.max_clock_skew_s = max_clock_skew_s
+        self._held_origins: set[int] = set()
+
+    def publish(self, report: Any) -> None:
+        status, metrics = self.status, self.metrics
+        status.parked_rows = report.parked_rows
+        metrics.set("parked_rows", report.parked_rows)
+        metrics.set("parked_overflow", report.park_overflow)
+        metrics.set("parked_retry_rows", report.retried_rows)
+        held = {
+            str(origin): {"rows": rows, "ahead_s": round(ahead, 1)}
+            for origin, (rows, ahead) in sorted(report.held_by_origin.items())
+        }
+        refused = {
+            str(origin): {"rows": rows, "max_ahead_s": round(ahead, 1)}
+            for origin, (rows, ahead) in sorted(report.skew_dead_letters_by_origin.items())
+        }
+        status.clock_skew = {"max_clock_skew_s": self.max_clock_skew_s, "held": held, "dead_lettered": refused}
+        for origin in set(report.held_by_origin) - self._held_origins:
+            rows, ahead = report.held_by_origin[origin]
+            log.error(
+                "node %d sends versions %.1fs ahead of this node's clock (max_clock_skew_s %g): %d row(s) held "
+                "until time catches up; check the clocks (NTP) of both nodes", origin, ahead, self.max_clock_skew_s, rows,
+            )
+        for origin in self._held_origins - set(report.held_by_origin):
+            log.info("node %d: held rows applied, its clock is within the allowed skew again", origin)
+            metrics.set("clock_skew_held_rows", 0, origin=str(origin))
+        self._held_origins = set(report.held_by_origin)
+        for origin, (rows, ahead) in report.held_by_origin.items():
+            metrics.set("clock_skew_held_rows", rows, origin=str(origin))
+            metrics.set("clock_skew_seconds", round(ahead, 1), origin=str(origin))
+        for origin, (rows, ahead) in report.skew_dead_letters_by_origin.items():
+            metrics.set("clock_skew_dead_letters", rows, origin=str(origin))
+            if origin not in report.held_by_origin:
+                metrics.set("clock_skew_seconds", round(ahead, 1), origin=str(origin))
