@@ -81,3 +81,16 @@ async def test_versions_from_the_future_neither_pin_clocks_nor_break_application
     finally:
         for node in nodes:
             node.terminate()
+
+
+def test_status_text_names_the_skewed_origin():
+    from marmot_appliance.appliance.status import _waiting_rows_lines
+
+    health = {"clock_skew": {"max_clock_skew_s": 60.0, "held": {"9": {"rows": 1, "ahead_s": 599.2}},
+                             "dead_lettered": {"9": {"rows": 2, "max_ahead_s": 7.0e10}}}, "parked_rows": 3}
+    assert _waiting_rows_lines(health) == [
+        "    clock skew: node 9 is 599.2s ahead of this node's clock (max 60.0s): 1 row(s) held",
+        "    clock skew: 2 row(s) from node 9 dead-lettered (up to 70000000000.0s ahead)",
+        "    parked rows: 3 (waiting for a table or column)",
+    ]
+    assert _waiting_rows_lines({"dead_letters": 0}) == []

@@ -95,6 +95,23 @@ def _ago(timestamp: object) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
+def _waiting_rows_lines(body: dict) -> list[str]:
+    """Rows held for clock skew (the node cannot converge with that origin yet) and parked rows."""
+    lines = []
+    skew = body.get("clock_skew") or {}
+    for origin, held in sorted((skew.get("held") or {}).items()):
+        lines.append(
+            f"    clock skew: node {origin} is {held.get('ahead_s')}s ahead of this node's clock "
+            f"(max {skew.get('max_clock_skew_s')}s): {held.get('rows')} row(s) held"
+        )
+    for origin, refused in sorted((skew.get("dead_lettered") or {}).items()):
+        lines.append(f"    clock skew: {refused.get('rows')} row(s) from node {origin} dead-lettered "
+                     f"(up to {refused.get('max_ahead_s')}s ahead)")
+    if body.get("parked_rows"):
+        lines.append(f"    parked rows: {body['parked_rows']} (waiting for a table or column)")
+    return lines
+
+
 def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
     lines = [f"Cluster {cluster.name!r}:"]
     for status in statuses:
@@ -116,6 +133,7 @@ def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
                 f"    last publish: {_ago(body.get('last_publish'))}; last apply: {_ago(body.get('last_apply'))}; "
                 f"dead letters: {body.get('dead_letters', '-')}; last snapshot: {_ago(body.get('last_snapshot'))}"
             )
+            lines.extend(_waiting_rows_lines(body))
         for problem in status.problems:
             lines.append(f"    problem: {problem}")
     healthy = sum(1 for s in statuses if s.healthy)
