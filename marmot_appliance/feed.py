@@ -325,7 +325,8 @@ async def changes(
                 stream, msg = await _next_message(queue, connection)
             seq, stored_at = _position(msg)
             try:
-                batch = decode_batch(msg.data)
+                # Off the event loop (the codec bounds size, items and nesting first).
+                batch = await asyncio.to_thread(decode_batch, msg.data)
             except CodecError as exc:
                 report(stream, seq, exc)
                 continue

@@ -397,3 +397,98 @@ def test_fuzz_mutated_valid_payloads_only_raise_codec_error(batch, compression, 
         assert len(row.values) == len(row.columns)
         for value in row.values + row.pk:
             assert type(value) in (int, float, str, bytes, type(None))
+
+
+# -- bounded decoding (issue 11 item 4) ----------------------------------------------------------
+def _item_bomb(fill: bytes, rows: int = 1000, per_row: int = 64_000) -> bytes:
+    """A body shaped like a batch whose rows hold 64 million one-byte items (nulls or empty
+    arrays): about 64 MB decoded, a few KB compressed. cbor2 alone built gigabytes from it."""
+    row = b"\x83\x00\x00\x99" + per_row.to_bytes(2, "big") + fill * per_row
+    header = b"\xa4" + cbor2.dumps("o") + b"\x01" + cbor2.dumps("t") + b"\x80" + cbor2.dumps("g") + b"\x80"
+    return header + cbor2.dumps("r") + b"\x99" + rows.to_bytes(2, "big") + row * rows
+
+
+@pytest.mark.parametrize("fill", [b"\xf6", b"\x80", b"\x61a"], ids=["nulls", "empty-arrays", "short-texts"])
+def test_compressed_item_bomb_is_refused_within_a_memory_bound(fill):
+    """A message of at most a few KB that decompresses to 64 MB of tiny items is refused
+    before cbor2 builds anything: peak traced memory stays under 20 MB (time is printed, not
+    asserted: the machine is shared)."""
+    import time
+    import tracemalloc
+
+    payload = bytes((FORMAT_VERSION, FLAG_ZSTD)) + zstandard.ZstdCompressor(level=19).compress(_item_bomb(fill, per_row=64_000 // len(fill)))
+    assert len(payload) < 20_000
+    started = time.perf_counter()
+    with pytest.raises(CodecError, match="items"):
+        decode_batch(payload)
+    print(f"{len(payload)}-byte bomb refused in {time.perf_counter() - started:.3f} s")
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(CodecError, match="items"):
+            decode_batch(payload)
+        with pytest.raises(CodecError, match="items"):
+            codec.decode_for_apply(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    print(f"{len(payload)}-byte bomb refused twice in {time.perf_counter() - started:.3f} s (traced), peak {peak / 1e6:.1f} MB")
+    assert peak < 20_000_000
+
+
+def test_plain_item_bomb_and_declared_huge_arrays_are_refused():
+    too_many = bytes((FORMAT_VERSION, 0)) + _item_bomb(b"\xf6", rows=3, per_row=60_000)
+    with pytest.raises(CodecError, match="items"):
+        decode_batch(too_many)
+    declared = bytes((FORMAT_VERSION, 0)) + b"\x9b" + (2**40).to_bytes(8, "big") + b"\xf6" * (codec.MAX_CBOR_ITEMS + 8)
+    with pytest.raises(CodecError, match="items"):
+        decode_batch(declared)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x9f" + b"\xf6" * 200_000 + b"\xff",  # indefinite length
+        b"\x81\xc1\x1a\x00\x00\x00\x00" + b"\x40" * 0 + b"\xf6" * 0,  # a tag
+        b"\x81" * 20 + b"\xf6",  # nesting
+        b"\xf7",  # undefined
+    ],
+    ids=["indefinite", "tag", "deep", "undefined"],
+)
+def test_structure_check_refuses_what_batches_never_hold(body):
+    check = codec.StructureCheck()
+    with pytest.raises(CodecError):
+        check.feed(body)
+        check.finish(body)
+
+
+def test_a_large_legitimate_body_passes_the_structure_check():
+    rows = tuple(RowChange("t", "upsert", (i,), ("id", "v"), (i, "x" * 300), i + 1, 1) for i in range(2000))
+    batch = ChangeBatch(origin=1, rows=rows, primary_keys={"t": ("id",)})
+    for compression in (NO_COMPRESSION, ALWAYS_COMPRESS):
+        payload = encode_batch(batch, compression)
+        assert len(codec.BatchCodec().body(payload)) > codec.MAX_CBOR_ITEMS  # the checked path
+        assert decode_batch(payload).rows == rows
+
+
+def test_uncompressed_size_never_raises():
+    """Sizing a run must not fail on garbage (issue 10 case 16): it falls back to the length."""
+    for payload in (b"\x01\x01\x09garbage", b"\x01\x01", b"\x01\x01\x28\xb5\x2f\xfd\xff", b""):
+        assert codec.uncompressed_size(payload) == len(payload)
+
+
+def test_dead_letter_payloads_are_bounded(tmp_path):
+    from marmot_appliance.replication.applier import BatchApplier
+    from marmot_appliance.replication.payload_bounds import MAX_KEPT_PAYLOAD_BYTES
+    from marmot_appliance.replication.types import DEAD_LETTER_TABLE
+
+    db = tmp_path / "dl.db"
+    sqlite3.connect(db).execute("PRAGMA journal_mode=WAL").close()
+    with BatchApplier(db, node_id=1) as applier:
+        applier.dead_letter("s-1", 1, b"x" * (MAX_KEPT_PAYLOAD_BYTES * 10), "undecodable message: test")
+        applier.dead_letter("s-1", 2, b"small", "undecodable message: small")
+    conn = sqlite3.connect(db)
+    kept = conn.execute(f'SELECT length(payload), reason FROM "{DEAD_LETTER_TABLE}" ORDER BY seq').fetchall()
+    conn.close()
+    assert kept[0][0] == MAX_KEPT_PAYLOAD_BYTES and f"of {MAX_KEPT_PAYLOAD_BYTES * 10} bytes kept" in kept[0][1]
+    assert kept[1] == (5, "undecodable message: small")

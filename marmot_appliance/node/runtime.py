@@ -68,6 +68,8 @@ NODE_METRICS = (
     ("rows_applied", "counter", "Rows applied from other nodes"),
     ("batches_applied", "counter", "Batches applied"),
     ("dead_letters", "counter", "Messages parked in the dead-letter table"),
+    ("dead_letter_bytes", "counter", "Payload bytes kept in the dead-letter table"),
+    ("dead_letters_truncated", "counter", "Dead letters whose payload was cut to the kept maximum"),
     ("runs_split", "counter", "Publisher runs applied before their end arrived"),
     ("pending_rows", "gauge", "Captured rows not yet acknowledged"),
     ("snapshot_restores", "counter", "Snapshots restored while the node was running"),

@@ -50,6 +50,7 @@ from marmot_appliance.replication import bookkeeping as bk
 from marmot_appliance.replication.clock_bound import ClockLimits, clock_limits
 from marmot_appliance.replication.codec import GroupedBatch
 from marmot_appliance.replication.introspect import TableLayout, table_layout, unique_indexes, user_tables
+from marmot_appliance.replication.payload_bounds import bounded_payload
 from marmot_appliance.replication.sqlite_util import (
     DEFAULT_BUSY_TIMEOUT_MS,
     DatabaseBusyError,
@@ -514,6 +515,7 @@ class BatchApplier:
             self._conn.executemany(_POSITION_UPSERT_SQL, list(positions.items()))
 
     def _record_dead_letter(self, stream: str | None, seq: int | None, payload: bytes, reason: str) -> None:
+        payload, reason = bounded_payload(payload, reason)
         self._conn.execute(
             f"INSERT INTO {quote_ident(DEAD_LETTER_TABLE)} (stream, seq, reason, payload, received_at) "
             "VALUES (?, ?, ?, ?, ?)",

@@ -58,6 +58,15 @@ KNOWN_FLAGS = FLAG_ZSTD
 MAX_DECODED_BYTES = 64 * 1024 * 1024
 # Deepest legitimate nesting: body map -> rows -> row -> values/pk (4); leave some slack.
 MAX_CBOR_DEPTH = 8
+# Most CBOR data items (containers, keys and values each count one) in one body. cbor2 builds
+# every item as a Python object (up to ~64 bytes each: an empty list), so a body's memory is
+# bounded by this times 64 bytes whatever its compression ratio; without it a 2 KB zstd frame
+# of nulls or empty arrays became gigabytes of objects. Publishers cut batches to stay below it
+# (publisher.py); docs/wire-format.md states it.
+MAX_CBOR_ITEMS = 1 << 17
+# Decompression proceeds in slices of this size, checked as they arrive: a bomb is refused
+# after at most MAX_CBOR_ITEMS bytes (plus one slice) were ever decompressed.
+_DECOMPRESS_SLICE = 128 * 1024
 
 OPS = ("upsert", "delete")
 _INT64_MIN = -(2**63)
@@ -124,12 +133,7 @@ class BatchCodec:
     def decode(self, payload: bytes) -> ChangeBatch:
         """The batch in `payload`. Anything malformed raises CodecError, never another error."""
         try:
-            body = self._body_bytes(payload)
-            try:
-                document = cbor2.loads(body, max_depth=MAX_CBOR_DEPTH, allow_duplicate_keys=False)
-            except Exception as exc:  # cbor2 raises value, type, overflow and memory errors
-                raise CodecError(f"malformed CBOR body: {exc}") from exc
-            return _batch_from_document(document)
+            return _batch_from_document(self._document(payload))
         except CodecError:
             raise
         except Exception as exc:  # a bug guard: callers rely on CodecError only
@@ -142,11 +146,12 @@ class BatchCodec:
         no row carries an explicit key); anything else, malformed input included, goes through
         decode() and gives exactly its result or its CodecError.
         """
-        body = self._body_bytes(payload)
         try:
-            document = cbor2.loads(body, max_depth=MAX_CBOR_DEPTH, allow_duplicate_keys=False)
-        except Exception as exc:  # cbor2 raises value, type, overflow and memory errors
-            raise CodecError(f"malformed CBOR body: {exc}") from exc
+            document = self._document(payload)
+        except CodecError:
+            raise
+        except Exception as exc:  # a bug guard: callers rely on CodecError only
+            raise CodecError(f"malformed change batch: {type(exc).__name__}: {exc}") from exc
         try:
             grouped = _grouped_from_document(document)
         except Exception:  # noqa: BLE001 - the strict decoder names the problem precisely
@@ -175,6 +180,18 @@ class BatchCodec:
                 return bytes((FORMAT_VERSION, FLAG_ZSTD)) + compressed
         return bytes((FORMAT_VERSION, 0)) + body
 
+    def _document(self, payload: bytes) -> Any:
+        """The CBOR document of a payload, its size and shape bounded before any object is built."""
+        body = self._body_bytes(payload)
+        try:
+            return cbor2.loads(body, max_depth=MAX_CBOR_DEPTH, allow_duplicate_keys=False)
+        except Exception as exc:  # cbor2 raises value, type, overflow and memory errors
+            raise CodecError(f"malformed CBOR body: {exc}") from exc
+
+    def body(self, payload: bytes) -> bytes:
+        """The checked CBOR body of a payload (envelope, size, item count, nesting), undecoded."""
+        return self._body_bytes(payload)
+
     def _body_bytes(self, payload: bytes) -> bytes:
         if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise CodecError(f"payload must be bytes, not {type(payload).__name__}")
@@ -192,22 +209,115 @@ class BatchCodec:
         if not flags & FLAG_ZSTD:
             if len(body) > self.max_decoded_bytes:
                 raise CodecError(f"body of {len(body)} bytes exceeds {self.max_decoded_bytes}")
+            if len(body) > MAX_CBOR_ITEMS:  # a shorter body cannot hold more items than bytes
+                check = StructureCheck()
+                check.feed(body)
+                check.finish(body)
             return body
         return self._decompress(body)
 
     def _decompress(self, frame: bytes) -> bytes:
+        """The frame's content, decompressed slice by slice and checked as it arrives."""
         limit = self.max_decoded_bytes
         try:
             declared = zstandard.frame_content_size(frame)
-            if declared > limit:
-                raise CodecError(f"compressed body declares {declared} bytes, limit is {limit}")
-            # With a declared size zstd decodes exactly that much (and checks it); without one,
-            # max_output_size bounds the output.
-            return self._decompressor().decompress(
-                frame, max_output_size=limit if declared < 0 else 0, allow_extra_data=False
-            )
         except zstandard.ZstdError as exc:
             raise CodecError(f"bad zstd frame: {exc}") from exc
+        if declared < 0:
+            raise CodecError("zstd frame does not declare its content size")
+        if declared > limit:
+            raise CodecError(f"compressed body declares {declared} bytes, limit is {limit}")
+        try:
+            if declared <= MAX_CBOR_ITEMS:  # too short to hold too many items: no need to count
+                return self._decompressor().decompress(frame, allow_extra_data=False)
+            check = StructureCheck()
+            body = bytearray()
+            reader = self._decompressor().stream_reader(frame, read_across_frames=True)
+            while True:
+                piece = reader.read(_DECOMPRESS_SLICE)
+                if not piece:
+                    break
+                body += piece
+                if len(body) > declared:
+                    raise CodecError(f"zstd frame holds more than the {declared} bytes it declares")
+                check.feed(body)
+            if len(body) != declared:
+                raise CodecError(f"zstd frame holds {len(body)} bytes, it declares {declared}")
+            check.finish(body)
+            return bytes(body)
+        except zstandard.ZstdError as exc:
+            raise CodecError(f"bad zstd frame: {exc}") from exc
+
+
+class StructureCheck:
+    """Walks CBOR item headers without building anything: counts items, bounds nesting.
+
+    Resumable: feed() takes the whole buffer so far each time (it grows as slices are
+    decompressed) and goes as far as complete headers allow; finish() demands exactly one
+    complete top-level item. Refuses what change batches never contain, before cbor2 could
+    build it: tags, indefinite lengths, simple values other than false/true/null.
+    """
+
+    __slots__ = ("pos", "stack", "items", "max_items", "max_depth")
+
+    def __init__(self, max_items: int = MAX_CBOR_ITEMS, max_depth: int = MAX_CBOR_DEPTH):
+        self.pos = 0
+        self.stack = [1]  # items still expected per open container; the root expects one
+        self.items = 0
+        self.max_items = max_items
+        self.max_depth = max_depth
+
+    def feed(self, data: bytes | bytearray) -> None:
+        pos, stack, items, max_items = self.pos, self.stack, self.items, self.max_items
+        end = len(data)
+        try:
+            while stack:
+                if stack[-1] == 0:
+                    stack.pop()
+                    continue
+                if pos >= end:
+                    break
+                initial = data[pos]
+                major = initial >> 5
+                info = initial & 0x1F
+                if info < 24:
+                    argument, size = info, 1
+                elif info < 28:
+                    size = 1 + (1 << (info - 24))
+                    if pos + size > end:
+                        break
+                    argument = int.from_bytes(data[pos + 1 : pos + size], "big")
+                else:
+                    raise CodecError(f"CBOR item at byte {pos}: indefinite or reserved length (0x{initial:02x})")
+                stack[-1] -= 1
+                items += 1
+                pos += size
+                if major <= 1:
+                    continue
+                if major <= 3:
+                    pos += argument
+                    continue
+                if major <= 5:
+                    count = argument if major == 4 else 2 * argument
+                    if items + count > max_items:
+                        raise CodecError(f"CBOR body holds more than {max_items} items")
+                    if count:
+                        if len(stack) > self.max_depth:
+                            raise CodecError(f"CBOR body nests deeper than {self.max_depth}")
+                        stack.append(count)
+                    continue
+                if major == 6:
+                    raise CodecError(f"CBOR tag {argument} at byte {pos - size}: change batches carry no tags")
+                if not (20 <= info <= 22 or 25 <= info <= 27):
+                    raise CodecError(f"CBOR simple value 0x{initial:02x} at byte {pos - size} is not allowed")
+        finally:
+            self.pos, self.items = pos, items
+
+    def finish(self, data: bytes | bytearray) -> None:
+        if self.stack or self.pos != len(data):
+            if self.pos < len(data) and not self.stack:
+                raise CodecError(f"{len(data) - self.pos} bytes after the CBOR body")
+            raise CodecError("CBOR body is truncated")
 
 
 def _body_map(batch: ChangeBatch) -> dict[str, Any]:
@@ -582,9 +692,17 @@ def decode_batch(payload: bytes) -> ChangeBatch:
 
 
 def uncompressed_size(payload: bytes) -> int:
-    """Envelope size before compression, without decompressing (zstd frames declare it)."""
+    """Envelope size before compression, without decompressing (zstd frames declare it).
+
+    Never raises: it only sizes runs of messages, and a frame it cannot read (or a size beyond
+    the decoder's limit) counts as its own length; decoding that message later refuses it and
+    the consumer dead-letters it. (A raw ZstdError here once stalled a shard forever.)
+    """
     if len(payload) > 2 and payload[1] & FLAG_ZSTD:
-        declared = zstandard.frame_content_size(payload[2:])
-        if declared >= 0:
+        try:
+            declared = zstandard.frame_content_size(payload[2:])
+        except zstandard.ZstdError:
+            return len(payload)
+        if 0 <= declared <= MAX_DECODED_BYTES:
             return declared + 2
     return len(payload)

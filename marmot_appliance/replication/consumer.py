@@ -39,6 +39,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication import codec
 from marmot_appliance.replication.applier import DatabaseReplacedError
+from marmot_appliance.replication.payload_bounds import MAX_KEPT_PAYLOAD_BYTES
 from marmot_appliance.replication.types import ChangeBatch
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,13 @@ def _row_count(batch: "ChangeBatch | codec.GroupedBatch") -> int:
     if isinstance(batch, codec.GroupedBatch):
         return batch.row_count
     return len(batch.rows)
+
+
+async def _decode(payload: bytes) -> "ChangeBatch | codec.GroupedBatch":
+    """Decode off the event loop: a large body takes milliseconds, and the loop serves NATS
+    heartbeats and /health meanwhile. Every failure is a CodecError (the codec bounds size,
+    item count and nesting before it builds anything)."""
+    return await asyncio.to_thread(codec.decode_for_apply, payload)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -285,7 +293,7 @@ class ShardConsumer:
                 items.append((ChangeBatch(origin=self.node_id, rows=()), self.stream, seq))
             else:
                 try:
-                    items.append((codec.decode_for_apply(m.data), self.stream, seq))
+                    items.append((await _decode(m.data), self.stream, seq))
                 except codec.CodecError:
                     simple = False
                     break
@@ -340,7 +348,7 @@ class ShardConsumer:
             self._after_apply(num_pending, rows=0)
             return False
         try:
-            batch = codec.decode_for_apply(payload)
+            batch = await _decode(payload)
         except codec.CodecError as exc:
             await self._dead_letter(seq, payload, f"undecodable message: {exc}")
             self._after_apply(num_pending, rows=0)
@@ -396,6 +404,10 @@ class ShardConsumer:
         self._unsaved_own_seq = None
         self.status.dead_letters += 1
         self.metrics.inc("dead_letters", help="Messages parked in the dead-letter table")
+        kept = min(len(payload), MAX_KEPT_PAYLOAD_BYTES)
+        self.metrics.inc("dead_letter_bytes", kept, help="Payload bytes kept in the dead-letter table")
+        if kept < len(payload):
+            self.metrics.inc("dead_letters_truncated", help="Dead letters whose payload was cut to the kept maximum")
 
     async def _save_own_position(self) -> None:
         """Store the position reached by skipping own messages (an empty batch moves it)."""

@@ -208,6 +208,13 @@ class BatchBuilder:
             fingerprints=fingerprints,
             primary_keys={t: tuple(self.primary_keys[t]) for t in tables if t in self.primary_keys},
         )
+        # CBOR items at most: per row its array, group, version, values array, values, origin
+        # and a pk array; per table and group their names. Receivers refuse more than MAX_CBOR_ITEMS.
+        cbor_items = sum(len(row.values) + len(row.pk) + 7 for row in rows)
+        cbor_items += sum(2 * len(columns) + 16 for columns in {row.columns for row in rows})
+        if len(items) > 1 and cbor_items > codec.MAX_CBOR_ITEMS:
+            middle = len(items) // 2
+            return self._encode(shard, items[:middle]) + self._encode(shard, items[middle:])
         payload = codec.encode_batch(batch, self.replication.compression)
         if self._too_large(payload, len(items), rows[0].table):
             middle = len(items) // 2  # the estimate was off (incompressible data): split and retry
@@ -290,6 +297,12 @@ class BatchBuilder:
                 group, getter = slots[row[1], row[2]]
                 append((group, row[0], getter(row)))
         body = {"o": self.node_id, "t": tables, "g": groups, "r": entries}
+        # CBOR items: per row its array, group, version, values array and values (len(row) - 3
+        # + 4); per group and table their names. Receivers refuse a body above MAX_CBOR_ITEMS.
+        items = sum(map(len, chunk)) + len(chunk) + sum(2 * len(g[2]) + 16 for g in groups) + 16
+        if len(chunk) > 1 and items > codec.MAX_CBOR_ITEMS:
+            middle = len(chunk) // 2
+            return self._encode_rows(shard, chunk[:middle], layouts) + self._encode_rows(shard, chunk[middle:], layouts)
         payload = codec.encode_body(body, self.replication.compression)
         if self._too_large(payload, len(chunk), layouts[chunk[0][1]].table):
             middle = len(chunk) // 2  # the estimate was off (incompressible data): split and retry
