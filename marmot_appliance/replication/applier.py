@@ -9,13 +9,17 @@ One batch (or several) = one SQLite transaction (BEGIN IMMEDIATE) that
      or newer version is known (ON CONFLICT ... WHERE newer): the versions table now names the
      winner of every key this batch touches, including duplicates within the batch;
   4. applies exactly the rows that won (INSERT ... ON CONFLICT(pk) DO UPDATE SET <columns>, or
-     DELETE), each guarded by "the versions table holds my (version, origin)";
+     DELETE), each guarded by "the versions table holds my (version, origin)"; an upsert is a
+     full row image: local columns it does not carry are set to their DEFAULT;
   5. advances the hybrid clock to the newest version received, writes the stream position, and
      deletes the marker, then commits.
 
 Everything per row runs in SQLite through executemany; Python only groups rows by table and
 column layout. Rows for tables that are not selected are ignored; rows for a table or a column
-this node does not have are parked and retried by retry_parked() once the schema catches up.
+this node does not have are parked and retried by retry_parked() once that table's schema
+changes; rows whose version lies beyond max_clock_skew_s ahead of the wall clock are held (and
+do not move the clock) until retry_held() finds time caught up, or dead-lettered when absurd
+(clock_bound.py). Parked and held rows together are bounded by max_parked_rows.
 A row SQLite refuses (e.g. a UNIQUE constraint other than the key) is dead-lettered on its own;
 the rest of the batch still applies.
 
