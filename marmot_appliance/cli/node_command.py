@@ -84,6 +84,9 @@ def register(subparsers) -> None:
     _bool_flag(common, "enable-snapshot", "save and restore snapshots (default true)", None)
     _flag(common, "log-format", choices=("console", "json"), help="log lines (default: spec's, else console)")
     _flag(common, "no-inotify", action="store_true", help="wake on PRAGMA data_version polling only")
+    _flag(common, "allow-node-id-change", action="store_true",
+          help="run on a database that belonged to another node id (refused without this flag); "
+               "its unpublished rows are published under this node's id")
     parser.set_defaults(func=run_node_command)
 
 
@@ -131,10 +134,12 @@ def build_config(args: argparse.Namespace) -> node_config.NodeConfig:
             metrics_host=args.metrics_listen,
             metrics_port=args.metrics_port,
         )
-    if args.no_inotify:
-        from dataclasses import replace
+    from dataclasses import replace
 
+    if args.no_inotify:
         config = replace(config, use_inotify=False)
+    if args.allow_node_id_change:
+        config = replace(config, allow_node_id_change=True)
     return config
 
 

@@ -41,6 +41,9 @@ class NodeConfig:
     cleanup: bool = False
     save_snapshot: bool = False
     use_inotify: bool = True
+    # The operator's explicit consent to run on a database another node id owned (see
+    # replication/capture.py NodeIdChangeError); without it such a start is refused.
+    allow_node_id_change: bool = False
 
     @property
     def db_path(self) -> Path:

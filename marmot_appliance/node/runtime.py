@@ -118,6 +118,7 @@ class NodeRuntime:
         self._flow_tasks: list[asyncio.Task] = []
         self._last_seq_map: dict[str, int] | None = None
         self._closing = False
+        self._node_id_changes = False  # the database was another node id's (--allow-node-id-change)
         self._part_failed = asyncio.Event()  # a runtime part (consumer, publisher, ...) died
 
     # -- health ----------------------------------------------------------------------------
@@ -140,8 +141,8 @@ class NodeRuntime:
 
     async def run(self, stop: asyncio.Event) -> int:
         db_path = self.config.db_path
-        await self.capture_db.run(_check_database, db_path)
         if self.config.cleanup:
+            await self.capture_db.run(_check_database, db_path)
             from marmot_appliance.replication.capture import remove_bookkeeping
 
             await self.capture_db.run(remove_bookkeeping, str(db_path))
@@ -149,6 +150,9 @@ class NodeRuntime:
             self._shutdown_threads()
             return 0
         try:
+            self._node_id_changes = await self.capture_db.run(
+                _check_database, db_path, self.node.id, self.config.allow_node_id_change
+            )
             await self._start_http()
             if not await self._connect(stop):
                 return 0
@@ -248,14 +252,20 @@ class NodeRuntime:
             raise MarmotError(f"JetStream did not answer while creating the shard streams: {exc}") from exc
 
     async def _open_database(self) -> None:
-        from marmot_appliance.replication.applier import BatchApplier
+        from marmot_appliance.replication.applier import BatchApplier, reset_own_origin_horizon
         from marmot_appliance.replication.capture import ChangeCapture
 
         db = str(self.config.db_path)
         selection = self.node.tables
         node_id = self.node.id
-        self.capture = await self.capture_db.run(ChangeCapture, db, node_id, selection)
+        self.capture = await self.capture_db.run(
+            ChangeCapture, db, node_id, selection, allow_node_id_change=self.config.allow_node_id_change
+        )
         report = await self.capture_db.run(self.capture.install)
+        if self._node_id_changes:
+            # This node's own earlier writes may be missing from a file that was another node's:
+            # own-origin rows on the streams are applied (version-checked), not skipped.
+            await self.capture_db.run(reset_own_origin_horizon, db)
         for warning in getattr(report, "warnings", ()):
             log.warning("%s", warning)
         log.info("capturing %d table(s): %s", len(report.tables), ", ".join(report.tables) or "(none yet)")
@@ -552,13 +562,22 @@ class NodeRuntime:
         return 0
 
 
-def _check_database(path: Path) -> None:
-    """The database must exist and be in WAL mode (checked without changing anything)."""
-    from marmot_appliance.replication.capture import require_wal
+def _check_database(path: Path, node_id: int | None = None, allow_node_id_change: bool = False) -> bool:
+    """The database must exist, be in WAL mode and belong to this node id (checked without
+    changing anything). True when it belongs to another id and the operator allowed the change."""
+    from marmot_appliance.replication.capture import NodeIdChangeError, database_owner, node_id_change_message, require_wal
 
     if not path.exists():
         raise DatabaseStateError(f"database {path} does not exist (create it, in WAL mode, first)")
     require_wal(str(path))
+    if node_id is None:
+        return False
+    owner, pending = database_owner(path)
+    if owner is None or owner == node_id:
+        return False
+    if not allow_node_id_change:
+        raise NodeIdChangeError(node_id_change_message(path, owner, node_id, pending))
+    return True
 
 
 async def run_until_signal(config: NodeConfig) -> int:

@@ -47,6 +47,8 @@ __all__ = [
     "CaptureReport",
     "ChangeCapture",
     "DatabaseBusyError",
+    "NodeIdChangeError",
+    "database_owner",
     "PendingChange",
     "PendingRows",
     "remove_bookkeeping",
@@ -174,6 +176,42 @@ def remove_bookkeeping(db_path: str | Path, *, busy_timeout_ms: int = DEFAULT_BU
         conn.close()
 
 
+class NodeIdChangeError(DatabaseStateError):
+    """The database belongs to another node id and the operator did not allow taking it over."""
+
+
+def node_id_change_message(db_path: str | Path, owner: int, node_id: int, pending: int) -> str:
+    return (
+        f"database {db_path} belongs to node id {owner} (its change log holds {pending} unpublished "
+        f"row(s)), but this node runs as id {node_id}. A node id names one database for its whole "
+        f"life: if this is the wrong --node-id or spec entry, fix it. If the database really moves to "
+        f"id {node_id}, start once with --allow-node-id-change (its unpublished rows are then "
+        f"published under id {node_id}; nothing is discarded)."
+    )
+
+
+def database_owner(db_path: str | Path) -> tuple[int | None, int]:
+    """(node id that owns the database's change log, unpublished log rows), read-only.
+
+    (None, 0) for a database capture was never installed on.
+    """
+    conn = sqlite3.connect(Path(db_path).resolve().as_uri() + "?mode=ro", uri=True, isolation_level=None,
+                           timeout=DEFAULT_BUSY_TIMEOUT_MS / 1000)
+    try:
+        if not bk.object_exists(conn, bk.META_TABLE):
+            return None, 0
+        owner = bk.get_meta(conn, bk.META_NODE_ID)
+        return (None if owner is None else int(owner)), _count_log_rows(conn)
+    finally:
+        conn.close()
+
+
+def _count_log_rows(conn: sqlite3.Connection) -> int:
+    return sum(
+        int(conn.execute(f"SELECT count(*) FROM {quote_ident(name)}").fetchone()[0]) for name in bk.log_tables(conn)
+    )
+
+
 def _active_layout_key(table: str) -> str:
     return f"active_layout:{table}"
 
@@ -234,10 +272,12 @@ class ChangeCapture:
         selection: TableSelection | None = None,
         *,
         busy_timeout_ms: int = DEFAULT_BUSY_TIMEOUT_MS,
+        allow_node_id_change: bool = False,
     ):
         self.db_path = Path(db_path)
         self.node_id = int(node_id)
         self.selection = selection or TableSelection()
+        self.allow_node_id_change = allow_node_id_change
         self._busy_timeout_ms = busy_timeout_ms
         self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=32)
         # mark_rows_published may get a connection of its own (use_retire_connection), so a
@@ -390,25 +430,27 @@ class ChangeCapture:
         return count
 
     def _claim_log(self, conn: sqlite3.Connection) -> list[str]:
-        """Make this node the owner of the change log; discard another node's pending rows.
+        """Make this node the owner of the change log, refusing a silent change of node id.
 
-        A database restored from another node's snapshot (or copied from it) carries that
-        node's unpublished log rows. They are that node's to publish, not ours: fold their
-        versions (they describe the data we now hold) and drop them.
+        A database whose log belongs to another node id is another node's database (its id was
+        changed on the command line, or its file was copied here). Taking it over silently would
+        rewrite its identity; that needs `allow_node_id_change`. Its pending rows are kept either
+        way: they are committed local changes, published from now on under this node's id
+        (same values and versions; last writer wins makes a second copy of them harmless).
+        Snapshot restores never get here: they set the copy's owner before it goes live.
         """
         owner = bk.get_meta(conn, bk.META_NODE_ID)
         if owner is not None and int(owner) != self.node_id:
-            bk.fold_pending(conn)
-            discarded = 0
-            for log_name in bk.log_tables(conn):
-                discarded += max(conn.execute(f"DELETE FROM {quote_ident(log_name)}").rowcount, 0)
+            if not self.allow_node_id_change:
+                raise NodeIdChangeError(node_id_change_message(self.db_path, int(owner), self.node_id,
+                                                               _count_log_rows(conn)))
             bk.set_meta(conn, bk.META_NODE_ID, self.node_id)
-            if discarded:
-                return [
-                    f"the change log belonged to node id {owner}; discarded its {discarded} unpublished "
-                    "rows (that node publishes them itself)"
-                ]
-        elif owner is None:
+            return [
+                f"database {self.db_path} belonged to node id {owner}; it is node id {self.node_id}'s now "
+                f"(--allow-node-id-change); its {_count_log_rows(conn)} unpublished row(s) are published under "
+                f"id {self.node_id}"
+            ]
+        if owner is None:
             bk.set_meta(conn, bk.META_NODE_ID, self.node_id)
         return []
 
