@@ -286,11 +286,15 @@ class NodeRuntime:
         self.status.capture_mode = self.wakeup.mode
         self.publisher = Publisher(
             self.js, self.capture, self.capture_db, self.node.id, self.replication, self.nc.max_payload,
-            self.wakeup, self.metrics, self.status, own_publishes=self.own_publishes, retire_db=self.retire_db,
+            self.wakeup, self.metrics, self.status, retire_db=self.retire_db,
+            # Only a consuming node takes its acknowledged sequences back out of this set.
+            own_publishes=self.own_publishes if self.node.replicate else None,
         )
         # Changes committed while we were down go out first; then a lagging node may restore.
         if self.node.publish:
             await self.publisher.flush()
+        else:
+            await self.capture_db.run(self.capture.discard_unpublished)
         if self.cluster.snapshots.enabled and self.node.replicate:
             await self._restore_at_start(stop)
         self.parts_stop = asyncio.Event()  # consumers, publisher, scheduler stop on this, after `stop`
@@ -457,6 +461,11 @@ class NodeRuntime:
                     purged = await self.capture_db.run(self.capture.purge_published)
                     if purged:
                         log.debug("purged %d published log row(s)", purged)
+                    if not self.node.publish:
+                        # Nobody publishes this log: keep it from growing forever.
+                        discarded = await self.capture_db.run(self.capture.discard_unpublished)
+                        if discarded:
+                            log.debug("publish: false: dropped %d captured row(s) from the log", discarded)
                 if now - last_status >= STATUS_REFRESH_S:
                     last_status = now
                     await self._refresh_status()

@@ -717,6 +717,20 @@ class ChangeCapture:
         with write_transaction(self._conn):
             return self._drop_empty_orphan_logs(self._conn)
 
+    def discard_unpublished(self) -> int:
+        """For a node that does not publish (`publish: false`): empty the change log.
+
+        Versions are folded first, in the same transaction, so local writes keep taking part in
+        last-writer-wins against incoming rows exactly as they did while in the log (the applier
+        folds pending rows before comparing). Returns the log rows removed.
+        """
+        removed = 0
+        with write_transaction(self._conn):
+            self._before_retiring(self._conn)
+            for log_name in bk.log_tables(self._conn):
+                removed += max(self._conn.execute(f"DELETE FROM {quote_ident(log_name)}").rowcount, 0)
+        return removed
+
     def close(self) -> None:
         if self._retire_conn is not None:
             self._retire_conn.close()
