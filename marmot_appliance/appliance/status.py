@@ -134,6 +134,13 @@ def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
                 f"dead letters: {body.get('dead_letters', '-')}; last snapshot: {_ago(body.get('last_snapshot'))}"
             )
             lines.extend(_waiting_rows_lines(body))
+            for stream, gap in sorted((body.get("gaps") or {}).items()):
+                gap = gap if isinstance(gap, dict) else {}
+                lines.append(
+                    f"    gap: {stream} lost entries {gap.get('missing_from')}..{gap.get('missing_to')} before "
+                    f"they were applied (since {_ago(gap.get('since'))}); not applying this stream: "
+                    f"{gap.get('recovery') or 'waiting for a snapshot'}"
+                )
         for problem in status.problems:
             lines.append(f"    problem: {problem}")
     healthy = sum(1 for s in statuses if s.healthy)

@@ -46,6 +46,7 @@ from marmot_appliance.replication.publisher import OwnPublishes, Publisher
 from marmot_appliance.replication.sharding import shard_numbers
 from marmot_appliance.replication.streams import StreamSetupError, ensure_streams, retry_while_settling
 from marmot_appliance.replication.wakeup import CommitWakeup
+from marmot_appliance.snapshots.errors import SnapshotError
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +73,14 @@ NODE_METRICS = (
     ("dead_letters_truncated", "counter", "Dead letters whose payload was cut to the kept maximum"),
     ("runs_split", "counter", "Publisher runs applied before their end arrived"),
     ("pending_rows", "gauge", "Captured rows not yet acknowledged"),
+    ("gaps", "gauge", "Shard streams with entries gone before this node applied them (no snapshot closed it yet)"),
     ("snapshot_restores", "counter", "Snapshots restored while the node was running"),
     ("snapshot_restore_in_progress", "gauge", "1 while a snapshot restore is pending or running on this node"),
 )
 LABELLED_NODE_METRICS = (
     ("errors", "counter", "Errors by kind"),
     ("stream_lag", "gauge", "Stream entries not yet applied"),
+    ("stream_gap_entries", "gauge", "Entries retention dropped before this node applied them (0: no gap)"),
 )
 
 
@@ -131,6 +134,8 @@ class NodeRuntime:
         return health
 
     def _refresh_gauges(self) -> None:
+        self.metrics.set("gaps", len(self.status.gaps),
+                         help="Shard streams with entries gone before this node applied them (no snapshot closed it yet)")
         if self.snapshot_scheduler is not None:
             self.status.last_snapshot = getattr(self.snapshot_scheduler, "last_snapshot", None)
         if self.status.last_snapshot:
@@ -551,15 +556,52 @@ class NodeRuntime:
             )
         except (nats.errors.Error, asyncio.TimeoutError) as exc:
             raise MarmotError(f"JetStream did not answer while checking for a snapshot to restore: {exc}") from exc
+        except SnapshotError as exc:
+            # A gap no snapshot closes (or a restore refused) is not a reason to exit: a systemd
+            # restart loop helps nobody. The node starts; the consumer of each gapped stream
+            # holds before the gap, /health says so, and a snapshot is asked for (docs/replication.md).
+            log.error("cannot restore a snapshot at start: %s", exc)
+            self.metrics.inc("errors", kind="restore", help="Errors by kind")
 
     async def _on_truncated(self, stream: str, expected: int, available: int) -> bool:
-        """True: a restore was requested and the consumer holds until it is restarted."""
-        log.error("stream %s: next entry %d is gone (stream now starts at %d)", stream, expected, available)
+        """A consumer found entries expected..available-1 gone. True: a restore was requested and
+        the consumer holds until it is restarted; False: no snapshot closes the gap yet (the
+        consumer holds with an open gap and asks again in a few seconds).
+
+        A restore is requested only when a kept snapshot covers the gap (pausing every consumer
+        for a restore bound to fail would stall the healthy shards too); otherwise the cluster
+        is asked to save one (snapshots/requests.py)."""
+        log.warning("stream %s: next entry %d is gone (stream now starts at %d)", stream, expected, available)
         if not self.cluster.snapshots.enabled:
+            self.status.gap_recovery[stream] = (
+                "snapshots are disabled on this node: an operator must restore one (docs/replication.md, 'Gaps')"
+            )
             return False
+        required = {stream: available - 1}
+        try:
+            covering = await snapshot_bridge.snapshot_covering(self, required)
+            if covering is None:
+                await snapshot_bridge.request_snapshot(self, required)
+                self.status.gap_recovery[stream] = (
+                    f"no kept snapshot reflects {stream} up to {available - 1}; asked the cluster for one"
+                )
+                return False
+        except (MarmotError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            self.status.gap_recovery[stream] = f"cannot reach the snapshot store ({exc}); retrying"
+            log.warning("stream %s: cannot look for or ask for a snapshot: %s", stream, exc)
+            return False
+        self.status.gap_recovery[stream] = f"restoring snapshot {covering}"
         return self.restores.request_restore(
             stream, f"stream {stream}: entries {expected}..{available - 1} are gone before this node applied them"
         )
+
+    def saving_blocked(self) -> str | None:
+        """Why this node must not save a snapshot now (a restore, or a gap: its positions on that
+        stream stay behind what the log still has, so its snapshot would not serve anyone)."""
+        blocked = self.restores.saving_blocked()
+        if blocked is None and self.status.gaps:
+            blocked = f"this node has a gap on {', '.join(sorted(self.status.gaps))}"
+        return blocked
 
     def _start_snapshot_scheduler(self) -> None:
         if not self.cluster.snapshots.enabled:

@@ -37,6 +37,32 @@ async def restore_if_needed(runtime: Any) -> bool:
     return bool(await hook(runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path), flush_pending=flush))
 
 
+async def snapshot_covering(runtime: Any, required: dict[str, int]) -> str | None:
+    """The name of the newest kept snapshot reflecting at least `required`, or None."""
+    from marmot_appliance.snapshots.errors import NoSnapshotError
+    from marmot_appliance.snapshots.save import open_store
+
+    try:
+        store = await open_store(runtime.js, runtime.cluster, create=False)
+    except NoSnapshotError:
+        return None
+    manifest, _revision = await store.read_manifest()
+    for info in manifest.snapshots:
+        if info.covers(required):
+            return info.name
+    return None
+
+
+async def request_snapshot(runtime: Any, required: dict[str, int]) -> None:
+    """Ask the cluster for a snapshot reflecting `required` (any node whose positions cover it
+    saves one; see snapshots/requests.py)."""
+    from marmot_appliance.snapshots.requests import request_snapshot as write_request
+    from marmot_appliance.snapshots.save import open_store
+
+    store = await open_store(runtime.js, runtime.cluster)
+    await write_request(store, runtime.node.name, required)
+
+
 def start_scheduler(runtime: Any) -> Any | None:
     """The snapshot scheduler as a task of the runtime (stopped with the other parts)."""
     import asyncio
@@ -47,7 +73,7 @@ def start_scheduler(runtime: Any) -> Any | None:
         return None
     scheduler = scheduler_class(
         runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path), runtime.metrics,
-        save_lock=runtime.restores.save_lock, saving_blocked=runtime.restores.saving_blocked,
+        save_lock=runtime.restores.save_lock, saving_blocked=runtime.saving_blocked,
     )
     if not getattr(scheduler, "enabled", True):
         return None

@@ -28,6 +28,10 @@ class RuntimeStatus:
     # {"rows", "ahead_s"}}, "dead_lettered": {origin: {"rows", "max_ahead_s"}}}. Held rows make
     # the node unhealthy: it cannot converge with that origin until time catches up.
     clock_skew: dict = field(default_factory=dict)
+    # stream -> the entries retention dropped before this node applied them, while no snapshot
+    # has closed the gap: {"missing_from", "missing_to", "missing", "since"} (see consumer.py)
+    gaps: dict[str, dict] = field(default_factory=dict)
+    gap_recovery: dict[str, str] = field(default_factory=dict)  # stream -> what is being done about it
 
     @property
     def healthy(self) -> bool:
@@ -37,7 +41,7 @@ class RuntimeStatus:
         # healthy that is still deciding whether to restore a snapshot.
         return (
             self.nats_connected and self.database_ok and self.capture_installed and self.started
-            and not self.failed_parts and not self.clock_skew.get("held")
+            and not self.failed_parts and not self.clock_skew.get("held") and not self.gaps
         )
 
     def as_health(self) -> dict:
@@ -52,6 +56,9 @@ class RuntimeStatus:
             "applied": dict(self.applied),
             "pending_rows": self.pending_rows,
             "failed_parts": dict(self.failed_parts),
+            "gaps": {
+                stream: {**gap, "recovery": self.gap_recovery.get(stream)} for stream, gap in self.gaps.items()
+            },
             "last_publish": self.last_publish,
             "last_apply": self.last_apply,
             "dead_letters": self.dead_letters,

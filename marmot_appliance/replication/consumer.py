@@ -9,8 +9,11 @@ crash at any instant neither loses nor doubles an effect. Per message:
 * seq > applied position + 1: the log was truncated below us (retention), the node must restore
   a snapshot; `on_truncated` decides: True means the runtime took over (a restore is under way)
   and this consumer *holds* (applies nothing) until the runtime stops it and restarts it from
-  the restored position (`restart_from`); otherwise we log loudly and continue from what the
-  stream still has;
+  the restored position (`restart_from`); False means no snapshot closes the gap yet: the
+  consumer holds with an open *gap* (shown on /health, `marmot_stream_gap_entries`), never
+  moves its position past it, and looks again every GAP_RETRY_S (the runtime has asked the
+  cluster for a snapshot that covers it). The same holds when the idle check finds the entries
+  after our position gone without a message to tell (a purged stream);
 * the database was replaced underneath (applier.DatabaseReplacedError, the position fence):
   nothing was written; the consumer holds and tells the runtime (`on_replaced`), which adopts
   the file and restarts every consumer from its positions;
@@ -54,6 +57,9 @@ IDLE_CHECK_S = 1.0
 # delivered and skipped again after a crash.
 OWN_POSITION_SAVE_S = 0.5
 STALL_CHECKS = 3  # idle checks with lag and no delivery before the subscription is re-created
+# A gap no snapshot closes yet is looked at again this often (resubscribe: the gap is found
+# again, and on_truncated checks for a snapshot that covers it now).
+GAP_RETRY_S = 5.0
 HEARTBEAT_S = 2.0
 MAX_GROUP = 64  # messages applied in one SQLite transaction when several are buffered
 # A publisher's run of messages flagged MORE_HEADER is applied in one SQLite transaction (rows
@@ -124,6 +130,8 @@ class ShardConsumer:
         self.on_truncated = on_truncated
         self.on_replaced = on_replaced
         self.holding: str | None = None  # why this consumer applies nothing until restart_from
+        self.gap: tuple[int, int] | None = None  # (first, last) entry gone before we applied it
+        self._gap_retry_at = 0.0  # time.monotonic() when a held gap is looked at again
         self._unsaved_own_seq: int | None = None  # own messages skipped, position not yet stored
         self._own_position_saved_at = 0.0  # time.monotonic() of the last _save_own_position
         self._failures = 0
@@ -150,8 +158,10 @@ class ShardConsumer:
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             if self.holding is not None:
-                await _wait_for(stop, IDLE_CHECK_S)
-                continue
+                if self.gap is None or time.monotonic() < self._gap_retry_at:
+                    await _wait_for(stop, IDLE_CHECK_S)
+                    continue
+                self.holding = None  # look at the gap again (it stays open until it is closed)
             sub = None
             try:
                 sub = await self._subscribe()
@@ -198,7 +208,10 @@ class ShardConsumer:
                     self._restart_requested = False
                     return
                 await self._save_own_position()
-                if await self._lagging():
+                lagging = await self._lagging()
+                if self.holding is not None:
+                    return  # the idle check found a gap
+                if lagging:
                     idle_checks += 1
                     if idle_checks >= STALL_CHECKS:
                         log.warning("stream %s: messages pending but none delivered; resubscribing", self.stream)
@@ -259,13 +272,23 @@ class ShardConsumer:
             open_runs.discard(origin)
 
     async def _lagging(self) -> bool:
-        """Refresh the lag gauge from the stream; True if messages beyond our position exist."""
+        """Refresh the lag gauge from the stream; True if messages beyond our position exist.
+
+        Also finds a gap no message would reveal: the entries after our position are gone and
+        nothing newer was delivered (a purge). Then the subscription must restart (True) after
+        the gap was handled like any other."""
         try:
             info = await self.js.stream_info(self.stream)
         except Exception:  # noqa: BLE001 - reported by the NATS connection state
             return False
-        behind = max(0, info.state.last_seq - self.position)
+        first, last = int(info.state.first_seq or 0), int(info.state.last_seq or 0)
+        behind = max(0, last - self.position)
         self._set_lag(behind)
+        if behind and first > self.position + 1:
+            await self._truncated(first)
+            return True
+        if self.gap is not None and first <= self.position + 1:
+            self._close_gap()
         return behind > 0
 
     def _set_lag(self, behind: int) -> None:
@@ -358,6 +381,8 @@ class ShardConsumer:
         return False
 
     def _after_apply(self, num_pending: int, rows: int) -> None:
+        if self.gap is not None:
+            self._close_gap()
         self.status.applied[self.stream] = self.position
         self._set_lag(num_pending)
         if rows:
@@ -423,21 +448,54 @@ class ShardConsumer:
             log.debug("stream %s: position %d not stored yet (%s)", self.stream, seq, exc)
 
     async def _truncated(self, seq: int) -> bool:
+        """Entries position+1 .. seq-1 are gone. Never applies past them: the consumer holds,
+        either for the restore the runtime starts, or with an open gap; True (the subscription
+        must restart). False only when they were all this process's own messages."""
         expected = self.position + 1
+        if self.own_publishes is not None and self.own_publishes.take_range(self.stream, expected, seq - 1):
+            # Retention dropped only what this process published itself: nothing is missing.
+            self.position = self._unsaved_own_seq = seq - 1
+            return False
         self.metrics.inc("errors", kind="log_truncated", help="Errors by kind")
-        if self.on_truncated is not None:
-            if await self.on_truncated(self.stream, expected, seq):
-                # The runtime restores a snapshot: apply nothing until it restarts us from the
-                # restored position (it stops every consumer first, see node/restore_coordinator.py).
-                self.hold(f"entries {expected}..{seq - 1} are gone; waiting for a snapshot restore")
-                return True
-        log.error(
-            "stream %s: entries %d..%d were dropped by retention before this node applied them; "
-            "changes in them are missing here unless a snapshot is restored "
-            "(`marmot-appliance snapshot restore`). Continuing from %d.",
-            self.stream, expected, seq - 1, seq,
-        )
-        return False
+        if self.on_truncated is not None and await self.on_truncated(self.stream, expected, seq):
+            # The runtime restores a snapshot: apply nothing until it restarts us from the
+            # restored position (it stops every consumer first, see node/restore_coordinator.py).
+            self.hold(f"entries {expected}..{seq - 1} are gone; waiting for a snapshot restore")
+            self._gap_retry_at = float("inf")  # restart_from ends the wait
+            return True
+        self._open_gap(expected, seq - 1)
+        return True
+
+    def _open_gap(self, first: int, last: int) -> None:
+        new = self.gap is None
+        self.gap = (first, last)
+        since = self.status.gaps.get(self.stream, {}).get("since") or time.time()
+        self.status.gaps[self.stream] = {
+            "missing_from": first, "missing_to": last, "missing": last - first + 1, "since": since,
+        }
+        self.metrics.set("stream_gap_entries", last - first + 1,
+                         help="Entries retention dropped before this node applied them (0: no gap)",
+                         stream=self.stream)
+        if new:
+            log.error(
+                "stream %s: entries %d..%d were dropped by retention before this node applied them and no "
+                "snapshot closes the gap yet; applying nothing more from this stream (position stays %d) "
+                "until a snapshot is restored (see docs/replication.md, 'Gaps')",
+                self.stream, first, last, self.position,
+            )
+        self.hold(f"entries {first}..{last} are gone and no snapshot closes the gap yet")
+        self._gap_retry_at = time.monotonic() + GAP_RETRY_S
+
+    def _close_gap(self) -> None:
+        if self.gap is None:
+            return
+        log.info("stream %s: the gap %d..%d is closed (position %d)", self.stream, *self.gap, self.position)
+        self.gap = None
+        self.status.gaps.pop(self.stream, None)
+        self.status.gap_recovery.pop(self.stream, None)
+        self.metrics.set("stream_gap_entries", 0,
+                         help="Entries retention dropped before this node applied them (0: no gap)",
+                         stream=self.stream)
 
     async def _backoff(self, what: str, exc: BaseException, stop: asyncio.Event) -> None:
         self._failures += 1

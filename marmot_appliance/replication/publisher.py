@@ -333,6 +333,15 @@ class OwnPublishes:
         seqs.discard(seq)
         return True
 
+    def take_range(self, stream: str, first: int, last: int) -> bool:
+        """True (and forget them) if every sequence first..last was published by this process:
+        a "gap" of only our own messages is no gap (their rows are in the database)."""
+        seqs = self._seqs.get(stream)
+        if not seqs or last - first + 1 > len(seqs) or any(s not in seqs for s in range(first, last + 1)):
+            return False
+        seqs.difference_update(range(first, last + 1))
+        return True
+
     def forget_below(self, stream: str, seq: int) -> None:
         seqs = self._seqs.get(stream)
         if seqs:

@@ -7,6 +7,11 @@ the "already up to date" rule turns the others' attempts into no-ops. The interv
 this node's monotonic clock from the moment it last saw the manifest change, so no node compares
 its wall clock with another's.
 
+Saves are also made on request: a node with a gap no kept snapshot closes asks the cluster for
+one (snapshots/requests.py), and a scheduler whose node's positions cover the request saves it,
+even with `every_entries` and `interval_s` both off (the scheduler runs whenever snapshots are
+enabled).
+
 Inside a node the runtime passes `save_lock` and `saving_blocked`: a save never runs while this
 node has a snapshot restore pending or running (it would upload a file about to be replaced, or
 one whose positions are behind), and a restore waits for a save in progress.
@@ -28,7 +33,8 @@ from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.snapshots.errors import SnapshotError, SnapshotSkipped
 from marmot_appliance.snapshots.manifest import SnapshotInfo
 from marmot_appliance.snapshots.restore import stream_bounds
-from marmot_appliance.snapshots.save import open_store, save_snapshot
+from marmot_appliance.snapshots.requests import read_requests, servable_request
+from marmot_appliance.snapshots.save import local_positions, open_store, save_snapshot
 from marmot_appliance.spec.model import Cluster, Node
 
 log = logging.getLogger(__name__)
@@ -68,7 +74,8 @@ class SnapshotScheduler:
 
     @property
     def enabled(self) -> bool:
-        return self.settings.enabled and bool(self.settings.every_entries or self.settings.interval_s)
+        # Also without every_entries / interval_s: other nodes' snapshot requests are served.
+        return self.settings.enabled
 
     @property
     def last_snapshot(self) -> float | None:
@@ -92,6 +99,10 @@ class SnapshotScheduler:
                 return f"{behind} entries since the newest snapshot (every_entries: {self.settings.every_entries})"
         if self.settings.interval_s and time.monotonic() - self._seen_at >= self.settings.interval_s:
             return f"no new snapshot for {self.settings.interval_s:g}s (interval_s)"
+        requests, _revision = await read_requests(store)
+        if requests:
+            positions = await asyncio.to_thread(local_positions, self.db_path)
+            return servable_request(requests, self.newest, positions, self.node.name)
         return None
 
     def _observe(self, newest: SnapshotInfo | None) -> None:
