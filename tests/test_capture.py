@@ -13,7 +13,7 @@ import time
 import pytest
 
 from marmot_appliance.errors import DatabaseStateError
-from marmot_appliance.replication.capture import ChangeCapture, remove_bookkeeping, require_wal
+from marmot_appliance.replication.capture import ChangeCapture, NodeIdChangeError, remove_bookkeeping, require_wal
 from marmot_appliance.replication.digest import table_digest
 from marmot_appliance.replication.sqlite_util import DatabaseBusyError
 from marmot_appliance.replication.types import BOOKKEEPING_PREFIX
@@ -326,17 +326,21 @@ def test_excluding_a_table_later_drops_its_triggers_and_drained_log(wal_db):
         assert capture.read_pending() == []
 
 
-def test_database_from_another_node_discards_that_nodes_pending_rows(wal_db):
+def test_database_from_another_node_is_refused_unless_allowed_and_keeps_pending_rows(wal_db):
+    """Issue 10, case 17: another node id on a database is refused; when the operator allows it,
+    the pending rows are published under the new id, never discarded."""
     db = wal_db(schema="CREATE TABLE t (k TEXT PRIMARY KEY);")
     with ChangeCapture(db, 1) as capture:
         capture.install()
         connect(db).execute("INSERT INTO t VALUES ('from node 1')")
     with ChangeCapture(db, 2) as capture:
+        with pytest.raises(NodeIdChangeError, match="belongs to node id 1"):
+            capture.install()
+    with ChangeCapture(db, 2, allow_node_id_change=True) as capture:
         report = capture.install()
         assert any("node id 1" in w for w in report.warnings)
-        assert capture.read_pending() == []
         connect(db).execute("INSERT INTO t VALUES ('from node 2')")
-        assert [(c.pk, c.origin) for c in changes(capture)] == [(("from node 2",), 2)]
+        assert [(c.pk, c.origin) for c in changes(capture)] == [(("from node 1",), 2), (("from node 2",), 2)]
 
 
 def test_remove_bookkeeping_leaves_user_data_identical(wal_db):
