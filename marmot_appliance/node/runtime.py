@@ -3,11 +3,17 @@
 Start-up order (each step's failure is a clear message and exit 1, except NATS reachability,
 which is retried while /health reports "unhealthy"):
 
-1. the database must exist and be in WAL mode (`--cleanup` removes bookkeeping and exits);
+1. the database must exist, be in WAL mode and belong to this node id (`--cleanup` removes
+   bookkeeping and exits);
 2. /health and /metrics start listening (the appliance polls them while we connect);
-3. connect to NATS (unlimited reconnects), create or check the shard streams;
-4. install capture (triggers, log, clock; one transaction) and publish what is pending;
-5. restore a snapshot if a stream's log was truncated below our position;
+3. install capture (triggers, log, clock; one transaction) — before anything waits on the
+   network, so writes made while NATS is slow to answer are captured and published later;
+4. connect to NATS (unlimited reconnects), create or check the shard streams, re-check the
+   schema (tables created meanwhile), publish what is pending (a never-replicated database
+   about to be replaced by a snapshot publishes its unknown rows first: it joins, nothing is
+   silently replaced);
+5. restore a snapshot if a stream's log was truncated below our position (a gap no snapshot
+   closes does not stop the start: the stream is held and reported, docs/replication.md "Gaps");
 6. one consumer per shard stream from the stored position, the publisher, the maintenance loop.
 
 A snapshot restore while running (a consumer found a gap) stops the publisher and every consumer
@@ -159,12 +165,16 @@ class NodeRuntime:
                 _check_database, db_path, self.node.id, self.config.allow_node_id_change
             )
             await self._start_http()
+            if not self.config.save_snapshot:
+                # Capture first, before anything waits on the network: every write from now on
+                # is in the log and goes out once NATS answers, however long that takes.
+                await self._open_database()
             if not await self._connect(stop):
                 return 0
             await self._ensure_streams(stop)
             if self.config.save_snapshot:
                 return await self._save_snapshot_and_exit()
-            await self._open_database()
+            await self._check_schema()  # tables created while we waited are captured (and backfilled)
             tasks = await self._start_parts(stop)
             await self._wait_for_stop_or_failure(stop)
             await self._stop_parts(tasks)
@@ -297,6 +307,7 @@ class NodeRuntime:
         )
         # Changes committed while we were down go out first; then a lagging node may restore.
         if self.node.publish:
+            await self._join_before_boot_restore()
             await self.publisher.flush()
         else:
             await self.capture_db.run(self.capture.discard_unpublished)
@@ -327,6 +338,30 @@ class NodeRuntime:
             self.wakeup.mode,
         )
         return tasks
+
+    async def _join_before_boot_restore(self) -> None:
+        """A database that was never replicated but holds rows nobody published, about to be
+        replaced by the start-up restore: publish those rows first (they join the cluster, last
+        writer wins), so the restore removes nothing the cluster does not have. The replay after
+        the restore brings them back (own rows older than the restore are applied)."""
+        if not (self.cluster.snapshots.enabled and self.node.replicate):
+            return
+        if await self.apply_db.run(self.applier.positions):
+            return  # replicated before: its rows are known (published or applied)
+        try:
+            replacing = await snapshot_bridge.restore_would_replace_new_database(self)
+        except (MarmotError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.debug("start-up snapshot check deferred: %s", exc)  # the restore check retries it
+            replacing = False
+        if not replacing:
+            return
+        joined = await self.capture_db.run(self.capture.log_unknown_rows)
+        if joined:
+            log.warning(
+                "this database was never replicated but holds %d row(s) the cluster does not know; "
+                "publishing them before the start-up snapshot restore (they join the cluster, last writer wins)",
+                joined,
+            )
 
     async def _wait_for_stop_or_failure(self, stop: asyncio.Event) -> None:
         stop_waiter = asyncio.ensure_future(stop.wait())

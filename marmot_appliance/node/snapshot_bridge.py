@@ -37,6 +37,17 @@ async def restore_if_needed(runtime: Any) -> bool:
     return bool(await hook(runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path), flush_pending=flush))
 
 
+async def restore_would_replace_new_database(runtime: Any) -> bool:
+    """True when the start-up restore would replace a never-replicated database (a new node and
+    a snapshot exists)."""
+    api = _snapshots_api()
+    decide = getattr(api, "decide_restore", None) if api else None
+    if decide is None:
+        return False
+    decision = await decide(runtime.js, runtime.cluster, runtime.node, str(runtime.config.db_path))
+    return bool(decision.needed and decision.never_replicated)
+
+
 async def snapshot_covering(runtime: Any, required: dict[str, int]) -> str | None:
     """The name of the newest kept snapshot reflecting at least `required`, or None."""
     from marmot_appliance.snapshots.errors import NoSnapshotError

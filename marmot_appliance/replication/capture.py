@@ -717,6 +717,23 @@ class ChangeCapture:
         with write_transaction(self._conn):
             return self._drop_empty_orphan_logs(self._conn)
 
+    def log_unknown_rows(self) -> int:
+        """Log every row of the captured tables that no version record knows (rows that were
+        there before capture was first installed) as new changes, so they are published.
+
+        For a database that joins a cluster with rows of its own (see the runtime's start-up
+        restore). Rows already published or applied have a version record and are skipped.
+        Returns the rows logged.
+        """
+        logged = 0
+        with write_transaction(self._conn):
+            bk.fold_pending(self._conn)  # rows still pending have versions once folded
+            for name, layout in self._captured.items():
+                layout_id = bk.get_meta(self._conn, _active_layout_key(name))
+                if layout_id is not None:
+                    logged += self._log_current_rows(self._conn, layout, int(layout_id), None)
+        return logged
+
     def discard_unpublished(self) -> int:
         """For a node that does not publish (`publish: false`): empty the change log.
 
