@@ -87,6 +87,7 @@ LABELLED_NODE_METRICS = (
     ("errors", "counter", "Errors by kind"),
     ("stream_lag", "gauge", "Stream entries not yet applied"),
     ("stream_gap_entries", "gauge", "Entries retention dropped before this node applied them (0: no gap)"),
+    ("apply_blocked", "gauge", "1 while a stream waits for the database to accept writes"),
 )
 
 

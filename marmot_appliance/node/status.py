@@ -32,6 +32,9 @@ class RuntimeStatus:
     # has closed the gap: {"missing_from", "missing_to", "missing", "since"} (see consumer.py)
     gaps: dict[str, dict] = field(default_factory=dict)
     gap_recovery: dict[str, str] = field(default_factory=dict)  # stream -> what is being done about it
+    # stream -> why applying it is paused: the database cannot be written (disk full, I/O error,
+    # read-only file, lock held past busy_timeout). Retried until it passes; never dead-lettered.
+    apply_blocked: dict[str, str] = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
@@ -41,7 +44,7 @@ class RuntimeStatus:
         # healthy that is still deciding whether to restore a snapshot.
         return (
             self.nats_connected and self.database_ok and self.capture_installed and self.started
-            and not self.failed_parts and not self.clock_skew.get("held") and not self.gaps
+            and not self.failed_parts and not self.clock_skew.get("held") and not self.gaps and not self.apply_blocked
         )
 
     def as_health(self) -> dict:
@@ -65,4 +68,5 @@ class RuntimeStatus:
             "last_snapshot": self.last_snapshot,
             "parked_rows": self.parked_rows,
             "clock_skew": dict(self.clock_skew),
+            "apply_blocked": dict(self.apply_blocked),
         }

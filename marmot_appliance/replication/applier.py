@@ -63,6 +63,7 @@ from marmot_appliance.replication.sqlite_util import (
     is_environment_error,
     quote_ident,
     read_transaction,
+    rollback_to_savepoint,
     schema_version,
     write_transaction,
 )
@@ -672,8 +673,7 @@ class BatchApplier:
             for plan, params in work:
                 conn.executemany(plan.apply_sql, params)
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK TO marmot_batch")
-            conn.execute("RELEASE marmot_batch")
+            rollback_to_savepoint(conn, "marmot_batch", exc)
             if is_busy_error(exc) or is_environment_error(exc):
                 raise
             planned = []
@@ -744,8 +744,7 @@ class BatchApplier:
             for plan, _, apply_params in groups.values():
                 conn.executemany(plan.apply_sql, apply_params)
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK TO marmot_batch")
-            conn.execute("RELEASE marmot_batch")
+            rollback_to_savepoint(conn, "marmot_batch", exc)
             if is_busy_error(exc) or is_environment_error(exc):
                 raise
             # Some row broke a constraint: go row by row so only the culprits are set aside.
@@ -877,8 +876,7 @@ class BatchApplier:
                 )
                 conn.execute(plan.apply_sql, (*row.values, row.version, row.origin))
             except sqlite3.Error as exc:
-                conn.execute("ROLLBACK TO marmot_row")
-                conn.execute("RELEASE marmot_row")
+                rollback_to_savepoint(conn, "marmot_row", exc)
                 if is_busy_error(exc) or is_environment_error(exc):
                     raise
                 if (
@@ -960,8 +958,7 @@ class BatchApplier:
                 conn.execute(delete_sql, key)
                 outcome.rows_stale += 1
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK TO marmot_unique")
-            conn.execute("RELEASE marmot_unique")
+            rollback_to_savepoint(conn, "marmot_unique", exc)
             if is_busy_error(exc) or is_environment_error(exc):
                 raise
             return False

@@ -39,10 +39,12 @@ import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
+from marmot_appliance.errors import DatabaseStateError
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication import codec
 from marmot_appliance.replication.applier import DatabaseReplacedError
 from marmot_appliance.replication.payload_bounds import MAX_KEPT_PAYLOAD_BYTES
+from marmot_appliance.replication.sqlite_util import is_environment_error
 from marmot_appliance.replication.types import ChangeBatch
 
 log = logging.getLogger(__name__)
@@ -75,6 +77,9 @@ MAX_RUN_BYTES = 32 * 1024 * 1024
 # unavailable. Anything else (constraint, type mismatch, malformed SQL) is permanent.
 TRANSIENT_SQLITE_MARKERS = ("locked", "busy", "disk i/o", "database or disk is full", "unable to open")
 
+# A lock held this many attempts in a row (several seconds of backoff) counts as blocked too.
+BLOCKED_AFTER_ATTEMPTS = 10
+
 TruncationHandler = Callable[[str, int, int], Awaitable[bool]]
 ReplacedHandler = Callable[[str], None]
 
@@ -93,12 +98,27 @@ async def _decode(payload: bytes) -> "ChangeBatch | codec.GroupedBatch":
 
 
 def is_transient(exc: BaseException) -> bool:
+    """True for errors of the database or the machine, not of the message: retry, never
+    dead-letter. A lock held past busy_timeout, and environment errors (disk full, I/O error,
+    read-only file, corruption: the applier raises DatabaseStateError for those) that last as
+    long as they last: dead-lettering would lose the rows for nothing."""
     if getattr(exc, "transient", False):  # e.g. sqlite_util.DatabaseBusyError
+        return True
+    if is_environment(exc):
         return True
     if isinstance(exc, sqlite3.OperationalError):
         text = str(exc).lower()
         return any(marker in text for marker in TRANSIENT_SQLITE_MARKERS)
     return False
+
+
+def is_environment(exc: BaseException) -> bool:
+    """The database cannot be written at all (as opposed to busy for a moment)."""
+    return isinstance(exc, DatabaseStateError) or (isinstance(exc, sqlite3.Error) and is_environment_error(exc))
+
+
+class ConsumerStopping(Exception):
+    """The node stops while an apply waits for the database: leave without moving the position."""
 
 
 class ShardConsumer:
@@ -136,6 +156,7 @@ class ShardConsumer:
         self._own_position_saved_at = 0.0  # time.monotonic() of the last _save_own_position
         self._failures = 0
         self._restart_requested = False
+        self._stop: asyncio.Event | None = None  # set by run(): retries end when the node stops
         self.status.applied[stream] = start_position
 
     def restart_from(self, position: int) -> None:
@@ -156,6 +177,7 @@ class ShardConsumer:
     # -- main loop -----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        self._stop = stop
         while not stop.is_set():
             if self.holding is not None:
                 if self.gap is None or time.monotonic() < self._gap_retry_at:
@@ -169,6 +191,8 @@ class ShardConsumer:
                 self._failures = 0
             except asyncio.CancelledError:
                 raise
+            except ConsumerStopping:
+                break
             except DatabaseReplacedError as exc:
                 self.hold(str(exc))
                 if self.on_replaced is not None:
@@ -324,7 +348,7 @@ class ShardConsumer:
         if simple and items:
             try:
                 await self._apply_many_with_retry(items)
-            except DatabaseReplacedError:
+            except (DatabaseReplacedError, ConsumerStopping):
                 raise
             except Exception:  # noqa: BLE001 - one bad batch: apply one by one to isolate it
                 simple = False
@@ -343,17 +367,56 @@ class ShardConsumer:
         return False
 
     async def _apply_many_with_retry(self, items: list[tuple[ChangeBatch, str, int]]) -> None:
+        await self._until_database_accepts(f"seq {items[0][2]}..{items[-1][2]}", self.applier.apply_many, items)
+
+    async def _until_database_accepts(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
+        """Run `call` on the database thread, retrying transient and environment errors for as
+        long as they last, with backoff (at most BACKOFF_MAX_S between attempts).
+
+        While the database cannot be written (disk full, I/O error, read-only; or locked for
+        several attempts), the stream shows in status.apply_blocked (/health 503) and the gauge
+        apply_blocked{stream} is 1; both clear on the next success. Any other error is raised
+        for the caller to dead-letter. Raises ConsumerStopping if the node stops meanwhile.
+        """
         attempt = 0
         while True:
             try:
-                await self.db.run(self.applier.apply_many, items)
-                return
-            except Exception as exc:
+                result = await self.db.run(call, *args)
+            except DatabaseReplacedError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
                 if not is_transient(exc):
+                    self._unblock()
                     raise
                 attempt += 1
-                self.metrics.inc("errors", kind="apply_transient", help="Errors by kind")
-                await asyncio.sleep(min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2))
+                environment = is_environment(exc)
+                self.metrics.inc("errors", kind="apply_environment" if environment else "apply_transient",
+                                 help="Errors by kind")
+                if environment or attempt >= BLOCKED_AFTER_ATTEMPTS:
+                    self._block(f"{what}: {type(exc).__name__}: {exc}")
+                if attempt in (1, 10) or attempt % 50 == 0:
+                    log.warning("stream %s %s: the database cannot take it now (%s); retrying", self.stream, what, exc)
+                delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(attempt, 10)) * (0.5 + random.random() / 2)
+                stop = self._stop or asyncio.Event()
+                await _wait_for(stop, delay)
+                if stop.is_set():
+                    raise ConsumerStopping() from exc
+                continue
+            self._unblock()
+            return result
+
+    def _block(self, reason: str) -> None:
+        if self.stream not in self.status.apply_blocked:
+            log.error("stream %s: applying paused until the database can be written: %s", self.stream, reason)
+        self.status.apply_blocked[self.stream] = reason
+        self.metrics.set("apply_blocked", 1, help="1 while a stream waits for the database to accept writes",
+                         stream=self.stream)
+
+    def _unblock(self) -> None:
+        if self.status.apply_blocked.pop(self.stream, None) is not None:
+            log.warning("stream %s: the database accepts writes again; applying resumed", self.stream)
+            self.metrics.set("apply_blocked", 0, help="1 while a stream waits for the database to accept writes",
+                             stream=self.stream)
 
     async def handle(self, seq: int, payload: bytes, headers: dict | None, num_pending: int = 0) -> bool:
         """Apply one delivered message. True if the subscription must restart (after a restore)."""
@@ -389,42 +452,34 @@ class ShardConsumer:
             self.status.last_apply = time.time()
 
     async def _apply_with_retry(self, batch: "ChangeBatch | codec.GroupedBatch", seq: int, payload: bytes) -> None:
-        attempt = 0
-        while True:
-            try:
-                await self.db.run(self.applier.apply, batch, self.stream, seq)
-            except DatabaseReplacedError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if is_transient(exc):
-                    attempt += 1
-                    self.metrics.inc("errors", kind="apply_transient", help="Errors by kind")
-                    delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(attempt, 10))
-                    if attempt in (1, 10) or attempt % 50 == 0:
-                        log.warning("stream %s seq %d: transient apply error (%s); retrying", self.stream, seq, exc)
-                    await asyncio.sleep(delay * (0.5 + random.random() / 2))
-                    continue
-                await self._dead_letter(seq, payload, f"apply failed: {type(exc).__name__}: {exc}")
-                return
-            self.position = seq
-            self._unsaved_own_seq = None  # the applied position covers skipped own messages too
-            self.metrics.inc("rows_applied", _row_count(batch), help="Rows applied from other nodes")
-            self.metrics.inc("batches_applied", help="Batches applied")
+        try:
+            await self._until_database_accepts(f"seq {seq}", self.applier.apply, batch, self.stream, seq)
+        except (DatabaseReplacedError, ConsumerStopping):
+            raise
+        except Exception as exc:  # noqa: BLE001 - permanent: the message's fault, not the database's
+            await self._dead_letter(seq, payload, f"apply failed: {type(exc).__name__}: {exc}")
             return
+        self.position = seq
+        self._unsaved_own_seq = None  # the applied position covers skipped own messages too
+        self.metrics.inc("rows_applied", _row_count(batch), help="Rows applied from other nodes")
+        self.metrics.inc("batches_applied", help="Batches applied")
 
     async def _dead_letter(self, seq: int, payload: bytes, reason: str) -> None:
         log.error("stream %s seq %d: dead-lettered: %s", self.stream, seq, reason)
-        attempt = 0
         while True:
             try:
-                await self.db.run(self.applier.dead_letter, self.stream, seq, payload, reason)
+                await self._until_database_accepts(f"dead letter for seq {seq}", self.applier.dead_letter,
+                                                   self.stream, seq, payload, reason)
                 break
-            except DatabaseReplacedError:
+            except (DatabaseReplacedError, ConsumerStopping):
                 raise
             except Exception as exc:  # noqa: BLE001 - the dead letter itself must not be lost
-                attempt += 1
                 log.warning("stream %s seq %d: cannot record dead letter (%s); retrying", self.stream, seq, exc)
-                await asyncio.sleep(min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(attempt, 10)))
+                self._block(f"dead letter for seq {seq}: {type(exc).__name__}: {exc}")
+                stop = self._stop or asyncio.Event()
+                await _wait_for(stop, BACKOFF_MAX_S)
+                if stop.is_set():
+                    raise ConsumerStopping() from exc
         self.position = seq
         self._unsaved_own_seq = None
         self.status.dead_letters += 1

@@ -119,6 +119,24 @@ def write_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         raise
 
 
+def rollback_to_savepoint(conn: sqlite3.Connection, name: str, error: BaseException) -> None:
+    """Undo to savepoint `name` and release it, after `error` stopped the work inside it.
+
+    After SQLITE_FULL, an I/O error or NOMEM, SQLite may already have rolled back the whole
+    transaction: the savepoint is gone and `ROLLBACK TO` would fail with "no such savepoint",
+    hiding the real error behind one that looks like the message's fault (it was then
+    dead-lettered). In that case, and if the rollback itself fails, `error` is raised: nothing
+    of the transaction is left to continue with.
+    """
+    if not conn.in_transaction:
+        raise error
+    try:
+        conn.execute(f"ROLLBACK TO {quote_ident(name)}")
+        conn.execute(f"RELEASE {quote_ident(name)}")
+    except sqlite3.Error:
+        raise error from None
+
+
 @contextlib.contextmanager
 def read_transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
     """A consistent read snapshot over several statements (WAL readers never block writers)."""
