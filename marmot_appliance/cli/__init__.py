@@ -20,6 +20,7 @@ from . import (
     node_command,
     snapshot_commands,
     spec_commands,
+    verify_command,
     watch_command,
 )
 
@@ -29,6 +30,7 @@ COMMAND_MODULES = (
     node_command,
     snapshot_commands,
     watch_command,
+    verify_command,
     lab_commands,
 )
 
@@ -38,7 +40,8 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401
         self.print_usage(sys.stderr)
-        self.exit(1, f"{self.prog}: error: {message}\n")
+        # A command whose exit codes carry a verdict (verify: 1 = diverged) sets its own.
+        self.exit(getattr(self, "usage_exit_code", 1), f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

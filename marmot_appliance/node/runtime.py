@@ -122,6 +122,7 @@ class NodeRuntime:
         self.consumers: list[ShardConsumer] = []
         self.own_publishes = OwnPublishes()
         self.snapshot_scheduler: Any = None
+        self.verify_service: Any = None  # answers `verify` over NATS (verify/service.py)
         self.restores = RestoreCoordinator(self)
         # The consumers and the publisher run on _flow_stop, which a restore sets to pause them.
         self._flow_stop = asyncio.Event()
@@ -328,6 +329,7 @@ class NodeRuntime:
                 )
                 self.consumers.append(consumer)
         self._start_flow()
+        await self._start_verify_service()
         tasks.append(asyncio.create_task(self._maintenance(self.parts_stop), name="maintenance"))
         tasks.append(asyncio.create_task(self.restores.run(self.parts_stop), name="restore-coordinator"))
         for task in tasks:
@@ -363,6 +365,14 @@ class NodeRuntime:
                 "publishing them before the start-up snapshot restore (they join the cluster, last writer wins)",
                 joined,
             )
+
+    async def _start_verify_service(self) -> None:
+        from marmot_appliance.verify.service import VerifyService
+
+        self.verify_service = VerifyService(
+            self.nc, self.node, self.replication, str(self.config.db_path), applied=lambda: dict(self.status.applied),
+        )
+        await self.verify_service.start()
 
     async def _wait_for_stop_or_failure(self, stop: asyncio.Event) -> None:
         stop_waiter = asyncio.ensure_future(stop.wait())
@@ -446,6 +456,8 @@ class NodeRuntime:
             except Exception as exc:  # noqa: BLE001 - a failed or slow save must not block shutdown
                 log.warning("snapshot scheduler did not stop cleanly: %s", exc)
         await self._write_seq_map()
+        if self.verify_service is not None:
+            await self.verify_service.stop()
 
     async def _close(self) -> None:
         self._closing = True

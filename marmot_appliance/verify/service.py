@@ -1,0 +1,128 @@
+"""The verify service of one node runtime: answers digests, keys and lookups over NATS.
+
+Database work runs on a thread of its own (node/db_thread.DbThread) with a read-only
+connection (verify/table_state.py), so a full-table digest never blocks the event loop (acks,
+heartbeats, /health) nor the application's writes. Requests are answered one at a time per
+subject; a reply larger than the server's max_payload is answered with an error that tells the
+caller to ask for less.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
+
+from marmot_appliance.errors import MarmotError
+from marmot_appliance.node.db_thread import DbThread
+from marmot_appliance.verify import protocol
+from marmot_appliance.verify.table_state import TableNotReplicated, TableStateReader
+
+log = logging.getLogger(__name__)
+
+MAX_BUCKETS = 1 << 16
+
+
+class VerifyService:
+    """Subscribes a node's verify subjects and answers requests until stop()."""
+
+    def __init__(self, nc: Any, node: Any, replication: Any, db_path: str,
+                 applied: Callable[[], dict[str, int]] | None = None,
+                 republish: Callable[[dict], Awaitable[dict]] | None = None):
+        self.nc = nc
+        self.node = node
+        self.replication = replication
+        self.reader = TableStateReader(db_path, node.id, node.tables)
+        self.db = DbThread(f"verify-{node.name}")
+        self._applied = applied
+        self._republish = republish
+        self._subscriptions: list[Any] = []
+
+    async def start(self) -> None:
+        prefix = self.replication.stream_prefix
+        self._subscriptions = [
+            await self.nc.subscribe(protocol.all_nodes_subject(prefix), cb=self._on_request),
+            await self.nc.subscribe(protocol.node_subject(prefix, self.node.id), cb=self._on_request),
+        ]
+        log.info("verify service answering on %s.{all,node.%d}", protocol.subject_prefix(prefix), self.node.id)
+
+    async def stop(self) -> None:
+        for subscription in self._subscriptions:
+            try:
+                await subscription.unsubscribe()
+            except Exception as exc:  # noqa: BLE001 - closing anyway
+                log.debug("verify unsubscribe: %s", exc)
+        self._subscriptions = []
+        await self.db.run(self.reader.close)
+        self.db.shutdown()
+
+    async def _on_request(self, msg: Any) -> None:
+        if not msg.reply:
+            return
+        try:
+            body = self._with_applied(await self.answer(protocol.decode(msg.data)))
+            reply = {"ok": True, "node": self.node.name, "id": self.node.id, **body}
+        except (MarmotError, TableNotReplicated, ValueError, TypeError, KeyError) as exc:
+            reply = {"ok": False, "node": self.node.name, "id": self.node.id, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a bad request must never stop the service
+            log.warning("verify request failed: %s", exc, exc_info=exc)
+            reply = {"ok": False, "node": self.node.name, "id": self.node.id, "error": f"{type(exc).__name__}: {exc}"}
+        payload = protocol.encode(reply)
+        if len(payload) > self.nc.max_payload:
+            payload = protocol.encode({"ok": False, "node": self.node.name, "id": self.node.id,
+                                       "error": f"answer too large ({len(payload)} bytes): ask for fewer keys"})
+        try:
+            await msg.respond(payload)
+        except Exception as exc:  # noqa: BLE001 - the caller went away
+            log.debug("verify reply not sent: %s", exc)
+
+    def _with_applied(self, body: dict) -> dict:
+        """Positions: the stored ones, raised to what the consumers hold in memory.
+
+        A consumer skips the messages this process published itself (their rows are here
+        already) and stores that position only now and then; in memory it is exact."""
+        if "positions" in body and self._applied is not None:
+            positions = dict(body["positions"])
+            for stream, seq in self._applied().items():
+                positions[stream] = max(int(seq), int(positions.get(stream, 0)))
+            body["positions"] = positions
+        return body
+
+    async def answer(self, request: dict) -> dict:
+        op = request.get("op")
+        if op == protocol.OP_HELLO:
+            tables = await self.db.run(self.reader.tables)
+            return {
+                "protocol": protocol.PROTOCOL_VERSION, "tables": tables, "replicate": bool(self.node.replicate),
+                "publish": bool(self.node.publish),
+                "streams": [self.replication.stream_name(shard) for shard in range(1, self.replication.shards + 1)],
+            }
+        if op == protocol.OP_PROGRESS:
+            return await self.db.run(self.reader.progress)
+        if op == protocol.OP_DIGEST:
+            return await self.db.run(self.reader.bucket_digests, _text(request, "table"), _buckets(request))
+        if op == protocol.OP_KEYS:
+            wanted = [int(b) for b in request.get("bucket_ids") or []]
+            return await self.db.run(self.reader.keys_in_buckets, _text(request, "table"), _buckets(request), wanted)
+        if op == protocol.OP_LOOKUP:
+            keys = request.get("keys")
+            if not isinstance(keys, list) or not all(isinstance(key, list) for key in keys):
+                raise protocol.VerifyProtocolError("lookup needs keys: a list of key value lists")
+            return await self.db.run(self.reader.lookup, _text(request, "table"), keys, bool(request.get("rows")))
+        if op == protocol.OP_REPUBLISH and self._republish is not None:
+            return await self._republish(request)
+        raise protocol.VerifyProtocolError(f"unknown verify op {op!r}")
+
+
+def _text(request: dict, name: str) -> str:
+    value = request.get(name)
+    if not isinstance(value, str) or not value:
+        raise protocol.VerifyProtocolError(f"verify request needs {name!r}")
+    return value
+
+
+def _buckets(request: dict) -> int:
+    value = request.get("buckets")
+    if not isinstance(value, int) or not 1 <= value <= MAX_BUCKETS:
+        raise protocol.VerifyProtocolError(f"buckets must be an integer 1..{MAX_BUCKETS}")
+    return value

@@ -1,0 +1,246 @@
+"""What one node holds of a replicated table, read for `verify` and `repair` without the write lock.
+
+Everything here runs on a read-only connection inside one read transaction (WAL: readers never
+block the writer and the writer never blocks them), on the verify service's own thread.
+
+Keys and buckets. A row's *key bytes* are the canonical encoding of its primary-key values
+(replication/canonical.py: storage classes kept apart), so the same key has the same bytes on
+every node. Its *bucket* is BLAKE2b(key bytes) modulo the bucket count the caller asks for.
+Its *row hash* is BLAKE2b-128 over the canonical (column name, value) pairs in column-name order,
+as the convergence digest does (replication/digest.py), so column order does not matter. A
+bucket's digest is the sum of its rows' hashes modulo 2**128 (order-independent) plus the row
+count: equal buckets hold equal rows.
+
+Versions. A key's (version, origin, deleted) is the newest of the versions table
+(`_marmot_ver_<table>`, replication/bookkeeping.py) and this node's own log rows not published
+yet (those are folded into the versions table only when they are retired). A row with no
+version at all (data that predates capture) counts as version 0, origin 0.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from marmot_appliance.replication import bookkeeping as bk
+from marmot_appliance.replication.canonical import encode_value
+from marmot_appliance.replication.introspect import TableLayout, table_layout, user_tables
+from marmot_appliance.replication.sqlite_util import connect, quote_ident, read_transaction
+from marmot_appliance.replication.types import POSITIONS_TABLE
+from marmot_appliance.spec.model import TableSelection
+
+ROW_HASH_BYTES = 16
+_MODULUS = 1 << (8 * ROW_HASH_BYTES)
+NO_VERSION = (0, 0)
+
+
+class TableNotReplicated(LookupError):
+    """The table does not exist here, has no primary key, or is not selected on this node."""
+
+
+def key_bytes(values: tuple[Any, ...] | list[Any]) -> bytes:
+    return b"".join(encode_value(value) for value in values)
+
+
+def bucket_of(key: bytes, buckets: int) -> int:
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big") % buckets
+
+
+@dataclass(frozen=True)
+class KeyState:
+    """One key on one node: its row (hash and values, None when absent) and its version."""
+
+    key: tuple[Any, ...]
+    row_hash: bytes | None
+    version: int
+    origin: int
+    deleted: bool
+    row: dict[str, Any] | None = None  # column -> value, only when asked for (repair)
+
+    def to_wire(self) -> list:
+        return [list(self.key), self.row_hash, self.version, self.origin, self.deleted, self.row]
+
+    @classmethod
+    def from_wire(cls, item: list) -> "KeyState":
+        key, row_hash, version, origin, deleted, row = item
+        return cls(tuple(key), row_hash, int(version), int(origin), bool(deleted), row)
+
+
+class _RowHasher:
+    """Row hashes for one table layout: column names pre-encoded, in name order."""
+
+    def __init__(self, columns: tuple[str, ...]):
+        order = sorted(range(len(columns)), key=lambda index: columns[index])
+        self._parts = [(index, struct.pack(">I", len(columns[index].encode())) + columns[index].encode()) for index in order]
+
+    def __call__(self, row: tuple) -> bytes:
+        data = b"".join(prefix + encode_value(row[index]) for index, prefix in self._parts)
+        return hashlib.blake2b(data, digest_size=ROW_HASH_BYTES).digest()
+
+
+class TableStateReader:
+    """Reads bucket digests, keys and versions of this node's replicated tables."""
+
+    def __init__(self, db_path: str | Path, node_id: int, selection: TableSelection):
+        self.db_path = str(db_path)
+        self.node_id = node_id
+        self.selection = selection
+        self._conn: sqlite3.Connection | None = None
+
+    def _connection(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self._conn = connect(self.db_path, readonly=True, cache_mib=16)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # -- what this node replicates --------------------------------------------------------------
+
+    def tables(self) -> list[str]:
+        conn = self._connection()
+        with read_transaction(conn):
+            return [name for name in user_tables(conn) if self._replicated_layout(conn, name, strict=False)]
+
+    def _replicated_layout(self, conn: sqlite3.Connection, table: str, strict: bool = True) -> TableLayout | None:
+        layout = table_layout(conn, table) if self.selection.selects(table) else None
+        if layout is None or not layout.primary_key or table not in user_tables(conn):
+            if strict:
+                raise TableNotReplicated(f"table {table!r} is not replicated on this node")
+            return None
+        return layout
+
+    def progress(self) -> dict:
+        """Applied positions per stream and the oldest version not yet published (None: none)."""
+        conn = self._connection()
+        with read_transaction(conn):
+            return self._progress(conn)
+
+    def _progress(self, conn: sqlite3.Connection) -> dict:
+        positions = {}
+        if bk.object_exists(conn, POSITIONS_TABLE):
+            positions = {str(s): int(q) for s, q in conn.execute(f"SELECT stream, seq FROM {quote_ident(POSITIONS_TABLE)}")}
+        oldest = None
+        for log_name in bk.log_tables(conn):
+            row = conn.execute(f"SELECT min(id) FROM {quote_ident(log_name)}").fetchone()
+            if row[0] is not None:
+                oldest = int(row[0]) if oldest is None else min(oldest, int(row[0]))
+        return {"positions": positions, "unpublished_from": oldest}
+
+    # -- digests -----------------------------------------------------------------------------------
+
+    def bucket_digests(self, table: str, buckets: int) -> dict:
+        """{"columns", "key", "sums": bytes (16 per bucket), "counts": [...], "rows", progress...}."""
+        conn = self._connection()
+        with read_transaction(conn):
+            layout = self._replicated_layout(conn, table)
+            hasher = _RowHasher(layout.columns)
+            key_indexes = layout.pk_indexes
+            sums = [0] * buckets
+            counts = [0] * buckets
+            blake = hashlib.blake2b
+            for row in conn.execute(self._select_sql(layout)):
+                key = b"".join(encode_value(row[index]) for index in key_indexes)
+                bucket = int.from_bytes(blake(key, digest_size=8).digest(), "big") % buckets
+                sums[bucket] += int.from_bytes(hasher(row), "big")
+                counts[bucket] += 1
+            packed = b"".join((value % _MODULUS).to_bytes(ROW_HASH_BYTES, "big") for value in sums)
+            return {
+                "columns": sorted(layout.columns), "key": list(layout.primary_key), "sums": packed,
+                "counts": counts, "rows": sum(counts), **self._progress(conn),
+            }
+
+    # -- keys -------------------------------------------------------------------------------------
+
+    def keys_in_buckets(self, table: str, buckets: int, wanted: list[int]) -> dict:
+        """Every live row of the given buckets, as KeyState wire items, with progress."""
+        wanted_set = set(wanted)
+        conn = self._connection()
+        with read_transaction(conn):
+            layout = self._replicated_layout(conn, table)
+            hasher = _RowHasher(layout.columns)
+            key_indexes = layout.pk_indexes
+            found = []
+            for row in conn.execute(self._select_sql(layout)):
+                key = tuple(row[index] for index in key_indexes)
+                if bucket_of(key_bytes(key), buckets) in wanted_set:
+                    found.append((key, hasher(row)))
+            versions = _VersionLookup(conn, layout, self.node_id)
+            items = [
+                KeyState(key, row_hash, *versions.get(key)).to_wire() for key, row_hash in found
+            ]
+            return {"keys": items, **self._progress(conn)}
+
+    def lookup(self, table: str, keys: list[list[Any]], with_rows: bool = False) -> dict:
+        """The state of each given key (present or not), with progress."""
+        conn = self._connection()
+        with read_transaction(conn):
+            layout = self._replicated_layout(conn, table)
+            hasher = _RowHasher(layout.columns)
+            where = " AND ".join(f"{quote_ident(col)} = ?" for col in layout.primary_key)
+            sql = f"{self._select_sql(layout)} WHERE {where}"
+            versions = _VersionLookup(conn, layout, self.node_id)
+            items = []
+            for raw_key in keys:
+                key = tuple(raw_key)
+                if len(key) != len(layout.primary_key):
+                    raise TableNotReplicated(f"table {table!r}: key {key!r} does not match its primary key")
+                row = conn.execute(sql, key).fetchone()
+                version, origin, deleted = versions.get(key)
+                image = dict(zip(layout.columns, row)) if (row is not None and with_rows) else None
+                items.append(KeyState(key, hasher(row) if row is not None else None, version, origin, deleted,
+                                      image).to_wire())
+            return {"keys": items, **self._progress(conn)}
+
+    @staticmethod
+    def _select_sql(layout: TableLayout) -> str:
+        return f"SELECT {', '.join(quote_ident(col) for col in layout.columns)} FROM {quote_ident(layout.name)}"
+
+
+class _VersionLookup:
+    """(version, origin, deleted) of keys: the versions table merged with unpublished log rows."""
+
+    def __init__(self, conn: sqlite3.Connection, layout: TableLayout, node_id: int):
+        self._conn = conn
+        arity = bk.versions_key_arity(conn, layout.name)
+        self._sql = None
+        if arity == len(layout.primary_key):
+            where = " AND ".join(f"{quote_ident(bk.key_column(i))} = ?" for i in range(arity))
+            self._sql = (
+                f"SELECT version, origin, deleted FROM {quote_ident(bk.versions_table_name(layout.name))} WHERE {where}"
+            )
+        self._unpublished = _unpublished_versions(conn, layout, node_id)
+
+    def get(self, key: tuple[Any, ...]) -> tuple[int, int, bool]:
+        best = (0, 0, False)
+        if self._sql is not None:
+            row = self._conn.execute(self._sql, key).fetchone()
+            if row is not None:
+                best = (int(row[0]), int(row[1]), bool(row[2]))
+        local = self._unpublished.get(key_bytes(key))
+        if local is not None and local[:2] > best[:2]:
+            best = local
+        return best
+
+
+def _unpublished_versions(conn: sqlite3.Connection, layout: TableLayout, node_id: int) -> dict[bytes, tuple[int, int, bool]]:
+    """key bytes -> newest (version, origin, deleted) among this node's unpublished log rows."""
+    log_name = bk.log_table_name(layout.name)
+    if not bk.object_exists(conn, log_name):
+        return {}
+    layouts = bk.layouts_by_id(conn)
+    newest: dict[bytes, tuple[int, int, bool]] = {}
+    for row in conn.execute(f"SELECT * FROM {quote_ident(log_name)} ORDER BY id"):
+        known = layouts.get(int(row[1]))
+        if known is None or tuple(known[2]) != tuple(layout.primary_key):
+            continue  # written with another key shape: cannot be matched to today's keys
+        columns = known[1]
+        key = tuple(row[3 + columns.index(col)] for col in known[2])
+        newest[key_bytes(key)] = (int(row[0]), node_id, int(row[2]) == bk.OP_DELETE)
+    return newest

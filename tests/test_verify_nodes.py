@@ -1,0 +1,109 @@
+"""`marmot-appliance verify` on real node processes (issue 12, section 1).
+
+A divergence injected by writing one replica's file with capture bypassed is found and named by
+key; a cluster whose nodes are merely behind (writes flowing, one node paused) is never called
+diverged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sqlite3
+import threading
+
+from tests.replication_cluster import SubprocessNode, execute, wait_converged
+from tests.verify_support import findings, verify, write_bypassing_capture
+
+SCHEMA = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT); CREATE TABLE u (a TEXT, b INTEGER, w, PRIMARY KEY (a, b));"
+
+
+async def _cluster(nats_server, wal_db, tmp_path, shards: int = 2) -> tuple[list, list[SubprocessNode]]:
+    dbs = [wal_db(f"n{i}.db", SCHEMA) for i in (1, 2, 3)]
+    nodes = [SubprocessNode(i, db, nats_server.url, tmp_path / f"n{i}.log", shards=shards, replicas=1).start()
+             for i, db in zip((1, 2, 3), dbs)]
+    for node in nodes:
+        await node.wait_healthy()
+    return dbs, nodes
+
+
+async def test_verify_finds_a_bypassed_write_by_key(nats_server, wal_db, tmp_path):
+    dbs, nodes = await _cluster(nats_server, wal_db, tmp_path)
+    try:
+        execute(dbs[0], "INSERT INTO t VALUES (?, ?)", [(k, f"v{k}") for k in range(200)], many=True)
+        execute(dbs[1], "INSERT INTO u VALUES (?, ?, ?)", [("a", b, b * 1.5) for b in range(50)], many=True)
+        await wait_converged(dbs)
+        code, report, stderr = await verify(nats_server.url)
+        assert code == 0, (report, stderr)
+        assert report["result"] == "converged"
+        assert {t["table"]: t["status"] for t in report["tables"]} == {"t": "converged", "u": "converged"}
+
+        write_bypassing_capture(dbs[1], "UPDATE t SET v = 'edited by hand' WHERE k = 7")
+        write_bypassing_capture(dbs[2], "DELETE FROM u WHERE a = 'a' AND b = 3")
+        write_bypassing_capture(dbs[0], "INSERT INTO t VALUES (1000, 'only on n1')")
+        code, report, stderr = await verify(nats_server.url)
+        assert code == 1, (report, stderr)
+        assert report["result"] == "diverged"
+        in_t = findings(report, "t")
+        assert set(in_t) == {"[7]", "[1000]"}
+        assert in_t["[7]"]["reason"] == "same version, different rows"
+        assert in_t["[7]"]["newest_nodes"] == ["node-1", "node-2", "node-3"]
+        assert in_t["[7]"]["nodes"]["node-1"]["row_hash"] == in_t["[7]"]["nodes"]["node-3"]["row_hash"]
+        assert in_t["[7]"]["nodes"]["node-2"]["row_hash"] != in_t["[7]"]["nodes"]["node-1"]["row_hash"]
+        assert in_t["[1000]"]["nodes"]["node-1"]["present"] and not in_t["[1000]"]["nodes"]["node-2"]["present"]
+        in_u = findings(report, "u")
+        assert set(in_u) == {"['a', 3]"}
+        assert not in_u["['a', 3]"]["nodes"]["node-3"]["present"]
+
+        code, report, _ = await verify(nats_server.url, "--table", "u", "--output", "text")
+        assert code == 1
+        assert "u: diverged, 1 key(s) differ" in report and "key ('a', 3)" in report
+    finally:
+        for node in nodes:
+            node.terminate()
+
+
+async def test_no_false_alarm_while_writes_flow_and_a_node_lags(nats_server, wal_db, tmp_path):
+    """Writers on two nodes insert and update all along; node 3 is paused (SIGSTOP) for a while.
+
+    verify must say converged or "could not decide" (exit 2), never diverged. Repeated 3 times.
+    """
+    dbs, nodes = await _cluster(nats_server, wal_db, tmp_path)
+    stop = threading.Event()
+
+    def writer(db, base: int) -> None:
+        rng = random.Random(base)
+        conn = sqlite3.connect(db, timeout=30)
+        n = 0
+        while not stop.is_set():
+            with conn:
+                conn.execute("INSERT INTO t VALUES (?, ?)", (base + n, "new"))
+                conn.execute("UPDATE t SET v = ? WHERE k = ?", (f"upd {n}", rng.randrange(base, base + n + 1)))
+            n += 1
+            stop.wait(0.005)
+        conn.close()
+
+    threads = [threading.Thread(target=writer, args=(dbs[i], (i + 1) * 1_000_000)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    try:
+        codes = []
+        for _round in range(3):
+            os.kill(nodes[2].process.pid, signal.SIGSTOP)
+            resume = asyncio.get_running_loop().call_later(3.0, os.kill, nodes[2].process.pid, signal.SIGCONT)
+            try:
+                code, report, stderr = await verify(nats_server.url, "--timeout", "60")
+            finally:
+                resume.cancel()
+                os.kill(nodes[2].process.pid, signal.SIGCONT)
+            assert code != 1, (report, stderr)
+            codes.append(code)
+        assert 0 in codes, codes  # once caught up, the keys that differed were settled
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+        for node in nodes:
+            node.terminate()
