@@ -43,11 +43,18 @@ async def test_verify_finds_a_bypassed_write_by_key(nats_server, wal_db, tmp_pat
         write_bypassing_capture(dbs[1], "UPDATE t SET v = 'edited by hand' WHERE k = 7")
         write_bypassing_capture(dbs[2], "DELETE FROM u WHERE a = 'a' AND b = 3")
         write_bypassing_capture(dbs[0], "INSERT INTO t VALUES (1000, 'only on n1')")
+        # Node 3 "never received" key 42: row and version gone, as after a lost message.
+        write_bypassing_capture(dbs[2], "DELETE FROM t WHERE k = 42")
+        write_bypassing_capture(dbs[2], 'DELETE FROM "_marmot_ver_t" WHERE k0 = 42')
         code, report, stderr = await verify(nats_server.url)
         assert code == 1, (report, stderr)
         assert report["result"] == "diverged"
         in_t = findings(report, "t")
-        assert set(in_t) == {"[7]", "[1000]"}
+        assert set(in_t) == {"[7]", "[42]", "[1000]"}
+        assert in_t["[42]"]["reason"] == "missed a version it has applied past"
+        assert in_t["[42]"]["newest_nodes"] == ["node-1", "node-2"]
+        assert in_t["[42]"]["nodes"]["node-3"] == {"version": 0, "origin": 0, "deleted": False, "present": False,
+                                                   "row_hash": None}
         assert in_t["[7]"]["reason"] == "same version, different rows"
         assert in_t["[7]"]["newest_nodes"] == ["node-1", "node-2", "node-3"]
         assert in_t["[7]"]["nodes"]["node-1"]["row_hash"] == in_t["[7]"]["nodes"]["node-3"]["row_hash"]
@@ -94,7 +101,8 @@ async def test_no_false_alarm_while_writes_flow_and_a_node_lags(nats_server, wal
             os.kill(nodes[2].process.pid, signal.SIGSTOP)
             resume = asyncio.get_running_loop().call_later(3.0, os.kill, nodes[2].process.pid, signal.SIGCONT)
             try:
-                code, report, stderr = await verify(nats_server.url, "--timeout", "60")
+                # Discovery waits past the pause: an unanswered hello would be "unreachable" (exit 2).
+                code, report, stderr = await verify(nats_server.url, "--timeout", "60", "--discover-s", "20")
             finally:
                 resume.cancel()
                 os.kill(nodes[2].process.pid, signal.SIGCONT)

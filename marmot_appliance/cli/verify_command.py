@@ -51,7 +51,7 @@ def _target_arguments(parser: argparse.ArgumentParser) -> None:
     seed.add_argument("--expect-nodes", type=_positive_int, metavar="N",
                       help="how many nodes must answer the discovery (fewer: exit 2)")
     seed.add_argument("--discover-s", type=_positive_float, default=2.0, metavar="S",
-                      help="how long to collect discovery answers (default 2)")
+                      help="how long to collect discovery answers (default 2; ends early once --expect-nodes answered)")
     parser.add_argument("--table", action="append", metavar="T", help="only this table (repeatable)")
     parser.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
                         help="give up waiting for lagging nodes after S seconds (default 60)")

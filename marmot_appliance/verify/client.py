@@ -52,8 +52,8 @@ class VerifyClient:
     async def hello(self, node_id: int) -> NodeInfo:
         return NodeInfo.from_hello(await self.request(node_id, {"op": protocol.OP_HELLO}, HELLO_TIMEOUT_S))
 
-    async def discover(self, wait_s: float = 2.0) -> list[NodeInfo]:
-        """Every node that answers `hello` on the well-known subject within wait_s."""
+    async def discover(self, wait_s: float = 2.0, enough: int | None = None) -> list[NodeInfo]:
+        """Every node that answers `hello` on the well-known subject within wait_s (or the first `enough`)."""
         inbox = self.nc.new_inbox()
         answers: list[NodeInfo] = []
         subscription = await self.nc.subscribe(inbox)
@@ -70,6 +70,8 @@ class VerifyClient:
                     answers.append(NodeInfo.from_hello(protocol.reply_body(protocol.decode(msg.data))))
                 except (protocol.VerifyProtocolError, KeyError, TypeError, ValueError):
                     continue
+                if enough is not None and len({info.id for info in answers}) >= enough:
+                    break
         finally:
             await subscription.unsubscribe()
         unique = {info.id: info for info in answers}

@@ -284,7 +284,7 @@ async def verify_cluster(client: VerifyClient, expected: list[tuple[str, int]] |
 async def find_nodes(client: VerifyClient, expected: list[tuple[str, int]] | None, discover_s: float,
                      expect_count: int | None = None) -> tuple[list[NodeInfo], list[str]]:
     if expected is None:
-        nodes = await client.discover(discover_s)
+        nodes = await client.discover(discover_s, expect_count)
         missing = []
         if expect_count is not None and len(nodes) < expect_count:
             missing = [f"{expect_count - len(nodes)} of {expect_count} expected node(s)"]
