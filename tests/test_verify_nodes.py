@@ -14,8 +14,8 @@ import signal
 import sqlite3
 import threading
 
-from tests.replication_cluster import SubprocessNode, execute, wait_converged
-from tests.verify_support import findings, verify, write_bypassing_capture
+from tests.replication_cluster import SubprocessNode, execute, table_rows, wait_converged
+from tests.verify_support import findings, run_cli, verify, write_bypassing_capture
 
 SCHEMA = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT); CREATE TABLE u (a TEXT, b INTEGER, w, PRIMARY KEY (a, b));"
 
@@ -113,5 +113,50 @@ async def test_no_false_alarm_while_writes_flow_and_a_node_lags(nats_server, wal
         stop.set()
         for thread in threads:
             thread.join()
+        for node in nodes:
+            node.terminate()
+
+
+async def test_repair_settles_bypassed_writes_then_verify_says_converged(nats_server, wal_db, tmp_path):
+    """Hand edits, a lost row (row and version gone), a row written around capture, and a row
+    deleted around capture on the node that wrote it: repair settles each from the right copy,
+    and a second repair finds nothing to do."""
+    dbs, nodes = await _cluster(nats_server, wal_db, tmp_path)
+    try:
+        execute(dbs[0], "INSERT INTO t VALUES (?, ?)", [(k, f"v{k}") for k in range(300)], many=True)
+        execute(dbs[1], "INSERT INTO u VALUES (?, ?, ?)", [("a", b, b * 1.5) for b in range(50)], many=True)
+        await wait_converged(dbs)
+        execute(dbs[2], "DELETE FROM t WHERE k = 99")  # a versioned tombstone everywhere
+        await wait_converged(dbs)
+        expected_t = table_rows(dbs[0], "t")
+
+        write_bypassing_capture(dbs[1], "UPDATE t SET v = 'edited by hand' WHERE k = 7")
+        write_bypassing_capture(dbs[0], "UPDATE t SET v = 'edited on its writer' WHERE k = 8")
+        write_bypassing_capture(dbs[2], "DELETE FROM t WHERE k = 42")
+        write_bypassing_capture(dbs[2], 'DELETE FROM "_marmot_ver_t" WHERE k0 = 42')
+        write_bypassing_capture(dbs[1], "INSERT INTO t VALUES (99, 'resurrected around capture')")
+        write_bypassing_capture(dbs[0], "DELETE FROM u WHERE a = 'a' AND b = 3")  # n2 wrote u
+        write_bypassing_capture(dbs[0], "INSERT INTO t VALUES (5000, 'only on n1, never versioned')")
+        code, report, _ = await verify(nats_server.url)
+        assert code == 1
+        assert set(findings(report, "t")) == {"[7]", "[8]", "[42]", "[99]", "[5000]"}
+
+        code, out, stderr = await run_cli("repair", "--nats-url", nats_server.url, "--expect-nodes", "3",
+                                          "--output", "json")
+        assert code == 0, (out, stderr)
+        repaired = {r["table"]: r for r in out["repaired"]}
+        assert repaired["t"]["diverged"] == 5 and repaired["t"]["published"] == 5
+        assert repaired["u"]["published"] == 1
+        assert out["after"]["result"] == "converged"
+
+        code, report, _ = await verify(nats_server.url)
+        assert code == 0, report
+        await wait_converged(dbs)
+        assert table_rows(dbs[2], "t") == sorted([*expected_t, (5000, "only on n1, never versioned")], key=repr)
+        assert (99, "resurrected around capture") not in table_rows(dbs[1], "t")
+
+        code, out, _ = await run_cli("repair", "--nats-url", nats_server.url, "--expect-nodes", "3", "--output", "json")
+        assert code == 0 and out["repaired"] == []
+    finally:
         for node in nodes:
             node.terminate()

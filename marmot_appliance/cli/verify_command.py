@@ -70,6 +70,17 @@ def register(subparsers) -> None:
     verify.add_argument("--output", choices=("text", "json"), default="text", help="output format")
     verify.set_defaults(func=run_verify)
 
+    repair = subparsers.add_parser(
+        "repair", help="settle diverged keys: the node holding the right copy re-publishes it with its original version",
+        description="Run verify; for every diverged key the node holding the newest copy re-publishes that row or "
+        "its tombstone with its original version, so ordinary last-writer-wins apply settles every copy; then "
+        "verify again. Exit 0 converged afterwards, 1 still diverged, 2 could not decide.",
+    )
+    repair.usage_exit_code = EXIT_UNDECIDED
+    _target_arguments(repair)
+    repair.add_argument("--output", choices=("text", "json"), default="text", help="output format")
+    repair.set_defaults(func=run_repair)
+
 
 @dataclass(frozen=True)
 class VerifyTarget:
@@ -146,3 +157,27 @@ def run_verify(args: argparse.Namespace) -> int:
         return EXIT_UNDECIDED
     print(report_to_json(report) if args.output == "json" else report_to_text(report))
     return report.exit_code
+
+
+def run_repair(args: argparse.Namespace) -> int:
+    from marmot_appliance.verify.client import VerifyClient
+    from marmot_appliance.verify.repair import repair_cluster, repair_to_json, repair_to_text
+
+    try:
+        target = resolve_target(args)
+
+        async def work(nc):
+            client = VerifyClient(nc, target.stream_prefix)
+            return await repair_cluster(client, target.expected, args.table, args.timeout, args.buckets,
+                                        args.discover_s, args.expect_nodes)
+
+        outcome = asyncio.run(connected(target, work))
+    except SpecError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_UNDECIDED
+    except MarmotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNDECIDED
+    print(repair_to_json(outcome) if args.output == "json" else repair_to_text(outcome))
+    return outcome.exit_code

@@ -371,6 +371,7 @@ class NodeRuntime:
 
         self.verify_service = VerifyService(
             self.nc, self.node, self.replication, str(self.config.db_path), applied=lambda: dict(self.status.applied),
+            js=self.js,
         )
         await self.verify_service.start()
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.verify import protocol
-from marmot_appliance.verify.table_state import TableNotReplicated, TableStateReader
+from marmot_appliance.verify.republish import publish_repair, repair_rows
+from marmot_appliance.verify.table_state import KeyState, TableNotReplicated, TableStateReader
 
 log = logging.getLogger(__name__)
 
@@ -27,15 +28,14 @@ class VerifyService:
     """Subscribes a node's verify subjects and answers requests until stop()."""
 
     def __init__(self, nc: Any, node: Any, replication: Any, db_path: str,
-                 applied: Callable[[], dict[str, int]] | None = None,
-                 republish: Callable[[dict], Awaitable[dict]] | None = None):
+                 applied: Callable[[], dict[str, int]] | None = None, js: Any = None):
         self.nc = nc
         self.node = node
         self.replication = replication
         self.reader = TableStateReader(db_path, node.id, node.tables)
         self.db = DbThread(f"verify-{node.name}")
         self._applied = applied
-        self._republish = republish
+        self.js = js  # None: this node cannot re-publish (repair)
         self._subscriptions: list[Any] = []
 
     async def start(self) -> None:
@@ -109,9 +109,28 @@ class VerifyService:
             if not isinstance(keys, list) or not all(isinstance(key, list) for key in keys):
                 raise protocol.VerifyProtocolError("lookup needs keys: a list of key value lists")
             return await self.db.run(self.reader.lookup, _text(request, "table"), keys, bool(request.get("rows")))
-        if op == protocol.OP_REPUBLISH and self._republish is not None:
+        if op == protocol.OP_REPUBLISH:
             return await self._republish(request)
         raise protocol.VerifyProtocolError(f"unknown verify op {op!r}")
+
+
+    async def _republish(self, request: dict) -> dict:
+        if self.js is None or not self.node.publish:
+            raise protocol.VerifyProtocolError(f"node {self.node.name} does not publish: it cannot repair")
+        table = _text(request, "table")
+        keys, expected = request.get("keys"), request.get("expected")
+        if not isinstance(keys, list) or not isinstance(expected, list) or len(keys) != len(expected):
+            raise protocol.VerifyProtocolError("republish needs keys and expected (version, origin) pairs, one per key")
+        found = await self.db.run(self.reader.lookup, table, keys, True)
+        states = [KeyState.from_wire(item) for item in found["keys"]]
+        shape = await self.db.run(self.reader.table_shape, table)
+        rows, moved, missing = repair_rows(table, shape["columns"], shape["key"], states, expected)
+        messages = await publish_repair(self.js, self.replication, self.node.id, self.nc.max_payload,
+                                        shape["fingerprint"], table, shape["key"], rows)
+        if rows:
+            log.warning("repair: re-published %d row(s) of %s with their original versions (%d message(s))",
+                        len(rows), table, messages)
+        return {"published": len(rows), "moved_on": moved, "no_image": missing, "messages": messages}
 
 
 def _text(request: dict, name: str) -> str:

@@ -133,6 +133,13 @@ class TableStateReader:
                 oldest = int(row[0]) if oldest is None else min(oldest, int(row[0]))
         return {"positions": positions, "unpublished_from": oldest}
 
+    def table_shape(self, table: str) -> dict:
+        """Columns (table order), primary key and layout fingerprint, as capture records them."""
+        conn = self._connection()
+        with read_transaction(conn):
+            layout = self._replicated_layout(conn, table)
+            return {"columns": list(layout.columns), "key": list(layout.primary_key), "fingerprint": layout.fingerprint}
+
     # -- digests -----------------------------------------------------------------------------------
 
     def bucket_digests(self, table: str, buckets: int) -> dict:
