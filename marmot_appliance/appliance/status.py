@@ -134,6 +134,13 @@ def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
                 f"dead letters: {body.get('dead_letters', '-')}; last snapshot: {_ago(body.get('last_snapshot'))}"
             )
             lines.extend(_waiting_rows_lines(body))
+            for table, found in sorted((body.get("diverged") or {}).items()):
+                found = found if isinstance(found, dict) else {}
+                keys = ", ".join(repr(k.get("key")) for k in found.get("sample") or [] if isinstance(k, dict))
+                lines.append(
+                    f"    diverged: table {table}: {found.get('keys')} key(s) differ between nodes "
+                    f"(since {_ago(found.get('since'))}; e.g. {keys or '-'}); run `marmot-appliance repair`"
+                )
             for stream, gap in sorted((body.get("gaps") or {}).items()):
                 gap = gap if isinstance(gap, dict) else {}
                 lines.append(

@@ -123,6 +123,8 @@ class NodeRuntime:
         self.own_publishes = OwnPublishes()
         self.snapshot_scheduler: Any = None
         self.verify_service: Any = None  # answers `verify` over NATS (verify/service.py)
+        self.continuous_verify: Any = None  # verify.interval_s: compares with the others on a schedule
+        self._verify_task: asyncio.Task | None = None
         self.restores = RestoreCoordinator(self)
         # The consumers and the publisher run on _flow_stop, which a restore sets to pause them.
         self._flow_stop = asyncio.Event()
@@ -374,6 +376,11 @@ class NodeRuntime:
             js=self.js,
         )
         await self.verify_service.start()
+        if self.cluster.verify.interval_s:
+            from marmot_appliance.verify.continuous import ContinuousVerify
+
+            self.continuous_verify = ContinuousVerify(self.nc, self.cluster, self.node, self.status, self.metrics)
+            self._verify_task = asyncio.create_task(self.continuous_verify.run(self.parts_stop), name="verify")
 
     async def _wait_for_stop_or_failure(self, stop: asyncio.Event) -> None:
         stop_waiter = asyncio.ensure_future(stop.wait())
@@ -457,6 +464,9 @@ class NodeRuntime:
             except Exception as exc:  # noqa: BLE001 - a failed or slow save must not block shutdown
                 log.warning("snapshot scheduler did not stop cleanly: %s", exc)
         await self._write_seq_map()
+        if self._verify_task is not None:
+            self._verify_task.cancel()
+            await asyncio.gather(self._verify_task, return_exceptions=True)
         if self.verify_service is not None:
             await self.verify_service.stop()
 

@@ -35,6 +35,11 @@ class RuntimeStatus:
     # stream -> why applying it is paused: the database cannot be written (disk full, I/O error,
     # read-only file, lock held past busy_timeout). Retried until it passes; never dead-lettered.
     apply_blocked: dict[str, str] = field(default_factory=dict)
+    # table -> what the continuous convergence check found: {"keys", "sample", "since",
+    # "checked_at"} (verify/continuous.py). A diverged table makes the node unhealthy: the
+    # copies differ in a way lag does not explain, and only `repair` settles it.
+    diverged: dict[str, dict] = field(default_factory=dict)
+    verify: dict = field(default_factory=dict)  # the last check: {"checked_at", "result", "unreachable"}
 
     @property
     def healthy(self) -> bool:
@@ -45,6 +50,7 @@ class RuntimeStatus:
         return (
             self.nats_connected and self.database_ok and self.capture_installed and self.started
             and not self.failed_parts and not self.clock_skew.get("held") and not self.gaps and not self.apply_blocked
+            and not self.diverged
         )
 
     def as_health(self) -> dict:
@@ -69,4 +75,6 @@ class RuntimeStatus:
             "parked_rows": self.parked_rows,
             "clock_skew": dict(self.clock_skew),
             "apply_blocked": dict(self.apply_blocked),
+            "diverged": dict(self.diverged),
+            "verify": dict(self.verify),
         }

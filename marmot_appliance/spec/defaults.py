@@ -28,6 +28,7 @@ from .model import (
     ObservabilitySettings,
     ReplicationSettings,
     SnapshotSettings,
+    VerifySettings,
     TableSelection,
 )
 from .semantic import all_nodes_local, effective_node_ports, is_loopback
@@ -99,6 +100,7 @@ def build_cluster(data: dict[str, Any], base_dir: Path, source: Path | None = No
         nats=_nats(data.get("nats", {}), base_dir, local),
         replication=_replication(data.get("replication", {})),
         snapshots=SnapshotSettings(**_floats(dict(data.get("snapshots", {})), "interval_s")),
+        verify=VerifySettings(**_floats(dict(data.get("verify", {})), "interval_s")),
         observability=ObservabilitySettings(**data.get("observability", {})),
         deploy=DeploySettings(**deploy),
         source=source,

@@ -154,6 +154,14 @@ class SnapshotSettings:
 
 
 @dataclass(frozen=True)
+class VerifySettings:
+    """The continuous convergence check every node runs (docs/reliability.md)."""
+
+    interval_s: float | None = 600.0  # compare bucket digests with the other nodes this often; None: off
+    auto_repair: bool = False  # the lowest-id node repairs a divergence it finds (as `repair` would)
+
+
+@dataclass(frozen=True)
 class ObservabilitySettings:
     listen_address: str = "127.0.0.1"  # metrics/health bind address; port is the node's metrics port
     metrics_port: int = DEFAULT_METRICS_PORT  # cluster-wide default of nodes[].ports.metrics
@@ -179,6 +187,7 @@ class Cluster:
     nats: NatsSettings = field(default_factory=NatsSettings)
     replication: ReplicationSettings = field(default_factory=ReplicationSettings)
     snapshots: SnapshotSettings = field(default_factory=SnapshotSettings)
+    verify: VerifySettings = field(default_factory=VerifySettings)
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
     source: Path | None = None  # the spec file this came from, if any

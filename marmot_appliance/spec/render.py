@@ -30,6 +30,7 @@ def cluster_to_dict(cluster: Cluster) -> dict[str, Any]:
         "nats": _plain(cluster.nats),
         "replication": _plain(cluster.replication),
         "snapshots": _plain(cluster.snapshots),
+        "verify": _plain(cluster.verify),
         "observability": _plain(cluster.observability),
         "deploy": _plain(cluster.deploy),
     }
