@@ -1,0 +1,267 @@
+"""Chaos harness: random faults under writes on every node, then a convergence oracle.
+
+    .venv/bin/python bench/chaos.py --runs 5 --seed 100 --duration 30
+
+Each run starts a fresh local cluster (3 JetStream servers, 3 `marmot-appliance node` processes
+with `shards: 4` and a small `max_log_entries`, snapshots on), starts a writer on every node,
+injects faults drawn from the run's seed for --duration seconds (kill -9 and SIGSTOP of node
+runtimes and nats-servers, graceful restarts, stops long enough for the log to roll past a node,
+forced snapshot restores, poison messages; one node and its writer run with the wall clock
+shifted), heals everything, waits for quiescence and checks the oracle (bench/chaos_oracle.py,
+and `marmot-appliance verify` when this build has it). Run i uses seed S+i. A failing run keeps
+its work directory and prints the command that replays its seed; the exit status is 1 if any
+run failed. docs/reliability.md describes the harness and records long runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import chaos_oracle as oracle  # noqa: E402
+from bench.chaos_cluster import LIBFAKETIME, LocalCluster, NodeSettings  # noqa: E402
+from bench.chaos_faults import ALL_KINDS, KNOWN_FAILING, FaultInjector  # noqa: E402
+from bench.chaos_workload import PRIMARY_KEYS, create_database, initial_rows  # noqa: E402
+
+HEAL_TIMEOUT_S = 120.0
+MAX_CLOCK_SHIFT_S = 40.0  # below replication.max_clock_skew_s (60 s): rows are not held
+
+
+@dataclass
+class RunPlan:
+    """Everything drawn from the run's seed before the run starts."""
+
+    seed: int
+    duration_s: float
+    kinds: list[str]
+    max_log_entries: int
+    clock_shift: tuple[int, float] | None  # (node id, seconds) or None
+
+    def describe(self) -> str:
+        shift = f"node {self.clock_shift[0]} clock {self.clock_shift[1]:+.0f}s" if self.clock_shift else "no clock shift"
+        return (f"seed {self.seed}, {self.duration_s:.0f}s, shards 4, max_log_entries {self.max_log_entries}, "
+                f"{shift}, faults: {','.join(self.kinds)}")
+
+
+@dataclass
+class RunResult:
+    plan: RunPlan
+    problems: list[str] = field(default_factory=list)
+    faults: list[str] = field(default_factory=list)
+    transactions: int = 0
+    operations: int = 0
+    verify: str = "not run"
+    converge_s: float | None = None
+    wall_s: float = 0.0
+    work: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def plan_run(seed: int, duration_s: float, kinds: list[str], clock_shift: bool) -> RunPlan:
+    rng = random.Random(f"plan-{seed}")
+    shift = None
+    if clock_shift:
+        shift = (rng.randrange(1, 4), rng.choice((-1, 1)) * rng.uniform(5.0, MAX_CLOCK_SHIFT_S))
+    return RunPlan(seed, duration_s, kinds, rng.choice((120, 200, 300)), shift)
+
+
+def verify_available() -> bool:
+    result = subprocess.run([sys.executable, "-m", "marmot_appliance", "verify", "--help"],
+                            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    return result.returncode == 0
+
+
+def run_verify(cluster: LocalCluster) -> tuple[int, str]:
+    """`marmot-appliance verify --nats-url ... --output json`: 0 converged, 1 diverged, 2 undecided."""
+    argv = [sys.executable, "-m", "marmot_appliance", "verify", "--nats-url", cluster.nats_url, "--output", "json"]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return 2, "verify did not finish in 180 s"
+    return result.returncode, (result.stdout.strip() or result.stderr.strip())[-2000:]
+
+
+def wait_quiescent(cluster: LocalCluster, timeout_s: float) -> float | None:
+    """Seconds until every node holds the same digests, twice in a row 1 s apart; None on timeout."""
+    dbs = {node.node_id: node.db for node in cluster.nodes}
+    start = time.monotonic()
+    previous = None
+    while time.monotonic() - start < timeout_s:
+        try:
+            digests = oracle.digests(dbs, list(PRIMARY_KEYS))
+        except Exception:  # noqa: BLE001 - a restore may be replacing a file right now
+            digests = None
+        if digests and not oracle.differing_tables(digests):
+            if digests == previous:
+                return time.monotonic() - start
+            previous = digests
+        else:
+            previous = None
+        time.sleep(1.0)
+    return None
+
+
+async def _inject(cluster: LocalCluster, plan: RunPlan) -> FaultInjector:
+    injector = FaultInjector(cluster, random.Random(f"faults-{plan.seed}"), plan.kinds)
+    try:
+        await injector.run(plan.duration_s)
+    finally:
+        cluster.aborting.set()  # a cancelled fault's wait for its node ends now
+        await asyncio.sleep(0.5)
+        cluster.aborting.clear()
+    return injector
+
+
+def run_once(plan: RunPlan, work: Path, rate: float, with_verify: bool) -> RunResult:
+    result = RunResult(plan, work=work)
+    started = time.monotonic()
+    shifts = {plan.clock_shift[0]: plan.clock_shift[1]} if plan.clock_shift else {}
+    cluster = LocalCluster(work, settings=NodeSettings(max_log_entries=plan.max_log_entries), clock_shifts=shifts)
+    try:
+        cluster.start_nats()
+        cluster.add_nodes(create_database)
+        for node in cluster.nodes:
+            cluster.start_node(node)
+        for node in cluster.nodes:
+            why = cluster.wait_healthy(node, HEAL_TIMEOUT_S)
+            if why:
+                result.problems.append(f"start: {why}")
+                return result
+        cluster.start_writers(plan.seed, rate)
+        injector = asyncio.run(_inject(cluster, plan))
+        result.faults = [str(r) for r in injector.records]
+        result.problems += [f"during faults: {f}" for f in injector.findings]
+        result.problems += cluster.heal(HEAL_TIMEOUT_S)
+        result.problems += cluster.stop_writers()
+        result.converge_s = wait_quiescent(cluster, HEAL_TIMEOUT_S)
+        dbs = {node.node_id: node.db for node in cluster.nodes}
+        history = oracle.load_history([cluster.writer_log(n.node_id) for n in cluster.nodes], initial_rows(),
+                                      PRIMARY_KEYS)
+        result.transactions, result.operations = history.transactions, history.operations
+        if result.converge_s is None:
+            result.problems.append(f"not converged {HEAL_TIMEOUT_S:.0f}s after healing")
+        differing = oracle.check_files_equal(dbs, PRIMARY_KEYS)
+        result.problems += differing
+        for node_id, db in dbs.items() if differing else list(dbs.items())[:1]:  # equal files: one speaks for all
+            result.problems += [f"node {node_id}: {p}" for p in oracle.check_history(db, history, PRIMARY_KEYS)]
+        result.problems += oracle.check_bookkeeping(dbs, injector.poison)
+        if with_verify:
+            code, output = run_verify(cluster)
+            result.verify = {0: "converged", 1: "diverged", 2: "undecided"}.get(code, f"exit {code}")
+            if code != 0:
+                result.problems.append(f"verify exit {code}: {output}")
+        for node in cluster.nodes:
+            health = node.health()
+            if not health or health[0] != 200:
+                result.problems.append(f"node {node.node_id} unhealthy at the end: {health}")
+        return result
+    except Exception as exc:  # noqa: BLE001 - a harness error fails the run with its reason, never a traceback
+        result.problems.append(f"harness error: {type(exc).__name__}: {exc}")
+        return result
+    finally:
+        cluster.teardown()
+        result.wall_s = time.monotonic() - started
+
+
+def replay_command(args: argparse.Namespace, seed: int) -> str:
+    parts = [sys.executable, "bench/chaos.py", "--runs", "1", "--seed", str(seed), "--duration", f"{args.duration:g}"]
+    if args.faults:
+        parts += ["--faults", args.faults]
+    if args.no_clock_shift:
+        parts.append("--no-clock-shift")
+    if args.rate != 20.0:
+        parts += ["--rate", f"{args.rate:g}"]
+    return " ".join(parts)
+
+
+def parse_kinds(text: str | None) -> list[str]:
+    if not text:
+        return [k for k in ALL_KINDS if k not in KNOWN_FAILING]
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in ALL_KINDS]
+    if unknown or not kinds:
+        raise SystemExit(f"error: unknown fault kind(s) {', '.join(unknown) or '(none given)'}; "
+                         f"choose from {', '.join(ALL_KINDS)}")
+    return kinds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Randomized fault runs against a local cluster, then an oracle.")
+    parser.add_argument("--runs", type=int, default=1, help="number of runs (run i uses seed S+i)")
+    parser.add_argument("--seed", type=int, default=None, help="first run's seed (default: random, printed)")
+    parser.add_argument("--duration", type=float, default=30.0, help="seconds of faults and writes per run")
+    parser.add_argument("--rate", type=float, default=20.0, help="transactions per second per writer (bound)")
+    parser.add_argument("--faults", help=f"comma-separated fault kinds (default: all but known-failing; "
+                        f"all: {','.join(ALL_KINDS)})")
+    parser.add_argument("--no-clock-shift", action="store_true", help="no node runs with a shifted clock")
+    parser.add_argument("--no-verify", action="store_true", help="skip `marmot-appliance verify` in the oracle")
+    parser.add_argument("--work-dir", type=Path, help="where run directories go (default: a new temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep work directories of passing runs too")
+    parser.add_argument("--json", type=Path, help="append one JSON line per run to this file")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.duration <= 0 or args.rate <= 0:
+        parser.error("--runs, --duration and --rate must be positive")
+    kinds = parse_kinds(args.faults)
+    if not args.no_clock_shift and not LIBFAKETIME.exists():
+        parser.error(f"{LIBFAKETIME} is missing (apt-get install faketime), or pass --no-clock-shift")
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 1_000_000)
+    base = args.work_dir or Path(tempfile.mkdtemp(prefix="marmot-chaos-"))
+    base.mkdir(parents=True, exist_ok=True)
+    with_verify = not args.no_verify and verify_available()
+    print(f"chaos: {args.runs} run(s) from seed {seed}, work in {base}; verify: "
+          f"{'yes' if with_verify else 'not in this build' if not args.no_verify else 'skipped'}", flush=True)
+    failed = []
+    for i in range(args.runs):
+        plan = plan_run(seed + i, args.duration, kinds, not args.no_clock_shift)
+        work = base / f"run-{plan.seed}"
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir()
+        print(f"run {i + 1}/{args.runs}: {plan.describe()}", flush=True)
+        result = run_once(plan, work, args.rate, with_verify)
+        for fault in result.faults:
+            print(f"    {fault}")
+        converge = f"{result.converge_s:.1f}s" if result.converge_s is not None else "never"
+        print(f"  -> {'PASS' if result.ok else 'FAIL'}: {result.transactions} transactions "
+              f"({result.operations} row operations), {len(result.faults)} faults, converged after healing in "
+              f"{converge}, verify {result.verify}, {result.wall_s:.0f}s wall", flush=True)
+        if args.json:
+            with open(args.json, "a", encoding="utf-8") as out:
+                out.write(json.dumps({
+                    "seed": plan.seed, "duration_s": plan.duration_s, "plan": plan.describe(), "ok": result.ok,
+                    "faults": result.faults, "problems": result.problems, "transactions": result.transactions,
+                    "operations": result.operations, "converge_s": result.converge_s, "verify": result.verify,
+                    "wall_s": round(result.wall_s, 1)}) + "\n")
+        if result.ok:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
+            continue
+        failed.append(plan.seed)
+        for problem in result.problems:
+            print(f"  problem: {problem}")
+        print(f"  work directory kept: {work}")
+        print(f"  replay: {replay_command(args, plan.seed)}", flush=True)
+    print(f"chaos: {args.runs - len(failed)}/{args.runs} runs passed" +
+          (f"; failed seeds: {' '.join(map(str, failed))}" if failed else ""))
+    if not failed and not args.keep and args.work_dir is None:
+        shutil.rmtree(base, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

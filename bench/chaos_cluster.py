@@ -1,0 +1,278 @@
+"""The chaos harness's local cluster: nats-servers, node runtimes and writers as real processes.
+
+Three JetStream servers (tests/harness.py's NatsCluster, R3 streams) and one
+`marmot-appliance node` process plus one writer process per node, all on 127.0.0.1. Every
+process is started and stopped by PID; a paused (SIGSTOP) process is continued before it is
+stopped. One node (and its writer) may run with its wall clock shifted through libfaketime.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.harness import NatsCluster, free_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+STREAM_PREFIX = "marmot-changes"
+SUBJECT_PREFIX = "marmot-change-log"
+
+
+def faketime_env(shift_s: float) -> dict[str, str]:
+    """Environment that shifts a process's wall clock by shift_s (libfaketime; Debian's faketime)."""
+    if not LIBFAKETIME.exists():
+        raise RuntimeError(f"{LIBFAKETIME} not found: apt-get install faketime, or run with --no-clock-shift")
+    return {"LD_PRELOAD": str(LIBFAKETIME), "FAKETIME": f"{shift_s:+.0f}s", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_NO_CACHE": "1"}
+
+
+def _signal(process: subprocess.Popen | None, signum: int) -> None:
+    if process is not None and process.poll() is None:
+        try:
+            os.kill(process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+@dataclass
+class NodeSettings:
+    shards: int = 4
+    max_log_entries: int = 300
+    log_replicas: int = 3
+
+
+@dataclass
+class Node:
+    node_id: int
+    db: Path
+    log_path: Path
+    metrics_port: int
+    clock_shift_s: float = 0.0
+    process: subprocess.Popen | None = None
+    paused: bool = False
+
+    def env(self) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT)}
+        if self.clock_shift_s:
+            env.update(faketime_env(self.clock_shift_s))
+        return env
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def health(self) -> tuple[int, dict] | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/health", timeout=5) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            try:
+                return exc.code, json.loads(exc.read())
+            except ValueError:
+                return exc.code, {}
+        except (OSError, ValueError):
+            return None
+
+
+@dataclass
+class LocalCluster:
+    work: Path
+    size: int = 3
+    settings: NodeSettings = field(default_factory=NodeSettings)
+    clock_shifts: dict[int, float] = field(default_factory=dict)
+    nats: NatsCluster | None = None
+    nodes: list[Node] = field(default_factory=list)
+    writers: dict[int, subprocess.Popen] = field(default_factory=dict)
+    paused_servers: set[int] = field(default_factory=set)
+    aborting: threading.Event = field(default_factory=threading.Event)  # ends waits of cancelled faults
+
+    # -- set-up ----------------------------------------------------------------------------------
+
+    def start_nats(self) -> None:
+        self.nats = NatsCluster(root=self.work / "nats")
+        self.nats.start(3)
+
+    def add_nodes(self, create_database) -> None:
+        ports = free_ports(self.size)
+        for i in range(1, self.size + 1):
+            db = create_database(self.work / f"node{i}.db")
+            self.nodes.append(Node(i, db, self.work / f"node{i}.log", ports[i - 1], self.clock_shifts.get(i, 0.0)))
+
+    def node(self, node_id: int) -> Node:
+        return self.nodes[node_id - 1]
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.url
+
+    def node_argv(self, node: Node) -> list[str]:
+        s = self.settings
+        return [sys.executable, "-m", "marmot_appliance", "node", "-db-path", str(node.db),
+                "-node-id", str(node.node_id), "-nats-url", self.nats_url, "-shards", str(s.shards),
+                "-log-replicas", str(s.log_replicas), "-max-log-entries", str(s.max_log_entries),
+                "-enable-snapshot=true", "--metrics-port", str(node.metrics_port)]
+
+    # -- node processes --------------------------------------------------------------------------
+
+    def start_node(self, node: Node) -> None:
+        with open(node.log_path, "ab") as log:
+            log.write(f"\n==== chaos: start at {time.time():.3f}\n".encode())
+            log.flush()
+            node.process = subprocess.Popen(self.node_argv(node), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, start_new_session=True, env=node.env())
+        node.paused = False
+
+    def wait_healthy(self, node: Node, timeout_s: float) -> str | None:
+        """None once /health says ok with capture installed; else why not (exit, or timeout)."""
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline and not self.aborting.is_set():
+            if not node.running:
+                code = node.process.returncode if node.process else None
+                return f"node {node.node_id} exited with {code}: {self.log_tail(node)}"
+            last = node.health()
+            if last and last[0] == 200 and last[1].get("capture", {}).get("installed"):
+                return None
+            time.sleep(0.2)
+        return f"node {node.node_id} not healthy after {timeout_s:.0f}s: {json.dumps(last[1]) if last else 'no answer'}"
+
+    def log_tail(self, node: Node, lines: int = 12) -> str:
+        try:
+            return " | ".join(node.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill9_node(self, node: Node) -> None:
+        _signal(node.process, signal.SIGCONT)
+        _signal(node.process, signal.SIGKILL)
+        if node.process:
+            node.process.wait(timeout=30)
+        node.paused = False
+
+    def stop_node(self, node: Node, timeout_s: float = 60) -> int | None:
+        """Graceful stop (SIGTERM); SIGKILL if it does not exit in time."""
+        if not node.running:
+            return node.process.returncode if node.process else None
+        _signal(node.process, signal.SIGCONT)
+        _signal(node.process, signal.SIGTERM)
+        try:
+            return node.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill9_node(node)
+            return None
+
+    def pause_node(self, node: Node) -> None:
+        _signal(node.process, signal.SIGSTOP)
+        node.paused = True
+
+    def resume_node(self, node: Node) -> None:
+        _signal(node.process, signal.SIGCONT)
+        node.paused = False
+
+    def restore_snapshot(self, node: Node) -> subprocess.CompletedProcess:
+        """`marmot-appliance snapshot restore` into a stopped node's database."""
+        argv = [sys.executable, "-m", "marmot_appliance", "snapshot", "restore", "--nats-url", self.nats_url,
+                "--db-path", str(node.db), "--node-id", str(node.node_id), "--shards", str(self.settings.shards)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=180, env=node.env())
+
+    # -- nats-servers ----------------------------------------------------------------------------
+
+    def kill9_server(self, index: int) -> None:
+        process = self.nats.processes[index]
+        _signal(process.process, signal.SIGCONT)
+        process.kill()
+        self.paused_servers.discard(index)
+
+    def start_server(self, index: int) -> None:
+        self.nats.processes[index].start()
+        self.nats.processes[index].wait_listening("127.0.0.1", self.nats.configs[index].client_port, timeout_s=30)
+
+    def server_running(self, index: int) -> bool:
+        process = self.nats.processes[index].process
+        return process is not None and process.poll() is None
+
+    def pause_server(self, index: int) -> None:
+        _signal(self.nats.processes[index].process, signal.SIGSTOP)
+        self.paused_servers.add(index)
+
+    def resume_server(self, index: int) -> None:
+        _signal(self.nats.processes[index].process, signal.SIGCONT)
+        self.paused_servers.discard(index)
+
+    # -- writers ---------------------------------------------------------------------------------
+
+    def writer_log(self, node_id: int) -> Path:
+        return self.work / f"ops-{node_id}.jsonl"
+
+    def start_writers(self, seed: int, rate: float) -> None:
+        for node in self.nodes:
+            argv = [sys.executable, str(ROOT / "bench" / "chaos_workload.py"), "--db", str(node.db),
+                    "--node-id", str(node.node_id), "--seed", str(seed * 1000 + node.node_id),
+                    "--log", str(self.writer_log(node.node_id)), "--rate", str(rate)]
+            with open(self.work / f"writer{node.node_id}.log", "ab") as log:
+                # The writer shares its node's clock: versions are taken in the writer's transaction.
+                self.writers[node.node_id] = subprocess.Popen(
+                    argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, env=node.env())
+
+    def stop_writers(self) -> list[str]:
+        problems = []
+        for node_id, process in self.writers.items():
+            _signal(process, signal.SIGTERM)
+        for node_id, process in self.writers.items():
+            try:
+                code = process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                _signal(process, signal.SIGKILL)
+                process.wait(timeout=10)
+                code = "killed"
+            if code != 0:
+                problems.append(f"writer {node_id} exited with {code}")
+        return problems
+
+    # -- healing and teardown --------------------------------------------------------------------
+
+    def heal(self, timeout_s: float) -> list[str]:
+        """Continue what is paused, start what is down, and wait until every node is healthy."""
+        for index in list(self.paused_servers):
+            self.resume_server(index)
+        for index in range(len(self.nats.processes)):
+            if not self.server_running(index):
+                self.start_server(index)
+        problems = []
+        for node in self.nodes:
+            if node.paused:
+                self.resume_node(node)
+            if not node.running:
+                if node.process is not None and node.process.returncode not in (None, -signal.SIGKILL, 0):
+                    problems.append(f"node {node.node_id} had exited by itself with {node.process.returncode}: "
+                                    f"{self.log_tail(node)}")
+                self.start_node(node)
+        for node in self.nodes:
+            why = self.wait_healthy(node, timeout_s)
+            if why:
+                problems.append(why)
+        return problems
+
+    def teardown(self) -> None:
+        for process in self.writers.values():
+            _signal(process, signal.SIGCONT)
+            _signal(process, signal.SIGKILL)
+            process.wait(timeout=10)
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                self.kill9_node(node)
+        if self.nats:
+            for index in list(self.paused_servers):
+                self.resume_server(index)
+            self.nats.stop()
