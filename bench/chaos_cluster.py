@@ -99,6 +99,7 @@ class LocalCluster:
     # -- set-up ----------------------------------------------------------------------------------
 
     def start_nats(self) -> None:
+        (self.work / "nats").mkdir(parents=True, exist_ok=True)
         self.nats = NatsCluster(root=self.work / "nats")
         self.nats.start(3)
 
