@@ -226,6 +226,20 @@ class LocalCluster:
                     argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, env=node.env())
 
+    def pause_writer(self, node_id: int, timeout_s: float = 60) -> bool:
+        """Ask the node's writer to stop committing; True once it says it has (between transactions)."""
+        log = self.writer_log(node_id)
+        log.with_suffix(".pause").touch()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if log.with_suffix(".paused").exists():
+                return True
+            time.sleep(0.05)
+        return False
+
+    def resume_writer(self, node_id: int) -> None:
+        self.writer_log(node_id).with_suffix(".pause").unlink(missing_ok=True)
+
     def stop_writers(self) -> list[str]:
         problems = []
         for node_id, process in self.writers.items():
@@ -245,6 +259,8 @@ class LocalCluster:
 
     def heal(self, timeout_s: float) -> list[str]:
         """Continue what is paused, start what is down, and wait until every node is healthy."""
+        for node_id in self.writers:
+            self.resume_writer(node_id)
         for index in list(self.paused_servers):
             self.resume_server(index)
         for index in range(len(self.nats.processes)):

@@ -131,13 +131,20 @@ class FaultInjector:
                 await asyncio.sleep(record.duration_s)
                 await self._restart(node, record)
             elif kind == "node-restore":
-                await asyncio.to_thread(cluster.stop_node, node)
-                result = await asyncio.to_thread(cluster.restore_snapshot, node)
-                text = (result.stderr or result.stdout).strip().splitlines()
-                record.outcome = (f"restore exit {result.returncode}: {text[-1] if text else ''}")
-                if "Traceback" in result.stderr:
-                    self.findings.append(f"{target}: snapshot restore printed a traceback: {result.stderr[-1500:]}")
-                await self._restart(node, record)
+                # An operator's forced restore: application writes paused, node stopped (which
+                # publishes what it captured), `snapshot restore`, node started, writes resumed.
+                try:
+                    if not await asyncio.to_thread(cluster.pause_writer, node.node_id):
+                        self.findings.append(f"{target}: writer did not pause within 60 s")
+                    await asyncio.to_thread(cluster.stop_node, node)
+                    result = await asyncio.to_thread(cluster.restore_snapshot, node)
+                    text = (result.stderr or result.stdout).strip().splitlines()
+                    record.outcome = f"restore exit {result.returncode}: {text[-1][:200] if text else ''}"
+                    if "Traceback" in result.stderr:
+                        self.findings.append(f"{target}: snapshot restore printed a traceback: {result.stderr[-1500:]}")
+                    await self._restart(node, record)
+                finally:
+                    cluster.resume_writer(node.node_id)
             else:
                 raise ValueError(f"unknown fault kind {kind}")
         finally:

@@ -224,10 +224,16 @@ def main(argv: list[str] | None = None) -> int:
         stopping = True
 
     signal.signal(signal.SIGTERM, stop)
+    pause_request, paused = args.log.with_suffix(".pause"), args.log.with_suffix(".paused")
     with open(args.log, "a", encoding="utf-8") as log:
         writer = Writer(args.db, args.node_id, random.Random(args.seed), log)
         pause = 1.0 / args.rate
         while not stopping:
+            if pause_request.exists():
+                paused.touch()
+                time.sleep(0.05)
+                continue
+            paused.unlink(missing_ok=True)
             writer.step()
             time.sleep(writer.rng.uniform(0, 2 * pause))
     print(f"writer {args.node_id}: {writer.committed} committed, {writer.failed} not committed", file=sys.stderr)
