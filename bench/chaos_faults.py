@@ -116,6 +116,7 @@ class FaultInjector:
                 cluster.pause_node(node)
                 await asyncio.sleep(record.duration_s)
                 cluster.resume_node(node)
+                record.outcome = "healed"
             elif kind == "node-kill9":
                 await asyncio.to_thread(cluster.kill9_node, node)
                 await asyncio.sleep(record.duration_s)
@@ -147,6 +148,9 @@ class FaultInjector:
                     cluster.resume_writer(node.node_id)
             else:
                 raise ValueError(f"unknown fault kind {kind}")
+        except asyncio.CancelledError:
+            record.outcome += "; cut short by the end of the run (the final heal ends it)"
+            raise
         finally:
             self.busy_nodes.discard(node.node_id)
 
@@ -175,6 +179,9 @@ class FaultInjector:
             else:
                 raise ValueError(f"unknown fault kind {kind}")
             record.outcome = "healed"
+        except asyncio.CancelledError:
+            record.outcome += "; cut short by the end of the run (the final heal ends it)"
+            raise
         finally:
             self.busy_servers.discard(index)
 
