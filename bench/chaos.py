@@ -20,6 +20,7 @@ import asyncio
 import json
 import random
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -34,8 +35,12 @@ from bench import chaos_oracle as oracle  # noqa: E402
 from bench.chaos_cluster import LIBFAKETIME, LocalCluster, NodeSettings  # noqa: E402
 from bench.chaos_faults import ALL_KINDS, KNOWN_FAILING, FaultInjector  # noqa: E402
 from bench.chaos_workload import PRIMARY_KEYS, create_database, initial_rows  # noqa: E402
+from marmot_appliance.replication.bookkeeping import MARKER_TABLE  # noqa: E402
+from marmot_appliance.replication.sqlite_util import quote_ident  # noqa: E402
 
 HEAL_TIMEOUT_S = 120.0
+# The harness's self-test: a value no writer wrote, put into one replica with capture bypassed.
+INJECTED_TOKEN = "injected by --self-test-divergence"
 MAX_CLOCK_SHIFT_S = 40.0  # below replication.max_clock_skew_s (60 s): rows are not held
 
 
@@ -127,7 +132,21 @@ async def _inject(cluster: LocalCluster, plan: RunPlan) -> FaultInjector:
     return injector
 
 
-def run_once(plan: RunPlan, work: Path, rate: float, with_verify: bool) -> RunResult:
+def inject_divergence(db: Path) -> None:
+    """Change one row in a replica's file the way the applier writes (apply marker set), so no
+    trigger captures it and nothing replicates it: a divergence the oracle and verify must find."""
+    conn = sqlite3.connect(db, timeout=30, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f"INSERT OR IGNORE INTO {quote_ident(MARKER_TABLE)} (id) VALUES (1)")
+        conn.execute("UPDATE accounts SET token = ? WHERE id = 0", (INJECTED_TOKEN,))
+        conn.execute(f"DELETE FROM {quote_ident(MARKER_TABLE)}")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
+def run_once(plan: RunPlan, work: Path, rate: float, with_verify: bool, self_test: bool = False) -> RunResult:
     result = RunResult(plan, work=work)
     started = time.monotonic()
     shifts = {plan.clock_shift[0]: plan.clock_shift[1]} if plan.clock_shift else {}
@@ -149,6 +168,8 @@ def run_once(plan: RunPlan, work: Path, rate: float, with_verify: bool) -> RunRe
         result.problems += cluster.heal(HEAL_TIMEOUT_S)
         result.problems += cluster.stop_writers()
         result.converge_s = wait_quiescent(cluster, HEAL_TIMEOUT_S)
+        if self_test:
+            inject_divergence(cluster.nodes[-1].db)
         dbs = {node.node_id: node.db for node in cluster.nodes}
         history = oracle.load_history([cluster.writer_log(n.node_id) for n in cluster.nodes], initial_rows(),
                                       PRIMARY_KEYS)
@@ -186,6 +207,8 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
         parts.append("--no-clock-shift")
     if args.rate != 20.0:
         parts += ["--rate", f"{args.rate:g}"]
+    if args.self_test_divergence:
+        parts.append("--self-test-divergence")
     return " ".join(parts)
 
 
@@ -213,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, help="where run directories go (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep work directories of passing runs too")
     parser.add_argument("--json", type=Path, help="append one JSON line per run to this file")
+    parser.add_argument("--self-test-divergence", action="store_true",
+                        help="after quiescence, change one replica's row with capture bypassed: every run must FAIL")
     args = parser.parse_args(argv)
     if args.runs < 1 or args.duration <= 0 or args.rate <= 0:
         parser.error("--runs, --duration and --rate must be positive")
@@ -233,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work)
         work.mkdir()
         print(f"run {i + 1}/{args.runs}: {plan.describe()}", flush=True)
-        result = run_once(plan, work, args.rate, with_verify)
+        result = run_once(plan, work, args.rate, with_verify, args.self_test_divergence)
         for fault in result.faults:
             print(f"    {fault}")
         converge = f"{result.converge_s:.1f}s" if result.converge_s is not None else "never"
