@@ -68,6 +68,7 @@ class RunResult:
     transactions: int = 0
     operations: int = 0
     verify: str = "not run"
+    repair: str = "not run"
     converge_s: float | None = None
     wall_s: float = 0.0
     work: Path | None = None
@@ -93,12 +94,41 @@ def verify_available() -> bool:
 
 def run_verify(cluster: LocalCluster) -> tuple[int, str]:
     """`marmot-appliance verify --nats-url ... --output json`: 0 converged, 1 diverged, 2 undecided."""
-    argv = [sys.executable, "-m", "marmot_appliance", "verify", "--nats-url", cluster.nats_url, "--output", "json"]
+    argv = [sys.executable, "-m", "marmot_appliance", "verify", "--nats-url", cluster.nats_url, "--expect-nodes",
+            str(len(cluster.nodes)), "--timeout", "120", "--output", "json"]
     try:
         result = subprocess.run(argv, capture_output=True, text=True, timeout=180, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return 2, "verify did not finish in 180 s"
-    return result.returncode, (result.stdout.strip() or result.stderr.strip())[-2000:]
+    return result.returncode, summarize_verify(result.stdout) or (result.stdout.strip() or result.stderr.strip())[-2000:]
+
+
+def run_repair(cluster: LocalCluster, dbs: dict[int, Path]) -> str:
+    """`marmot-appliance repair`, then the independent check again: did the files become equal?"""
+    argv = [sys.executable, "-m", "marmot_appliance", "repair", "--nats-url", cluster.nats_url, "--expect-nodes",
+            str(len(cluster.nodes)), "--timeout", "120", "--output", "json"]
+    try:
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=240, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return "repair did not finish in 240 s"
+    converged = wait_quiescent(cluster, 60) is not None and not oracle.check_files_equal(dbs, PRIMARY_KEYS)
+    return f"exit {result.returncode}, files {'equal' if converged else 'still differ'} afterwards"
+
+
+def summarize_verify(output: str) -> str | None:
+    """One line per table verify did not call converged, with a few keys and why."""
+    try:
+        tables = json.loads(output)["tables"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    lines = []
+    for table in tables:
+        if table.get("status") == "converged":
+            continue
+        keys = "; ".join(f"{k.get('key')!r} {k.get('reason', '')}" for k in table.get("keys", [])[:oracle.SAMPLES])
+        lines.append(f"{table.get('table')} {table.get('status')} ({table.get('differing_keys')} keys: {keys}) "
+                     f"{table.get('detail') or ''}".strip())
+    return " | ".join(lines) or "no table reported as differing"
 
 
 def wait_quiescent(cluster: LocalCluster, timeout_s: float) -> float | None:
@@ -146,7 +176,8 @@ def inject_divergence(db: Path) -> None:
         conn.close()
 
 
-def run_once(plan: RunPlan, work: Path, rate: float, with_verify: bool, self_test: bool = False) -> RunResult:
+def run_once(plan: RunPlan, work: Path, rate: float, with_verify: bool, self_test: bool = False,
+             with_repair: bool = False) -> RunResult:
     result = RunResult(plan, work=work)
     started = time.monotonic()
     shifts = {plan.clock_shift[0]: plan.clock_shift[1]} if plan.clock_shift else {}
@@ -186,6 +217,8 @@ def run_once(plan: RunPlan, work: Path, rate: float, with_verify: bool, self_tes
             result.verify = {0: "converged", 1: "diverged", 2: "undecided"}.get(code, f"exit {code}")
             if code != 0:
                 result.problems.append(f"verify exit {code}: {output}")
+        if with_repair and result.problems:
+            result.repair = run_repair(cluster, dbs)
         for node in cluster.nodes:
             health = node.health()
             if not health or health[0] != 200:
@@ -209,6 +242,8 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
         parts += ["--rate", f"{args.rate:g}"]
     if args.self_test_divergence:
         parts.append("--self-test-divergence")
+    if args.repair:
+        parts.append("--repair")
     return " ".join(parts)
 
 
@@ -236,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, help="where run directories go (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep work directories of passing runs too")
     parser.add_argument("--json", type=Path, help="append one JSON line per run to this file")
+    parser.add_argument("--repair", action="store_true",
+                        help="when a run fails, run `marmot-appliance repair` and report whether the files became equal")
     parser.add_argument("--self-test-divergence", action="store_true",
                         help="after quiescence, change one replica's row with capture bypassed: every run must FAIL")
     args = parser.parse_args(argv)
@@ -258,19 +295,21 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work)
         work.mkdir()
         print(f"run {i + 1}/{args.runs}: {plan.describe()}", flush=True)
-        result = run_once(plan, work, args.rate, with_verify, args.self_test_divergence)
+        result = run_once(plan, work, args.rate, with_verify, args.self_test_divergence, args.repair)
         for fault in result.faults:
             print(f"    {fault}")
         converge = f"{result.converge_s:.1f}s" if result.converge_s is not None else "never"
         print(f"  -> {'PASS' if result.ok else 'FAIL'}: {result.transactions} transactions "
               f"({result.operations} row operations), {len(result.faults)} faults, converged after healing in "
               f"{converge}, verify {result.verify}, {result.wall_s:.0f}s wall", flush=True)
+        if result.repair != "not run":
+            print(f"  repair: {result.repair}")
         if args.json:
             with open(args.json, "a", encoding="utf-8") as out:
                 out.write(json.dumps({
                     "seed": plan.seed, "duration_s": plan.duration_s, "plan": plan.describe(), "ok": result.ok,
                     "faults": result.faults, "problems": result.problems, "transactions": result.transactions,
-                    "operations": result.operations, "converge_s": result.converge_s, "verify": result.verify,
+                    "operations": result.operations, "converge_s": result.converge_s, "verify": result.verify, "repair": result.repair,
                     "wall_s": round(result.wall_s, 1)}) + "\n")
         if result.ok:
             if not args.keep:

@@ -40,12 +40,15 @@ def test_short_chaos_runs_converge(tmp_path):
 
 
 def test_a_divergence_fails_the_run_keeps_its_directory_and_prints_the_replay(tmp_path):
-    """The harness's failure path, end to end: a replica's row changed with capture bypassed."""
+    """The harness's failure path, end to end: a replica's row changed with capture bypassed is
+    found by the oracle and by `verify`, and `repair` makes the files equal again."""
     result = run_harness(tmp_path, "--runs", "1", "--seed", "4200", "--duration", "6", "--faults", "node-pause",
-                         "--no-clock-shift", "--self-test-divergence")
+                         "--no-clock-shift", "--self-test-divergence", "--repair")
     assert result.returncode == 1, result.stdout[-6000:] + result.stderr[-3000:]
     assert "files differ: table accounts: 1 keys differ" in result.stdout
     assert "rows no writer wrote: 1" in result.stdout
+    assert "verify exit 1: accounts diverged (1 keys: [0] same version, different rows)" in result.stdout
+    assert "repair: exit 0, files equal afterwards" in result.stdout  # detected, repaired, verified
     assert "replay: " in result.stdout and "--seed 4200" in result.stdout and "--self-test-divergence" in result.stdout
     assert (tmp_path / "work" / "run-4200" / "node3.db").exists()  # kept for the post-mortem
 
