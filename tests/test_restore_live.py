@@ -1,0 +1,202 @@
+"""A snapshot restore inside a running node with shards > 1 loses nothing (issue 10, case 1).
+
+Real 3-server JetStream cluster, three real `marmot-appliance node` processes (shards 4), real
+database files. Writers commit on nodes 1 and 2 the whole time. Each round freezes node 3
+(SIGSTOP) and stops the server it is connected to, so what is written meanwhile never reaches
+node 3; node 1 saves a snapshot and shard 1's log is purged up to it. Resumed,
+node 3 reconnects, its shard-1 consumer finds its next entry gone and the node restores while
+its other three consumers apply the backlog of the outage. Before the fix
+the restore ran inside that one consumer while the others kept applying: an apply waiting on the
+backup's lock then wrote its newer position into the restored file and the entries in between
+were never replayed (rows lost, the databases never converge).
+
+Timing-dependent: the test repeats the restore RESTORES_WANTED times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import threading
+from pathlib import Path
+
+import nats
+import pytest
+
+from marmot_appliance.natsd.process import fetch_monitor_json
+from marmot_appliance.node.config import config_from_flags
+from marmot_appliance.snapshots import save_snapshot
+from tests.harness import free_ports
+from tests.replication_cluster import SubprocessNode, digest, node_command, wait_until
+
+SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, origin INTEGER NOT NULL, body TEXT NOT NULL);"
+SHARDS = 4
+RESTORES_WANTED = 20
+MAX_ROUNDS = 30
+OUTAGE_S = 1.0
+
+
+class SnapshotSubprocessNode(SubprocessNode):
+    """A node process with snapshots enabled (restores on a gap; never saves on its own here)."""
+
+    def start(self) -> "SnapshotSubprocessNode":
+        import subprocess
+
+        if not self.metrics_port:
+            self.metrics_port = free_ports(1)[0]
+        argv = node_command(self.node_id, self.db, self.nats_url, self.shards, self.replicas, self.metrics_port,
+                            extra=["-enable-snapshot=true"])
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        try:
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        finally:
+            log.close()
+        return self
+
+    def signal(self, sig: int) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, sig)
+
+    def restores_logged(self) -> int:
+        return self.log_path.read_text(errors="replace").count("restored snapshot ")
+
+
+class Writer(threading.Thread):
+    """Commits 3 rows at a time into one node's database until stopped; remembers every id."""
+
+    def __init__(self, db: Path, origin: int):
+        super().__init__(daemon=True, name=f"writer-{origin}")
+        self.db = db
+        self.origin = origin
+        self.ids: list[str] = []
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.db, timeout=60)
+        try:
+            n = 0
+            while not self.stop_event.is_set():
+                ids = [f"w{self.origin}-{n + k}" for k in range(3)]
+                with conn:
+                    conn.executemany("INSERT INTO items VALUES (?, ?, ?)",
+                                     [(i, self.origin, "x" * 48) for i in ids])
+                self.ids.extend(ids)
+                n += 3
+                self.stop_event.wait(0.02)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+        finally:
+            conn.close()
+
+
+def server_of(cluster, client_name: str) -> int | None:
+    """Index of the server the named client is connected to now (None: not connected)."""
+    for index, config in enumerate(cluster.configs):
+        try:
+            connz = fetch_monitor_json("127.0.0.1", config.monitor_port, "connz")
+        except OSError:
+            continue
+        if any(c.get("name") == client_name for c in connz.get("connections") or ()):
+            return index
+    return None
+
+
+def position(db: Path, stream: str) -> int:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        row = conn.execute("SELECT seq FROM _marmot_positions WHERE stream = ?", (stream,)).fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
+def ids_in(db: Path) -> set[str]:
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return {i for (i,) in conn.execute("SELECT id FROM items")}
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(1500)
+async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster, wal_db, tmp_path):
+    dbs = [wal_db(f"n{i}.db", SCHEMA) for i in (1, 2, 3)]
+    # Nodes 1 and 2 may use any server; node 3 only the third, which the test takes away.
+    urls = [",".join(nats_cluster.urls[:2]), ",".join(nats_cluster.urls[:2]), nats_cluster.urls[2]]
+    nodes = [SnapshotSubprocessNode(i, db, url, tmp_path / f"n{i}.log", shards=SHARDS)
+             for i, db, url in zip((1, 2, 3), dbs, urls)]
+    flags = dict(db_path=str(dbs[0]), node_id=1, nats_url=nats_cluster.url, shards=SHARDS, log_replicas=3,
+                 max_log_entries=100_000)
+    cluster, saver = config_from_flags(**flags).cluster, config_from_flags(**flags).node
+    gap_stream = cluster.replication.stream_name(1)
+    writers = [Writer(dbs[0], 1), Writer(dbs[1], 2)]
+    nc = await nats.connect(servers=nats_cluster.urls[:2])
+    js = nc.jetstream(timeout=30)
+    restores = rounds = 0
+    try:
+        for n in nodes:
+            n.start()
+        for n in nodes:
+            await n.wait_healthy(90)
+        for w in writers:
+            w.start()
+        while restores < RESTORES_WANTED and rounds < MAX_ROUNDS:
+            rounds += 1
+            before = nodes[2].restores_logged()
+            (server,) = await wait_until(lambda: [i for i in [server_of(nats_cluster, "marmot-node-3")] if i is not None],
+                                         60, 0.2, "node 3 to be connected")
+            # Node 3 frozen and its server gone: what was written from now on never reached it.
+            nodes[2].signal(signal.SIGSTOP)
+            try:
+                await asyncio.to_thread(nats_cluster.processes[server].stop)
+                await asyncio.sleep(OUTAGE_S)
+                last = (await js.stream_info(gap_stream)).state.last_seq
+                await wait_until(lambda: position(dbs[0], gap_stream) >= last, 60, 0.1,
+                                 "node 1 to reach the newest shard-1 entry")
+                info = await save_snapshot(js, cluster, saver, dbs[0], force=True)
+                purged_through = info.positions[gap_stream]
+                await js.purge_stream(gap_stream, seq=purged_through + 1)  # the snapshot closes this gap
+                await asyncio.to_thread(nats_cluster.processes[server].start)
+                await asyncio.to_thread(nats_cluster.processes[server].wait_listening, "127.0.0.1",
+                                        nats_cluster.configs[server].client_port)
+            finally:
+                nodes[2].signal(signal.SIGCONT)
+
+            async def restored_or_caught_up() -> bool:
+                if nodes[2].restores_logged() > before:
+                    return True
+                return position(dbs[2], gap_stream) >= purged_through  # it had everything before the purge
+
+            await wait_until(restored_or_caught_up, 120, 0.2, "node 3 to restore or catch up")
+            if nodes[2].restores_logged() > before:
+                restores += 1
+        assert restores >= RESTORES_WANTED, f"only {restores} restore(s) in {rounds} rounds"
+        for w in writers:
+            w.stop_event.set()
+            w.join(30)
+            assert w.error is None, w.error
+        written = {i for w in writers for i in w.ids}
+
+        def converged() -> bool:
+            return len({digest(db) for db in dbs}) == 1
+
+        try:
+            await wait_until(converged, 120, 0.5, "all three databases to converge")
+        finally:
+            missing = {f"n{k + 1}": len(written - ids_in(db)) for k, db in enumerate(dbs)}
+            print(f"{restores} restores in {rounds} rounds; rows missing per node: {missing}")
+        assert missing == {"n1": 0, "n2": 0, "n3": 0}, f"rows lost after {restores} restores: {missing}"
+    finally:
+        for w in writers:
+            w.stop_event.set()
+        for n in nodes:
+            n.signal(signal.SIGCONT)
+            n.terminate()
+        for process in nats_cluster.processes:
+            if process.pid is None or process.process.poll() is not None:
+                process.start()
+        await nc.close()
