@@ -7,7 +7,8 @@ Which cluster and database, either from the spec or from the seed's flags:
     marmot-appliance snapshot restore --nats-url nats://127.0.0.1:4222 --db-path app.db --node-id 2
 
 Transfers show a progress meter on a terminal and stay quiet otherwise. `restore` is for a node
-whose runtime is stopped (a running node restores by itself when it must, see docs/snapshots.md).
+whose runtime is stopped and is refused while it runs (the lock beside the database, see
+node/db_lock.py; a running node restores by itself when it must, see docs/snapshots.md).
 """
 
 from __future__ import annotations
@@ -188,6 +189,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_restore(args: argparse.Namespace) -> int:
+    from marmot_appliance.node.db_lock import DatabaseLock
     from marmot_appliance.snapshots import restore_snapshot
 
     cluster, node, connect = _resolve(args, needs_db=True)
@@ -198,7 +200,10 @@ def run_restore(args: argparse.Namespace) -> int:
     async def work(js):
         return await restore_snapshot(js, cluster, node, db, name=args.name, show_progress=None)
 
-    info = asyncio.run(_with_jetstream(connect, work))
+    # Refused while the node runs on this database (its consumers would keep applying into the
+    # restored file from their old positions); a node starting meanwhile is refused in turn.
+    with DatabaseLock(db, "snapshot restore"):
+        info = asyncio.run(_with_jetstream(connect, work))
     print(f"restored {info.name} into {db}; the node replays from positions {_positions(info.positions)}")
     return 0
 

@@ -3,8 +3,8 @@
 Start-up order (each step's failure is a clear message and exit 1, except NATS reachability,
 which is retried while /health reports "unhealthy"):
 
-1. the database must exist, be in WAL mode and belong to this node id (`--cleanup` removes
-   bookkeeping and exits);
+1. the database must exist, be in WAL mode and belong to this node id, and no other process may
+   work on it (a lock beside it, node/db_lock.py; `--cleanup` removes bookkeeping and exits);
 2. /health and /metrics start listening (the appliance polls them while we connect);
 3. install capture (triggers, log, clock; one transaction) — before anything waits on the
    network, so writes made while NATS is slow to answer are captured and published later;
@@ -40,6 +40,7 @@ import nats.js.errors
 from marmot_appliance.errors import DatabaseStateError, MarmotError
 from marmot_appliance.node import snapshot_bridge
 from marmot_appliance.node.config import NodeConfig
+from marmot_appliance.node.db_lock import DatabaseLock
 from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.node.restore_coordinator import RestoreCoordinator
 from marmot_appliance.node.seq_map import write_seq_map
@@ -126,6 +127,7 @@ class NodeRuntime:
         self.continuous_verify: Any = None  # verify.interval_s: compares with the others on a schedule
         self._verify_task: asyncio.Task | None = None
         self.restores = RestoreCoordinator(self)
+        self._db_lock = DatabaseLock(config.db_path, f"node {self.node.name}")
         # The consumers and the publisher run on _flow_stop, which a restore sets to pause them.
         self._flow_stop = asyncio.Event()
         self._flow_tasks: list[asyncio.Task] = []
@@ -156,13 +158,24 @@ class NodeRuntime:
 
     async def run(self, stop: asyncio.Event) -> int:
         db_path = self.config.db_path
+        if not self.config.save_snapshot and db_path.exists():
+            # One process works on a database at a time: a second node, or `snapshot restore`
+            # replacing the file under this node, is refused (node/db_lock.py).
+            try:
+                self._db_lock.acquire()
+            except MarmotError:
+                self._shutdown_threads()
+                raise
         if self.config.cleanup:
-            await self.capture_db.run(_check_database, db_path)
             from marmot_appliance.replication.capture import remove_bookkeeping
 
-            await self.capture_db.run(remove_bookkeeping, str(db_path))
+            try:
+                await self.capture_db.run(_check_database, db_path)
+                await self.capture_db.run(remove_bookkeeping, str(db_path))
+            finally:
+                self._db_lock.release()
+                self._shutdown_threads()
             log.info("removed triggers, change log and bookkeeping from %s; user data untouched", db_path)
-            self._shutdown_threads()
             return 0
         try:
             self._node_id_changes = await self.capture_db.run(
@@ -492,6 +505,7 @@ class NodeRuntime:
                 except Exception as exc:  # noqa: BLE001
                     log.debug("close: %s", exc)
         self._shutdown_threads()
+        self._db_lock.release()
 
     def _shutdown_threads(self) -> None:
         self.capture_db.shutdown()
