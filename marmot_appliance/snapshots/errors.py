@@ -25,6 +25,10 @@ class SnapshotUpToDate(SnapshotSkipped):
     """The newest snapshot already reflects every position this node has applied."""
 
 
+class SnapshotBehind(SnapshotSkipped):
+    """This node is behind the newest snapshot on some stream: its copy would be worse."""
+
+
 class LeaseLostError(SnapshotError):
     """The lease expired or was taken over while saving; the save was abandoned unpublished."""
 

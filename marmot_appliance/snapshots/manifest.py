@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from marmot_appliance.snapshots.errors import SnapshotError
 
@@ -33,10 +33,39 @@ class SnapshotInfo:
     node_id: int
     generation: int  # 1, 2, 3... in manifest order; the newest has the highest
     positions: dict[str, int] = field(default_factory=dict)
+    # The saver's table selection ({"include": [...], "exclude": [...]}), the fingerprint of each
+    # table it replicated, and the tables in the file it did *not* replicate (their rows are the
+    # saver's local data, not the cluster's). None: saved by a version that did not record them.
+    selection: dict[str, list[str]] | None = None
+    tables: dict[str, str] | None = None
+    local_tables: tuple[str, ...] | None = None
 
     def covers(self, positions: dict[str, int]) -> bool:
         """True when this snapshot reflects at least `positions` on every stream."""
         return all(self.positions.get(stream, 0) >= seq for stream, seq in positions.items())
+
+    def behind(self, positions: dict[str, int]) -> dict[str, tuple[int, int]]:
+        """Streams where `positions` are below this snapshot's: stream -> (theirs, ours)."""
+        return {
+            stream: (positions.get(stream, 0), seq)
+            for stream, seq in self.positions.items()
+            if positions.get(stream, 0) < seq
+        }
+
+    def selection_problem(self, replicates: Callable[[str], bool]) -> str | None:
+        """Why a node replicating the tables `replicates` accepts must not restore this, or None.
+
+        The snapshot's rows of a table its saver did not replicate are that node's local data;
+        a restorer that replicates the table would take them for the cluster's and publish them.
+        """
+        if self.local_tables is None:
+            return (f"snapshot {self.name} was saved by a version that does not record its table selection, "
+                    "so it may hold another node's local rows")
+        foreign = sorted(name for name in self.local_tables if replicates(name))
+        if foreign:
+            return (f"snapshot {self.name} was saved by {self.node}, which does not replicate "
+                    f"{', '.join(foreign)} (its rows there are {self.node}'s local data)")
+        return None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +82,16 @@ class SnapshotInfo:
                 node_id=int(data["node_id"]),
                 generation=int(data["generation"]),
                 positions={str(k): int(v) for k, v in dict(data.get("positions") or {}).items()},
+                selection=(
+                    {str(k): [str(t) for t in v] for k, v in dict(data["selection"]).items()}
+                    if data.get("selection") is not None else None
+                ),
+                tables=(
+                    {str(k): str(v) for k, v in dict(data["tables"]).items()} if data.get("tables") is not None else None
+                ),
+                local_tables=(
+                    tuple(str(t) for t in data["local_tables"]) if data.get("local_tables") is not None else None
+                ),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SnapshotError(f"snapshot manifest entry is malformed: {exc!r}") from exc

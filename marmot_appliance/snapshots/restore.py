@@ -30,7 +30,6 @@ from typing import Any, Callable
 import nats.js.errors
 from nats.js import JetStreamContext
 
-from marmot_appliance.replication.sharding import shard_numbers
 from marmot_appliance.snapshots.dbrestore import backup_into_live, prepare_copy_for_node
 from marmot_appliance.snapshots.errors import (
     ChecksumMismatchError,
@@ -41,7 +40,7 @@ from marmot_appliance.snapshots.errors import (
 from marmot_appliance.snapshots.local_state import has_user_rows, open_readonly, pending_count, read_positions
 from marmot_appliance.snapshots.manifest import Manifest, SnapshotInfo
 from marmot_appliance.snapshots.progress import finish_progress, progress_for
-from marmot_appliance.snapshots.save import open_store, scratch_dir
+from marmot_appliance.snapshots.save import open_store, scratch_dir, stream_names
 from marmot_appliance.snapshots.store import SnapshotStore
 from marmot_appliance.spec.model import Cluster, Node
 
@@ -61,10 +60,6 @@ class RestoreDecision:
     # stream -> the lowest snapshot position that closes this node's gap on it
     required: dict[str, int] = field(default_factory=dict)
     never_replicated: bool = False
-
-
-def stream_names(cluster: Cluster) -> list[str]:
-    return [cluster.replication.stream_name(shard) for shard in shard_numbers(cluster.replication.shards)]
 
 
 async def stream_bounds(js: JetStreamContext, cluster: Cluster) -> dict[str, tuple[int, int]]:
@@ -165,6 +160,39 @@ async def _flush(flush_pending: FlushPending | None, db_path: Path) -> int:
     return pending
 
 
+def _usable(
+    candidates: list[SnapshotInfo], needed: dict[str, int], node: Node, *, named: bool
+) -> list[SnapshotInfo]:
+    """The candidates that close every gap and speak for every table this node replicates."""
+    problems: list[str] = []
+    usable = []
+    for candidate in candidates:
+        problem = candidate.selection_problem(node.tables.selects)
+        if problem is not None:
+            problems.append(problem)
+        elif not candidate.covers(needed):
+            short = {s: seq for s, seq in needed.items() if candidate.positions.get(s, 0) < seq}
+            problems.append(f"snapshot {candidate.name} reflects only "
+                            + ", ".join(f"{s}={candidate.positions.get(s, 0)}" for s in sorted(short)))
+        else:
+            usable.append(candidate)
+    if usable:
+        return usable
+    if named:
+        raise NoSnapshotError(f"snapshot {candidates[0].name} cannot be restored into node {node.name}: "
+                              + "; ".join(problems)
+                              + "".join(f"; stream {s} no longer holds entries up to {seq}"
+                                        for s, seq in sorted(needed.items())))
+    raise NoSnapshotError(
+        "this node cannot catch up: "
+        + (", ".join(f"stream {s} no longer holds entries up to {seq}" for s, seq in sorted(needed.items()))
+           or "no kept snapshot fits it")
+        + ("; " + "; ".join(problems) if problems else "")
+        + ". Save a snapshot on an up-to-date node that replicates every table this one does "
+        "(`marmot-appliance snapshot save`), then restart this one."
+    )
+
+
 def _pending_now(db_path: Path) -> int:
     return _read_local(db_path)[1]
 
@@ -207,20 +235,23 @@ async def restore_snapshot(
         if not candidates:
             known = ", ".join(s.name for s in manifest.snapshots) or "none"
             raise NoSnapshotError(f"no snapshot named {name!r} (kept snapshots: {known})")
-    if required:
-        usable = [s for s in candidates if s.covers(required)]
-        if not usable:
-            newest = manifest.newest
+    # Replay after the restore starts at the snapshot's position + 1 on *every* stream, so the
+    # snapshot must reach each stream's first retained entry - 1, not only the gapped one's:
+    # otherwise the restore itself opens a gap on another stream (issue 10, case 13).
+    needed = dict(required or {})
+    for stream, (first, _last) in (await stream_bounds(js, cluster)).items():
+        if first > 1:
+            needed[stream] = max(needed.get(stream, 0), first - 1)
+    if not candidates or store is None:
+        if required:
             raise NoSnapshotError(
                 "this node cannot catch up: "
-                + ", ".join(f"stream {s} no longer holds entries after {seq}" for s, seq in required.items())
-                + (f", and the newest snapshot ({newest.name}) reflects only {newest.positions}" if newest else
-                   ", and no snapshot was ever saved")
-                + ". Save a snapshot on an up-to-date node (`marmot-appliance snapshot save`), then restart this one."
+                + ", ".join(f"stream {s} no longer holds entries after {seq}" for s, seq in sorted(required.items()))
+                + ", and no snapshot was ever saved. Save a snapshot on an up-to-date node "
+                "(`marmot-appliance snapshot save`), then restart this one."
             )
-        candidates = usable
-    if not candidates or store is None:
         raise NoSnapshotError(f"no snapshot was ever saved in bucket {cluster.snapshot_bucket}")
+    candidates = _usable(candidates, needed, node, named=name is not None)
 
     pending = await _flush(flush_pending, db_path)
     if pending:

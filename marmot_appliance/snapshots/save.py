@@ -17,16 +17,22 @@ from pathlib import Path
 
 from nats.js import JetStreamContext
 
+from marmot_appliance.replication.sharding import shard_numbers
 from marmot_appliance.snapshots.dbcopy import consistent_copy
-from marmot_appliance.snapshots.errors import SnapshotUpToDate
+from marmot_appliance.snapshots.errors import SnapshotBehind, SnapshotUpToDate
 from marmot_appliance.snapshots.lease import SnapshotLease
 from marmot_appliance.snapshots.local_state import open_readonly, read_positions
 from marmot_appliance.snapshots.manifest import SnapshotInfo
 from marmot_appliance.snapshots.progress import finish_progress, progress_for
+from marmot_appliance.snapshots.selection import describe_tables
 from marmot_appliance.snapshots.store import SnapshotStore
 from marmot_appliance.spec.model import Cluster, Node
 
 log = logging.getLogger(__name__)
+
+
+def stream_names(cluster: Cluster) -> list[str]:
+    return [cluster.replication.stream_name(shard) for shard in shard_numbers(cluster.replication.shards)]
 
 
 def snapshot_replicas(cluster: Cluster) -> int:
@@ -64,19 +70,22 @@ async def save_snapshot(
 ) -> SnapshotInfo:
     """Save this node's database as the cluster's newest snapshot.
 
-    Raises SnapshotBusyError when another node is saving (only one saves at a time), and
+    Raises SnapshotBusyError when another node is saving (only one saves at a time),
     SnapshotUpToDate when the newest snapshot already reflects every position this node has
-    applied (unless `force`). Both are `SnapshotSkipped`: nothing was changed.
+    applied (unless `force`), and SnapshotBehind when this node is behind the newest snapshot on
+    some stream (even with `force`). All are `SnapshotSkipped`: nothing was changed.
     `show_progress`: None = a meter when stderr is a terminal, False = silent.
     """
     db_path = Path(db_path)
     store = store or await open_store(js, cluster)
+    streams = stream_names(cluster)
     async with SnapshotLease(store.lease_kv, node.name) as lease:
         manifest, revision = await store.read_manifest()
         newest = manifest.newest
-        if not force and newest is not None:
+        if newest is not None:
             positions = await asyncio.to_thread(local_positions, db_path)
-            if newest.covers(positions):
+            _refuse_if_behind(newest, positions, streams, node.name)
+            if not force and newest.covers(positions):
                 raise SnapshotUpToDate(
                     f"the newest snapshot ({newest.name}) already reflects every position this node has "
                     "applied; nothing to save (use --force to save anyway)"
@@ -85,6 +94,9 @@ async def save_snapshot(
         try:
             copy_path = scratch / "snapshot.db"
             positions = await asyncio.to_thread(consistent_copy, db_path, copy_path)
+            if newest is not None:  # the file may have moved since the check above (a restore)
+                _refuse_if_behind(newest, positions, streams, node.name)
+            tables = await asyncio.to_thread(describe_tables, copy_path, node.tables)
             generation = manifest.next_generation
             name = f"snapshot-{generation:08d}-{node.name}-{uuid.uuid4().hex[:8]}.db"
             progress = progress_for(f"uploading {name}", copy_path.stat().st_size, show_progress)
@@ -99,6 +111,9 @@ async def save_snapshot(
                 node_id=node.id,
                 generation=generation,
                 positions=positions,
+                selection=tables.selection,
+                tables=tables.replicated,
+                local_tables=tables.local,
             )
             try:
                 await store.verify_uploaded(name, size, sha)
@@ -116,6 +131,18 @@ async def save_snapshot(
         "saved snapshot %s (%d bytes, positions %s)", info.name, info.size, info.positions or "{}"
     )
     return info
+
+
+def _refuse_if_behind(newest: SnapshotInfo, positions: dict[str, int], streams: list[str], node: str) -> None:
+    """A snapshot behind the newest on any stream would become the newest and push a better one
+    out of `keep`; a node restoring it would find entries gone (issue 10, case 13)."""
+    behind = {s: seqs for s, seqs in newest.behind(positions).items() if s in streams}
+    if behind:
+        detail = ", ".join(f"{s} at {mine} < {theirs}" for s, (mine, theirs) in sorted(behind.items()))
+        raise SnapshotBehind(
+            f"node {node} is behind the newest snapshot ({newest.name}) on {detail}; "
+            "not saving (a snapshot is saved only by a node at or past the newest one on every stream)"
+        )
 
 
 async def _delete_quietly(store: SnapshotStore, name: str) -> None:
