@@ -23,9 +23,11 @@ import threading
 from pathlib import Path
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 
-from marmot_appliance.natsd.process import fetch_monitor_json
+from marmot_appliance.natsd.process import fetch_monitor_json, wait_for_meta_leader
 from marmot_appliance.node.config import config_from_flags
 from marmot_appliance.snapshots import save_snapshot
 from tests.harness import free_ports
@@ -105,6 +107,18 @@ def server_of(cluster, client_name: str) -> int | None:
     return None
 
 
+async def settled(request, timeout_s: float = 60.0):
+    """A JetStream request, repeated while the cluster elects a leader after a server stopped."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            return await request()
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 def position(db: Path, stream: str) -> int:
     conn = sqlite3.connect(db, timeout=30)
     try:
@@ -154,15 +168,18 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
             try:
                 await asyncio.to_thread(nats_cluster.processes[server].stop)
                 await asyncio.sleep(OUTAGE_S)
-                last = (await js.stream_info(gap_stream)).state.last_seq
+                last = (await settled(lambda: js.stream_info(gap_stream))).state.last_seq
                 await wait_until(lambda: position(dbs[0], gap_stream) >= last, 60, 0.1,
                                  "node 1 to reach the newest shard-1 entry")
-                info = await save_snapshot(js, cluster, saver, dbs[0], force=True)
+                info = await settled(lambda: save_snapshot(js, cluster, saver, dbs[0], force=True))
                 purged_through = info.positions[gap_stream]
-                await js.purge_stream(gap_stream, seq=purged_through + 1)  # the snapshot closes this gap
+                # The snapshot closes this gap.
+                await settled(lambda: js.purge_stream(gap_stream, seq=purged_through + 1))
                 await asyncio.to_thread(nats_cluster.processes[server].start)
                 await asyncio.to_thread(nats_cluster.processes[server].wait_listening, "127.0.0.1",
                                         nats_cluster.configs[server].client_port)
+                await asyncio.to_thread(wait_for_meta_leader,
+                                        [("127.0.0.1", c.monitor_port) for c in nats_cluster.configs])
             finally:
                 nodes[2].signal(signal.SIGCONT)
 
