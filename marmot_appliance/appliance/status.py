@@ -141,6 +141,12 @@ def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
                     f"    diverged: table {table}: {found.get('keys')} key(s) differ between nodes "
                     f"(since {_ago(found.get('since'))}; e.g. {keys or '-'}); run `marmot-appliance repair`"
                 )
+            for stream, reset in sorted((body.get("stream_resets") or {}).items()):
+                reset = reset if isinstance(reset, dict) else {}
+                lines.append(
+                    f"    stream reset: {stream} ({_ago(reset.get('at'))}): {reset.get('reason')}; "
+                    f"replayed from 0, {reset.get('republished_rows', 0)} own row(s) re-published"
+                )
             for stream, gap in sorted((body.get("gaps") or {}).items()):
                 gap = gap if isinstance(gap, dict) else {}
                 lines.append(

@@ -87,6 +87,7 @@ NODE_METRICS = (
 LABELLED_NODE_METRICS = (
     ("errors", "counter", "Errors by kind"),
     ("stream_lag", "gauge", "Stream entries not yet applied"),
+    ("stream_resets", "counter", "Shard streams found re-created (positions reset)"),
     ("stream_gap_entries", "gauge", "Entries retention dropped before this node applied them (0: no gap)"),
     ("apply_blocked", "gauge", "1 while a stream waits for the database to accept writes"),
 )
@@ -133,6 +134,7 @@ class NodeRuntime:
         self._flow_tasks: list[asyncio.Task] = []
         self._last_seq_map: dict[str, int] | None = None
         self._closing = False
+        self._republished_at: float | None = None  # time.monotonic() of the last re-publish (stream reset)
         self._node_id_changes = False  # the database was another node id's (--allow-node-id-change)
         self._part_failed = asyncio.Event()  # a runtime part (consumer, publisher, ...) died
 
@@ -341,6 +343,7 @@ class NodeRuntime:
                     self.js, self.applier, self.apply_db, stream, self.replication.subject(shard), self.node.id,
                     self.metrics, self.status, positions.get(stream, 0), own_publishes=self.own_publishes,
                     on_truncated=self._on_truncated, on_replaced=self.restores.request_adopt,
+                    on_reset=self._on_stream_reset,
                 )
                 self.consumers.append(consumer)
         self._start_flow()
@@ -667,6 +670,22 @@ class NodeRuntime:
         return self.restores.request_restore(
             stream, f"stream {stream}: entries {expected}..{available - 1} are gone before this node applied them"
         )
+
+    async def _on_stream_reset(self, stream: str, reason: str, previous: int) -> None:
+        """A consumer found its stream re-created and replays it from 0. Entries of the old
+        instance that some node never applied are gone with it, so every node re-publishes the
+        newest version of each row it originated (last writer wins makes the copies harmless)."""
+        self.metrics.inc("stream_resets", help="Shard streams found re-created (positions reset)", stream=stream)
+        republished = 0
+        if self.node.publish and (self._republished_at is None or time.monotonic() - self._republished_at > 60):
+            self._republished_at = time.monotonic()  # once for all shards reset together
+            republished = await self.capture_db.run(self.capture.relog_own_rows)
+            log.warning("re-publishing %d row(s) this node wrote, after %s", republished, reason)
+            if self.wakeup is not None:
+                self.wakeup.notify()
+        self.status.stream_resets[stream] = {
+            "at": time.time(), "reason": reason, "previous_position": previous, "republished_rows": republished,
+        }
 
     def saving_blocked(self) -> str | None:
         """Why this node must not save a snapshot now (a restore, or a gap: its positions on that

@@ -40,6 +40,9 @@ class RuntimeStatus:
     # copies differ in a way lag does not explain, and only `repair` settles it.
     diverged: dict[str, dict] = field(default_factory=dict)
     verify: dict = field(default_factory=dict)  # the last check: {"checked_at", "result", "unreachable"}
+    # stream -> the last reset of its position (a re-created stream): {"at", "reason",
+    # "previous_position", "republished_rows"}. Reported, not unhealthy: the node handled it.
+    stream_resets: dict[str, dict] = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
@@ -65,6 +68,7 @@ class RuntimeStatus:
             "applied": dict(self.applied),
             "pending_rows": self.pending_rows,
             "failed_parts": dict(self.failed_parts),
+            "stream_resets": {stream: dict(reset) for stream, reset in self.stream_resets.items()},
             "gaps": {
                 stream: {**gap, "recovery": self.gap_recovery.get(stream)} for stream, gap in self.gaps.items()
             },

@@ -295,6 +295,35 @@ class BatchApplier:
             self._parked_checked_schema = None
             return self.positions()
 
+    def stream_instance(self, stream: str) -> str | None:
+        """The stream instance this file's position on `stream` counts in (None: not recorded)."""
+        row = self._conn.execute(
+            f"SELECT instance FROM {quote_ident(bk.STREAM_INSTANCES_TABLE)} WHERE stream = ?", (stream,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    def record_stream_instance(self, stream: str, instance: str) -> None:
+        with write_transaction(self._conn):
+            self._set_stream_instance(stream, instance)
+
+    def reset_stream(self, stream: str, instance: str) -> int:
+        """The stream was re-created (or lost entries below our position): its position starts
+        again at 0 in `instance`, in one transaction. Returns the position it had."""
+        with write_transaction(self._conn):
+            row = self._conn.execute(
+                f"SELECT seq FROM {quote_ident(POSITIONS_TABLE)} WHERE stream = ?", (stream,)
+            ).fetchone()
+            self._write_positions({stream: 0})
+            self._set_stream_instance(stream, instance)
+        return 0 if row is None else int(row[0])
+
+    def _set_stream_instance(self, stream: str, instance: str) -> None:
+        self._conn.execute(
+            f"INSERT INTO {quote_ident(bk.STREAM_INSTANCES_TABLE)} (stream, instance) VALUES (?, ?) "
+            "ON CONFLICT (stream) DO UPDATE SET instance = excluded.instance",
+            (stream, instance),
+        )
+
     def positions(self) -> dict[str, int]:
         return {
             stream: int(seq)

@@ -24,6 +24,9 @@ Objects:
                          applier's last-writer-wins check compares against. Deletes stay here as
                          tombstones.
   _marmot_positions      applied position per stream (same transaction as the rows).
+  _marmot_stream_instances  which instance of each stream the positions count in (the stream's
+                         creation time as JetStream reports it): a re-created stream starts its
+                         sequences at 1 again, so old positions would drop its messages.
   _marmot_dead_letters   messages that could not be decoded or applied.
   _marmot_parked         rows for tables/columns this node does not have yet.
   _marmot_held           rows whose version lies further ahead of this node's clock than
@@ -65,7 +68,11 @@ META_DATABASE_EPOCH = "database_epoch"
 # Columns of the versions table after the key columns k0..kN.
 _VERSION_COLUMNS = ("version", "origin", "deleted")
 
+STREAM_INSTANCES_TABLE = BOOKKEEPING_PREFIX + "stream_instances"
+
 _FIXED_DDL = (
+    f"CREATE TABLE IF NOT EXISTS {quote_ident(STREAM_INSTANCES_TABLE)} ("
+    "stream TEXT PRIMARY KEY, instance TEXT NOT NULL)",
     f"CREATE TABLE IF NOT EXISTS {quote_ident(CLOCK_TABLE)} ("
     "id INTEGER PRIMARY KEY CHECK (id = 0), hlc INTEGER NOT NULL)",
     f"INSERT OR IGNORE INTO {quote_ident(CLOCK_TABLE)} (id, hlc) VALUES (0, 0)",
@@ -123,7 +130,7 @@ def ensure_bookkeeping(conn: sqlite3.Connection) -> None:
     # not bump schema_version, but checking first keeps this a pure read in the common case.
     wanted = (
         CLOCK_TABLE, MARKER_TABLE, META_TABLE, LAYOUTS_TABLE, POSITIONS_TABLE, DEAD_LETTER_TABLE, PARKED_TABLE,
-        HELD_TABLE,
+        HELD_TABLE, STREAM_INSTANCES_TABLE,
     )
     present = {
         row[0]

@@ -734,6 +734,48 @@ class ChangeCapture:
                     logged += self._log_current_rows(self._conn, layout, int(layout_id), None)
         return logged
 
+    def relog_own_rows(self) -> int:
+        """Log again the newest version of every row this node originated (upserts and
+        tombstones), with its original version, so it is published once more.
+
+        After a stream was re-created its old entries are gone, and a node that had not applied
+        some of them never will: each node re-publishing what it wrote closes that. Receivers
+        compare versions, so rows they have already change nothing. Returns the rows logged.
+        """
+        logged = 0
+        with write_transaction(self._conn):
+            bk.fold_pending(self._conn)  # pending rows are in the versions tables (and kept)
+            for name, layout in self._captured.items():
+                layout_id = bk.get_meta(self._conn, _active_layout_key(name))
+                if layout_id is None:
+                    continue
+                logged += self._relog_own(self._conn, layout, int(layout_id))
+        return logged
+
+    def _relog_own(self, conn: sqlite3.Connection, layout: TableLayout, layout_id: int) -> int:
+        log_table = quote_ident(bk.log_table_name(layout.name))
+        ver = quote_ident(bk.versions_table_name(layout.name))
+        keys = [quote_ident(bk.key_column(i)) for i in range(len(layout.primary_key))]
+        key_match = " AND ".join(
+            f"v.{key} = t.{quote_ident(col)}" for key, col in zip(keys, layout.primary_key)
+        )
+        all_values = ", ".join(quote_ident(bk.value_column(i)) for i in range(len(layout.columns)))
+        row_values = ", ".join(f"t.{quote_ident(col)}" for col in layout.columns)
+        upserts = conn.execute(
+            f"INSERT OR IGNORE INTO {log_table} (id, layout, op, {all_values}) "
+            f"SELECT v.version, ?, {bk.OP_UPSERT}, {row_values} FROM {quote_ident(layout.name)} AS t "
+            f"JOIN {ver} AS v ON {key_match} WHERE v.origin = ? AND v.deleted = 0",
+            (layout_id, self.node_id),
+        ).rowcount
+        key_values = ", ".join(quote_ident(bk.value_column(layout.columns.index(col))) for col in layout.primary_key)
+        deletes = conn.execute(
+            f"INSERT OR IGNORE INTO {log_table} (id, layout, op, {key_values}) "
+            f"SELECT v.version, ?, {bk.OP_DELETE}, {', '.join('v.' + key for key in keys)} FROM {ver} AS v "
+            "WHERE v.origin = ? AND v.deleted = 1",
+            (layout_id, self.node_id),
+        ).rowcount
+        return max(upserts, 0) + max(deletes, 0)
+
     def discard_unpublished(self) -> int:
         """For a node that does not publish (`publish: false`): empty the change log.
 

@@ -17,6 +17,9 @@ crash at any instant neither loses nor doubles an effect. Per message:
 * the database was replaced underneath (applier.DatabaseReplacedError, the position fence):
   nothing was written; the consumer holds and tells the runtime (`on_replaced`), which adopts
   the file and restarts every consumer from its positions;
+* before each subscription (and at idle checks): a stream that is another instance than the one
+  the position counts in (re-created), or that ends below the position, resets the position to
+  0 in the new instance (`_check_instance`, reported through `on_reset`);
 * undecodable payload or a permanent apply error: dead-lettered with the reason, replication
   continues;
 * SQLITE_BUSY / locked and other transient errors: retried with bounded exponential backoff.
@@ -43,6 +46,7 @@ from marmot_appliance.errors import DatabaseStateError
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication import codec
 from marmot_appliance.replication.applier import DatabaseReplacedError
+from marmot_appliance.replication.streams import stream_instance
 from marmot_appliance.replication.payload_bounds import MAX_KEPT_PAYLOAD_BYTES
 from marmot_appliance.replication.sqlite_util import is_environment_error
 from marmot_appliance.replication.types import ChangeBatch
@@ -82,6 +86,7 @@ BLOCKED_AFTER_ATTEMPTS = 10
 
 TruncationHandler = Callable[[str, int, int], Awaitable[bool]]
 ReplacedHandler = Callable[[str], None]
+ResetHandler = Callable[[str, str, int], Awaitable[None]]  # (stream, reason, previous position)
 
 
 def _row_count(batch: "ChangeBatch | codec.GroupedBatch") -> int:
@@ -136,6 +141,7 @@ class ShardConsumer:
         own_publishes: Any = None,
         on_truncated: TruncationHandler | None = None,
         on_replaced: ReplacedHandler | None = None,
+        on_reset: ResetHandler | None = None,
     ):
         self.js = js
         self.applier = applier
@@ -149,8 +155,10 @@ class ShardConsumer:
         self.own_publishes = own_publishes
         self.on_truncated = on_truncated
         self.on_replaced = on_replaced
+        self.on_reset = on_reset
         self.holding: str | None = None  # why this consumer applies nothing until restart_from
         self.gap: tuple[int, int] | None = None  # (first, last) entry gone before we applied it
+        self._instance: str | None = None  # the stream instance checked at the last subscribe
         self._gap_retry_at = 0.0  # time.monotonic() when a held gap is looked at again
         self._unsaved_own_seq: int | None = None  # own messages skipped, position not yet stored
         self._own_position_saved_at = 0.0  # time.monotonic() of the last _save_own_position
@@ -186,6 +194,7 @@ class ShardConsumer:
                 self.holding = None  # look at the gap again (it stays open until it is closed)
             sub = None
             try:
+                await self._check_instance()
                 sub = await self._subscribe()
                 await self._consume(sub, stop)
                 self._failures = 0
@@ -233,8 +242,9 @@ class ShardConsumer:
                     return
                 await self._save_own_position()
                 lagging = await self._lagging()
-                if self.holding is not None:
-                    return  # the idle check found a gap
+                if self.holding is not None or self._restart_requested:
+                    self._restart_requested = False
+                    return  # the idle check found a gap, or a re-created stream
                 if lagging:
                     idle_checks += 1
                     if idle_checks >= STALL_CHECKS:
@@ -306,6 +316,9 @@ class ShardConsumer:
         except Exception:  # noqa: BLE001 - reported by the NATS connection state
             return False
         first, last = int(info.state.first_seq or 0), int(info.state.last_seq or 0)
+        if last < self.position or self._instance not in (None, stream_instance(info)):
+            self._restart_requested = True  # a new stream instance: _check_instance resets us
+            return False
         behind = max(0, last - self.position)
         self._set_lag(behind)
         if behind and first > self.position + 1:
@@ -501,6 +514,46 @@ class ShardConsumer:
                 self._unsaved_own_seq = None
         except Exception as exc:  # noqa: BLE001 - retried at the next idle moment; re-delivery is harmless
             log.debug("stream %s: position %d not stored yet (%s)", self.stream, seq, exc)
+
+    async def _check_instance(self) -> bool:
+        """Before subscribing: is the stream still the instance our position counts in?
+
+        A stream deleted and re-created (JetStream's store lost, `destroy --purge` then `apply`)
+        starts again at sequence 1; with the old position its first messages would be dropped as
+        duplicates. So a different instance, or a stream that ends below our position, is a
+        reset: the position starts again at 0 in the new instance (one transaction), and the
+        runtime is told (it reports it and re-publishes this node's own rows). True on a reset.
+        """
+        info = await self.js.stream_info(self.stream)
+        instance = stream_instance(info)
+        last = int(info.state.last_seq or 0)
+        stored = await self.db.run(self.applier.stream_instance, self.stream)
+        reason = None
+        if instance is not None and stored is not None and stored != instance:
+            reason = f"stream {self.stream} was re-created (instance {stored} -> {instance})"
+        elif last < self.position:
+            reason = (f"stream {self.stream} ends at entry {last} but this node applied up to {self.position} "
+                      "(its store was lost or replaced)")
+        if reason is None:
+            if instance is not None and stored != instance:
+                await self.db.run(self.applier.record_stream_instance, self.stream, instance)
+            self._instance = instance
+            return False
+        previous = await self.db.run(self.applier.reset_stream, self.stream, instance or stored or "")
+        log.error("%s: position reset from %d to 0; replaying it from the start", reason, previous)
+        self.metrics.inc("errors", kind="stream_reset", help="Errors by kind")
+        self.position = 0
+        self._instance = instance
+        self._unsaved_own_seq = None
+        self.gap = None
+        self.status.gaps.pop(self.stream, None)
+        self.status.applied[self.stream] = 0
+        if self.own_publishes is not None:
+            # Sequences acknowledged in the old instance would match new messages by number.
+            self.own_publishes.forget_below(self.stream, 2**63)
+        if self.on_reset is not None:
+            await self.on_reset(self.stream, reason, previous)
+        return True
 
     async def _truncated(self, seq: int) -> bool:
         """Entries position+1 .. seq-1 are gone. Never applies past them: the consumer holds,

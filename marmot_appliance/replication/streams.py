@@ -110,6 +110,15 @@ async def wait_for_stream_leader(js: JetStreamContext, stream: str, timeout_s: f
         await asyncio.sleep(0.05)
 
 
+def stream_instance(info: StreamInfo) -> str | None:
+    """Which incarnation of a stream this is: its creation time as JetStream records it (the
+    same on every server and across restarts; a deleted and re-created stream gets a new one)."""
+    created = getattr(info, "created", None)
+    if created is None:
+        return None
+    return created.isoformat() if hasattr(created, "isoformat") else str(created)
+
+
 def is_settling_error(exc: BaseException) -> bool:
     """A JetStream request that may well succeed if repeated (a cluster still settling)."""
     if isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError)):
