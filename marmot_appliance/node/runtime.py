@@ -67,6 +67,8 @@ PUBLISH_ASYNC_WINDOW = 1024
 FATAL_STREAM_ERRORS = ("insufficient resources", "replicas", "subjects overlap", "exists with subjects")
 
 
+GAPS_HELP = "Shard streams with entries gone before this node applied them (no snapshot closed it yet)"
+
 # Every family a node exports, present from start-up (labelled ones gain labels as they occur).
 NODE_METRICS = (
     ("rows_published", "counter", "Rows acknowledged by JetStream"),
@@ -80,7 +82,7 @@ NODE_METRICS = (
     ("dead_letters_truncated", "counter", "Dead letters whose payload was cut to the kept maximum"),
     ("runs_split", "counter", "Publisher runs applied before their end arrived"),
     ("pending_rows", "gauge", "Captured rows not yet acknowledged"),
-    ("gaps", "gauge", "Shard streams with entries gone before this node applied them (no snapshot closed it yet)"),
+    ("gaps", "gauge", GAPS_HELP),
     ("snapshot_restores", "counter", "Snapshots restored while the node was running"),
     ("snapshot_restore_in_progress", "gauge", "1 while a snapshot restore is pending or running on this node"),
 )
@@ -148,8 +150,7 @@ class NodeRuntime:
         return health
 
     def _refresh_gauges(self) -> None:
-        self.metrics.set("gaps", len(self.status.gaps),
-                         help="Shard streams with entries gone before this node applied them (no snapshot closed it yet)")
+        self.metrics.set("gaps", len(self.status.gaps), help=GAPS_HELP)
         if self.snapshot_scheduler is not None:
             self.status.last_snapshot = getattr(self.snapshot_scheduler, "last_snapshot", None)
         if self.status.last_snapshot:
@@ -708,7 +709,12 @@ class NodeRuntime:
 def _check_database(path: Path, node_id: int | None = None, allow_node_id_change: bool = False) -> bool:
     """The database must exist, be in WAL mode and belong to this node id (checked without
     changing anything). True when it belongs to another id and the operator allowed the change."""
-    from marmot_appliance.replication.capture import NodeIdChangeError, database_owner, node_id_change_message, require_wal
+    from marmot_appliance.replication.capture import (
+        NodeIdChangeError,
+        database_owner,
+        node_id_change_message,
+        require_wal,
+    )
 
     if not path.exists():
         raise DatabaseStateError(f"database {path} does not exist (create it, in WAL mode, first)")
