@@ -654,11 +654,11 @@ class NodeRuntime:
                 "snapshots are disabled on this node: an operator must restore one (docs/replication.md, 'Gaps')"
             )
             return False
-        required = {stream: available - 1}
         try:
-            covering = await snapshot_bridge.snapshot_covering(self, required)
+            needed = await snapshot_bridge.snapshot_needed(self, {stream: available - 1})
+            covering = await snapshot_bridge.snapshot_covering(self, needed)
             if covering is None:
-                await snapshot_bridge.request_snapshot(self, required)
+                await snapshot_bridge.request_snapshot(self, needed)
                 self.status.gap_recovery[stream] = (
                     f"no kept snapshot reflects {stream} up to {available - 1}; asked the cluster for one"
                 )

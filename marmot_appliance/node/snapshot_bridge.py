@@ -48,8 +48,20 @@ async def restore_would_replace_new_database(runtime: Any) -> bool:
     return bool(decision.needed and decision.never_replicated)
 
 
-async def snapshot_covering(runtime: Any, required: dict[str, int]) -> str | None:
-    """The name of the newest kept snapshot reflecting at least `required`, or None."""
+async def snapshot_needed(runtime: Any, required: dict[str, int]) -> dict[str, int]:
+    """What a snapshot must reflect to be restorable here: `required`, and on every stream the
+    entry before its first retained one (the restore's own rule, snapshots/restore.py)."""
+    from marmot_appliance.snapshots.restore import stream_bounds
+
+    needed = dict(required)
+    for stream, (first, _last) in (await stream_bounds(runtime.js, runtime.cluster)).items():
+        if first > 1:
+            needed[stream] = max(needed.get(stream, 0), first - 1)
+    return needed
+
+
+async def snapshot_covering(runtime: Any, needed: dict[str, int]) -> str | None:
+    """The name of a kept snapshot this node may restore that reflects at least `needed`, or None."""
     from marmot_appliance.snapshots.errors import NoSnapshotError
     from marmot_appliance.snapshots.save import open_store
 
@@ -59,19 +71,19 @@ async def snapshot_covering(runtime: Any, required: dict[str, int]) -> str | Non
         return None
     manifest, _revision = await store.read_manifest()
     for info in manifest.snapshots:
-        if info.covers(required):
+        if info.covers(needed) and info.selection_problem(runtime.node.tables.selects) is None:
             return info.name
     return None
 
 
-async def request_snapshot(runtime: Any, required: dict[str, int]) -> None:
-    """Ask the cluster for a snapshot reflecting `required` (any node whose positions cover it
+async def request_snapshot(runtime: Any, needed: dict[str, int]) -> None:
+    """Ask the cluster for a snapshot reflecting `needed` (any node whose positions cover it
     saves one; see snapshots/requests.py)."""
     from marmot_appliance.snapshots.requests import request_snapshot as write_request
     from marmot_appliance.snapshots.save import open_store
 
     store = await open_store(runtime.js, runtime.cluster)
-    await write_request(store, runtime.node.name, required)
+    await write_request(store, runtime.node.name, needed)
 
 
 def start_scheduler(runtime: Any) -> Any | None:
