@@ -76,5 +76,11 @@ def connect_kwargs(cluster: Cluster, node: Node | None, state_dir: Path | None =
     tls = cluster.nats.tls
     if tls:
         context = ssl.create_default_context(cafile=tls.ca) if tls.ca else ssl.create_default_context()
+        if tls.verify_clients:
+            # The servers demand a client certificate: present the node's own (cert + key).
+            try:
+                context.load_cert_chain(tls.cert, tls.key)
+            except (OSError, ssl.SSLError) as exc:
+                raise MarmotError(f"cannot load the client certificate {tls.cert} / {tls.key}: {exc}") from exc
         kwargs["tls"] = context
     return kwargs

@@ -6,6 +6,7 @@ stopped by PID on teardown, also when the test failed.
 
 from __future__ import annotations
 
+import secrets
 import socket
 import sqlite3
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class NatsCluster:
     root: Path
     configs: list[ServerConfig] = field(default_factory=list)
     processes: list[NatsServerProcess] = field(default_factory=list)
+    route_password: str = ""
 
     @property
     def urls(self) -> list[str]:
@@ -50,6 +52,7 @@ class NatsCluster:
         return [p.pid for p in self.processes if p.pid]
 
     def start(self, size: int, user: str | None = None, password: str | None = None) -> "NatsCluster":
+        self.route_password = secrets.token_urlsafe(16)
         ports = free_ports(size * 3)
         clustered = size > 1
         for i in range(size):
@@ -65,6 +68,9 @@ class NatsCluster:
                     store_dir=str(self.root / f"s{i + 1}" / "js"),
                     user=user,
                     password=password,
+                    # Routes always carry their own secret, as in every rendered config.
+                    route_user="route" if clustered else None,
+                    route_password=self.route_password if clustered else None,
                 )
             )
         for cfg in self.configs:

@@ -139,7 +139,7 @@ def test_supervisor_kills_what_ignores_sigterm(tmp_path: Path):
 # -- plan ---------------------------------------------------------------------------------------
 
 
-CREDS = ServerCredentials(user="marmot", password="p" * 40)
+CREDS = ServerCredentials(user="marmot", password="p" * 40, route_user="marmot-route", route_password="r" * 40)
 
 
 def _records_for(desired, running_pid: int = 1) -> RecordedState:
@@ -219,6 +219,7 @@ def test_plan_output_never_contains_the_password(spec: Path):
     plan = compute_plan("local", state.root, desired, RecordedState("local"), False)
     for text in (render_plan_text(plan), render_plan_json(plan), repr(plan), repr(desired)):
         assert CREDS.password not in text
+        assert CREDS.route_password not in text
 
 
 # -- databases ----------------------------------------------------------------------------------

@@ -32,7 +32,9 @@ def local_cluster(size: int = 3, auth: str = "generated", host: str = "127.0.0.1
     return Cluster(name="shop", nodes=nodes, nats=NatsSettings(auth=NatsAuth(mode=auth)))
 
 
-CREDS = ServerCredentials(user="marmot", password="s3cret-Pass_word")
+CREDS = ServerCredentials(
+    user="marmot", password="s3cret-Pass_word", route_user="marmot-route", route_password="r0ute-Secret"
+)
 
 
 def test_routes_point_at_every_other_node(tmp_path: Path):
@@ -64,13 +66,17 @@ def test_auth_none_ignores_credentials(tmp_path: Path):
     cluster = local_cluster(3, auth="none")
     cfg = server_config_for(cluster, cluster.nodes[0], str(tmp_path / "js"), CREDS)
     assert cfg.user is None and cfg.password is None
-    assert "authorization" not in render_server_config(cfg)
+    text = render_server_config(cfg)
+    assert "authorization" not in text[: text.index("cluster {")]  # only the routes authenticate
 
 
 def test_missing_credentials_is_a_clear_error(tmp_path: Path):
     cluster = local_cluster(3)
-    with pytest.raises(MarmotError, match="no credentials"):
+    with pytest.raises(MarmotError, match="no route credentials"):
         server_config_for(cluster, cluster.nodes[0], str(tmp_path / "js"), None)
+    single = local_cluster(1)
+    with pytest.raises(MarmotError, match="no credentials"):
+        server_config_for(single, single.nodes[0], str(tmp_path / "js"), None)
 
 
 def test_remote_nodes_listen_on_their_advertised_address(tmp_path: Path):

@@ -149,8 +149,8 @@ def test_ambiguous_value_in_auth_shorthand():
 
 
 def test_empty_value_where_string_expected():
-    problem = single_problem(MINIMAL + "deploy:\n  ssh_user:\n")
-    assert problem.startswith("spec.yaml:9:12: $.deploy.ssh_user: empty value")
+    problem = single_problem(MINIMAL + "deploy:\n  install_dir:\n")
+    assert problem.startswith("spec.yaml:9:15: $.deploy.install_dir: empty value")
 
 
 def test_duplicate_keys_are_located_at_the_second_key():

@@ -4,10 +4,14 @@ Generated credentials are a random password (`secrets`) for the spec's auth user
 `<state_dir>/secrets/nats-credentials.json` (file 0600, directory 0700) in the shape
 `nats_client.read_generated_credentials` reads, so node runtimes, `status` and `snapshot`
 connect with them. They are created once and reused, so a second apply changes nothing.
+
+The route secret (`secrets/nats-route.json`) is generated the same way in every auth mode, `none`
+included: routes never accept the clients' credential, and only server configs carry it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -22,8 +26,42 @@ from marmot_appliance.spec.model import Cluster
 PASSWORD_BYTES = 32  # token_urlsafe: [A-Za-z0-9_-], safe inside route URLs without escaping
 
 
+ROUTE_CREDENTIALS_FILE = "secrets/nats-route.json"  # {"user": ..., "password": ...}
+ROUTE_USER = "marmot-route"
+
+
 def credentials_path(state: StateDir) -> Path:
     return state.root / CREDENTIALS_FILE
+
+
+def route_credentials_path(state: StateDir) -> Path:
+    return state.root / ROUTE_CREDENTIALS_FILE
+
+
+def ensure_route_credentials(state: StateDir) -> tuple[str, str]:
+    """The route secret (created on first use, in every auth mode): only servers hold it."""
+    path = route_credentials_path(state)
+    existing = existing_route_credentials(state)
+    if existing is not None:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return existing
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    password = secrets.token_urlsafe(PASSWORD_BYTES)
+    _write(path, ROUTE_USER, password)
+    return ROUTE_USER, password
+
+
+def existing_route_credentials(state: StateDir) -> tuple[str, str] | None:
+    path = route_credentials_path(state)
+    try:
+        data = json.loads(path.read_text())
+        return str(data["user"]), str(data["password"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ApplianceError(f"route credentials at {path} are unreadable: {exc}") from exc
 
 
 def ensure_generated_credentials(state: StateDir, user: str) -> ServerCredentials:
@@ -52,23 +90,31 @@ def _write(path: Path, user: str, password: str) -> None:
 def existing_credentials(cluster: Cluster, state: StateDir) -> ServerCredentials | None:
     """Credentials as they are now, without creating anything (for `plan`).
 
-    None when auth is off, or when generated credentials do not exist yet (apply will create
-    them; every server is then new anyway).
+    None when a secret apply would generate does not exist yet (every server is then new anyway).
     """
+    route = existing_route_credentials(state)
+    if route is None:
+        return None
     auth = cluster.nats.auth
     if auth.mode == "generated":
         if not credentials_path(state).exists():
             return None
         user, password = read_generated_credentials(state.root)
-        return ServerCredentials(user=auth.user, password=password)
-    return credentials_from_spec(cluster)
+        client = ServerCredentials(user=auth.user, password=password)
+    else:
+        client = credentials_from_spec(cluster) or ServerCredentials()
+    return dataclasses.replace(client, route_user=route[0], route_password=route[1])
 
 
-def credentials_for_apply(cluster: Cluster, state: StateDir) -> ServerCredentials | None:
-    """Credentials the servers are configured with, generating them when the spec asks to."""
+def credentials_for_apply(cluster: Cluster, state: StateDir) -> ServerCredentials:
+    """Credentials the servers are configured with, generating what the spec asks for and
+    the route secret (always)."""
     if cluster.nats.auth.mode == "generated":
-        return ensure_generated_credentials(state, cluster.nats.auth.user)
-    return credentials_from_spec(cluster)
+        client = ensure_generated_credentials(state, cluster.nats.auth.user)
+    else:
+        client = credentials_from_spec(cluster) or ServerCredentials()
+    route_user, route_password = ensure_route_credentials(state)
+    return dataclasses.replace(client, route_user=route_user, route_password=route_password)
 
 
 def credentials_from_spec(cluster: Cluster) -> ServerCredentials | None:

@@ -1,13 +1,14 @@
 """Preflight for the nodes' SQLite databases, before any process starts.
 
-A missing database is created empty in WAL mode (with its directory), so the quick start
-works from an empty checkout. An existing database is never modified: if it is not in WAL
+A missing database is created empty in WAL mode (with its directory), mode 0600, so the quick
+start works from an empty checkout. An existing database is never modified: if it is not in WAL
 mode apply stops with the command that fixes it, because switching journal modes under a
 running application is the operator's decision.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -31,8 +32,17 @@ def _journal_mode(path: Path) -> str:
     return "wal" if header[18] == 2 and header[19] == 2 else "rollback"
 
 
+DATABASE_MODE = 0o600  # the rows are the application's data: owner only (SQLite gives -wal/-shm the same)
+
+
 def create_wal_database(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Create the file ourselves with the mode we want: sqlite3 would create it 0644 (umask).
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, DATABASE_MODE)
+    try:
+        os.fchmod(fd, DATABASE_MODE)  # an empty file left behind may have had another mode
+    finally:
+        os.close(fd)
     conn = sqlite3.connect(path, timeout=10.0)
     try:
         conn.execute("PRAGMA journal_mode=WAL")

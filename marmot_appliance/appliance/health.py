@@ -18,7 +18,7 @@ from marmot_appliance.appliance.errors import UnhealthyError
 from marmot_appliance.appliance.progress import Progress
 from marmot_appliance.appliance.state import ProcessRecord
 from marmot_appliance.appliance.supervisor import is_running, log_tail
-from marmot_appliance.natsd.from_spec import listen_host
+from marmot_appliance.natsd.from_spec import listen_host, monitor_probe_host
 from marmot_appliance.natsd.process import jetstream_meta_leader
 from marmot_appliance.spec.model import Cluster, Node
 
@@ -82,9 +82,9 @@ def fetch_node_health(cluster: Cluster, node: Node, timeout_s: float = HTTP_TIME
     return NodeHealth(status, body if isinstance(body, dict) else None)
 
 
-def nats_server_healthz(node: Node, timeout_s: float = HTTP_TIMEOUT_S) -> bool:
+def nats_server_healthz(cluster: Cluster, node: Node, timeout_s: float = HTTP_TIMEOUT_S) -> bool:
     """The server's own /healthz: JetStream enabled and current with the meta group."""
-    url = _url(listen_host(node), node.ports.monitor, "/healthz")
+    url = _url(monitor_probe_host(cluster, node), node.ports.monitor, "/healthz")
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (local)
             return response.status == 200
@@ -142,7 +142,7 @@ def wait_for(
 def meta_leader_problem(cluster: Cluster) -> str | None:
     """None when every embedded server sees the same JetStream meta leader."""
     leaders = {
-        node.name: jetstream_meta_leader(listen_host(node), node.ports.monitor) for node in cluster.nodes
+        node.name: jetstream_meta_leader(monitor_probe_host(cluster, node), node.ports.monitor) for node in cluster.nodes
     }
     without = sorted(name for name, leader in leaders.items() if leader is None)
     if without:
@@ -158,7 +158,7 @@ def nats_server_problem(cluster: Cluster, node: Node) -> str | None:
     problem = meta_leader_problem(cluster)
     if problem:
         return problem
-    if not nats_server_healthz(node):
+    if not nats_server_healthz(cluster, node):
         return "/healthz not ok yet (JetStream catching up)"
     return None
 

@@ -120,7 +120,8 @@ def _connection_facet(cluster: Cluster, node: Node, credentials: ServerCredentia
         "auth_user": nats.auth.user,
         "auth_files": [nats.auth.password_file, nats.auth.nkey_seed_file],
         # A hash of the secret, so rotated credentials restart the clients that use them.
-        "secret": digest(dataclasses.asdict(credentials)) if credentials else None,
+        # (Client secrets only: the route secret is the servers' business.)
+        "secret": digest([credentials.user, credentials.password, credentials.nkey]) if credentials else None,
         "tls": dataclasses.asdict(nats.tls) if nats.tls else None,
         "connect_timeout_s": nats.connect_timeout_s,
     }

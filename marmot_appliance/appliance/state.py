@@ -133,6 +133,9 @@ class StateDir:
                 # secrets. Parents are created with default modes (they may be shared).
                 self.root.parent.mkdir(parents=True, exist_ok=True)
                 self.root.mkdir(mode=0o700)
+            # An existing state directory (ours: a foreign non-empty one was refused above) is
+            # tightened too: it holds configs with secrets, JetStream stores and logs.
+            os.chmod(self.root, 0o700)
             self.logs_dir.mkdir(exist_ok=True)
             self.secrets_dir.mkdir(mode=0o700, exist_ok=True)
             os.chmod(self.secrets_dir, 0o700)

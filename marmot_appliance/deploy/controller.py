@@ -3,7 +3,7 @@
 Each prints one JSON object, `{"changed": bool, ...}`, so a task reports `changed` honestly:
 
     wheelhouse DIR                build / refresh the offline wheelhouse
-    credentials SPEC STATE_DIR    create the cluster's generated NATS credentials once (0600)
+    credentials SPEC STATE_DIR    create the cluster's generated NATS secrets once (0600)
 """
 
 from __future__ import annotations
@@ -17,18 +17,26 @@ from marmot_appliance.errors import MarmotError
 
 
 def ensure_controller_credentials(spec_path: str, state_dir: str) -> bool:
-    """Generate the NATS credentials for a `generated` spec; True when they were created now."""
-    from marmot_appliance.appliance.credentials import credentials_path, ensure_generated_credentials
+    """Generate the route secret (every auth mode) and, for a `generated` spec, the client
+    credentials; True when anything was created now."""
+    from marmot_appliance.appliance.credentials import (
+        credentials_path,
+        ensure_generated_credentials,
+        ensure_route_credentials,
+        route_credentials_path,
+    )
     from marmot_appliance.appliance.state import StateDir
     from marmot_appliance.spec.loader import load_cluster
 
     cluster = load_cluster(spec_path)
-    if cluster.nats.auth.mode != "generated":
-        return False
     state = StateDir(Path(state_dir))
+    route_existed = route_credentials_path(state).is_file()
+    ensure_route_credentials(state)
+    if cluster.nats.auth.mode != "generated":
+        return not route_existed
     existed = credentials_path(state).is_file()
     ensure_generated_credentials(state, cluster.nats.auth.user)
-    return not existed
+    return not (existed and route_existed)
 
 
 def main(argv: list[str] | None = None) -> int:

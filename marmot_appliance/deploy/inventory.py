@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from marmot_appliance.nats_client import default_state_dir
-from marmot_appliance.natsd.from_spec import listen_host
+from marmot_appliance.natsd.from_spec import listen_host, monitor_probe_host
 from marmot_appliance.spec.model import Cluster, Node
 from marmot_appliance.spec.render import cluster_to_dict
 
@@ -85,12 +85,13 @@ def inventory_for(cluster: Cluster) -> Inventory:
         inventory.groups[NODE_GROUP].append(node.name)
         host = {
             "ansible_host": node.host,
-            "ansible_user": cluster.deploy.ssh_user,
             "ansible_become": cluster.deploy.become,
             "marmot_node_name": node.name,
             "marmot_node_db": node.db,
             "marmot_node_health_url": health_url(cluster, node),
         }
+        if cluster.deploy.ssh_user:  # else Ansible's own default (your user name, ssh config)
+            host["ansible_user"] = cluster.deploy.ssh_user
         if cluster.nats.embedded:
             inventory.groups[NATS_GROUP].append(node.name)
             host.update(
@@ -99,6 +100,7 @@ def inventory_for(cluster: Cluster) -> Inventory:
                     "nats_server_listen_host": listen_host(node),
                     "nats_server_client_port": node.ports.client,
                     "nats_server_monitor_port": node.ports.monitor,
+                    "nats_server_monitor_host": monitor_probe_host(cluster, node),
                     "nats_server_store_dir": cluster.nats.jetstream.store_dir or REMOTE_NATS_STORE_DIR,
                 }
             )

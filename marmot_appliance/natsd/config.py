@@ -20,7 +20,7 @@ from marmot_appliance.natsd.binary import nats_server_path
 @dataclass(frozen=True)
 class ServerConfig:
     server_name: str
-    host: str  # listen address for client, cluster and monitor ports
+    host: str  # listen address for client and cluster ports
     client_port: int
     monitor_port: int
     store_dir: str
@@ -33,12 +33,18 @@ class ServerConfig:
     # One captured row must fit in one message (compressed). nats-server's 1 MB default would
     # stall publishing on the first larger row; 8 MB is the largest it accepts without warning.
     max_payload: str = "8MB"
-    user: str | None = None  # client + route authentication, when set
-    password: str | None = None
+    monitor_host: str | None = None  # None: same as host
+    user: str | None = None  # client authentication, when set
+    password: str | None = field(default=None, repr=False)
     nkey: str | None = None  # public nkey of the allowed client user
-    tls_cert: str | None = None
+    # Routes authenticate with their own secret, never the clients': a client credential
+    # (held by every node, reader and operator) must not let a server join the cluster.
+    route_user: str | None = None
+    route_password: str | None = field(default=None, repr=False)
+    tls_cert: str | None = None  # with a cluster, also mutual TLS on routes
     tls_key: str | None = None
     tls_ca: str | None = None
+    tls_verify_clients: bool = False  # clients must present a certificate (mTLS)
     extra: dict = field(default_factory=dict)
 
 
@@ -52,7 +58,7 @@ def render_server_config(cfg: ServerConfig) -> str:
         "# Rendered by marmot-appliance; edits are overwritten.",
         f"server_name: {_q(cfg.server_name)}",
         f"listen: {_q(f'{cfg.host}:{cfg.client_port}')}",
-        f"http: {_q(f'{cfg.host}:{cfg.monitor_port}')}",
+        f"http: {_q(f'{cfg.monitor_host or cfg.host}:{cfg.monitor_port}')}",
         f"max_payload: {cfg.max_payload}",
     ]
     if cfg.advertise:
@@ -69,33 +75,48 @@ def render_server_config(cfg: ServerConfig) -> str:
     elif cfg.nkey:
         lines += ["authorization {", f"  users: [ {{ nkey: {_q(cfg.nkey)} }} ]", "}"]
     if cfg.tls_cert and cfg.tls_key:
-        lines += ["tls {", f"  cert_file: {_q(cfg.tls_cert)}", f"  key_file: {_q(cfg.tls_key)}"]
-        if cfg.tls_ca:
-            lines += [f"  ca_file: {_q(cfg.tls_ca)}"]
-        lines += ["}"]
+        lines += ["tls {", *_tls_lines(cfg, "  ", verify=cfg.tls_verify_clients), "}"]
     if cfg.cluster_name and cfg.cluster_port:
-        route_auth = ""
-        if cfg.user and cfg.password:
-            route_auth = f"{cfg.user}:{cfg.password}@"
-        routes = ", ".join(_q(f"nats-route://{route_auth}{r}") for r in cfg.routes)
-        lines += [
-            "cluster {",
-            f"  name: {_q(cfg.cluster_name)}",
-            f"  listen: {_q(f'{cfg.host}:{cfg.cluster_port}')}",
-        ]
-        if cfg.advertise:
-            lines.append(f"  advertise: {_q(f'{cfg.advertise}:{cfg.cluster_port}')}")
-        if cfg.user and cfg.password:
-            lines += [
-                "  authorization {",
-                f"    user: {_q(cfg.user)}",
-                f"    password: {_q(cfg.password)}",
-                "  }",
-            ]
-        lines += [f"  routes: [{routes}]", "}"]
+        lines += _cluster_lines(cfg)
     for key, value in cfg.extra.items():
         lines.append(f"{key}: {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _tls_lines(cfg: ServerConfig, indent: str, verify: bool) -> list[str]:
+    lines = [f"{indent}cert_file: {_q(cfg.tls_cert)}", f"{indent}key_file: {_q(cfg.tls_key)}"]
+    if cfg.tls_ca:
+        lines.append(f"{indent}ca_file: {_q(cfg.tls_ca)}")
+    if verify:
+        lines.append(f"{indent}verify: true")
+    return lines
+
+
+def _cluster_lines(cfg: ServerConfig) -> list[str]:
+    """The cluster block: routes authenticated with the route secret and, with TLS, mutual TLS
+    (each server verifies the other's certificate), so an unknown server cannot join."""
+    route_auth = ""
+    if cfg.route_user and cfg.route_password:
+        route_auth = f"{cfg.route_user}:{cfg.route_password}@"
+    routes = ", ".join(_q(f"nats-route://{route_auth}{r}") for r in cfg.routes)
+    lines = [
+        "cluster {",
+        f"  name: {_q(cfg.cluster_name)}",
+        f"  listen: {_q(f'{cfg.host}:{cfg.cluster_port}')}",
+    ]
+    if cfg.advertise:
+        lines.append(f"  advertise: {_q(f'{cfg.advertise}:{cfg.cluster_port}')}")
+    if cfg.route_user and cfg.route_password:
+        lines += [
+            "  authorization {",
+            f"    user: {_q(cfg.route_user)}",
+            f"    password: {_q(cfg.route_password)}",
+            "  }",
+        ]
+    if cfg.tls_cert and cfg.tls_key:
+        lines += ["  tls {", *_tls_lines(cfg, "    ", verify=True), "  }"]
+    lines += [f"  routes: [{routes}]", "}"]
+    return lines
 
 
 def check_config_file(path: Path, timeout_s: float = 30.0) -> None:

@@ -26,6 +26,24 @@ class ServerCredentials:
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     nkey: str | None = None
+    # The route secret: only servers hold it (never a node runtime, reader or operator tool).
+    route_user: str | None = None
+    route_password: str | None = field(default=None, repr=False)
+
+
+def monitor_host(cluster: Cluster, node: Node) -> str:
+    """Address the server's HTTP monitor binds to: `nats.monitor_address` (loopback by default).
+
+    The monitor is plain HTTP without authentication and lists every connection (/connz), so it
+    does not follow the node's network address unless the spec asks for it."""
+    return cluster.nats.monitor_address
+
+
+def monitor_probe_host(cluster: Cluster, node: Node) -> str:
+    """Where a process on the server's own host reaches its monitor (a wildcard bind is
+    reached over loopback)."""
+    address = monitor_host(cluster, node)
+    return "127.0.0.1" if address in ("0.0.0.0", "::", "[::]") else address
 
 
 def listen_host(node: Node) -> str:
@@ -54,6 +72,10 @@ def server_config_for(
         raise MarmotError(f"node {node.name!r} is not part of cluster {cluster.name!r}")
     auth = cluster.nats.auth
     user = password = nkey = None
+    clustered = len(cluster.nodes) > 1
+    if clustered and not (credentials and credentials.route_user and credentials.route_password):
+        # Routes are authenticated in every auth mode, `none` included.
+        raise MarmotError("no route credentials were provided for a clustered nats-server")
     if auth.mode != "none":
         if credentials is None:
             raise MarmotError(f"nats.auth.mode is {auth.mode!r} but no credentials were provided")
@@ -65,7 +87,6 @@ def server_config_for(
             if not (credentials.user and credentials.password):
                 raise MarmotError(f"nats.auth.mode is {auth.mode!r} but user or password is empty")
             user, password = credentials.user, credentials.password
-    clustered = len(cluster.nodes) > 1
     routes = tuple(
         f"{other.advertise}:{other.ports.cluster}"
         for other in sorted(cluster.nodes, key=lambda n: n.id)
@@ -89,12 +110,16 @@ def server_config_for(
         user=user,
         password=password,
         nkey=nkey,
+        route_user=credentials.route_user if clustered else None,
+        route_password=credentials.route_password if clustered else None,
+        monitor_host=monitor_host(cluster, node),
         tls_cert=tls.cert if tls else None,
         tls_key=tls.key if tls else None,
         tls_ca=tls.ca if tls else None,
+        tls_verify_clients=tls.verify_clients if tls else False,
     )
 
 
 def monitor_endpoints(cluster: Cluster) -> list[tuple[str, int]]:
     """(host, monitor port) of every embedded server, for waiting on the JetStream meta leader."""
-    return [(listen_host(n), n.ports.monitor) for n in cluster.nodes]
+    return [(monitor_probe_host(cluster, n), n.ports.monitor) for n in cluster.nodes]

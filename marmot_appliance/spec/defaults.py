@@ -58,7 +58,8 @@ def _nats(section: dict, base_dir: Path, local: bool) -> NatsSettings:
         auth[key] = _resolve(auth.get(key), base_dir, local)
     tls = values.pop("tls", None)
     if tls is not None:
-        tls = NatsTLS(**{key: _resolve(value, base_dir, local) for key, value in tls.items()})
+        paths = {key: _resolve(tls.get(key), base_dir, local) for key in ("cert", "key", "ca")}
+        tls = NatsTLS(**paths, verify_clients=bool(tls.get("verify_clients", False)))
     if "urls" in values:
         values["urls"] = tuple(values["urls"])
     return NatsSettings(**values, jetstream=JetStreamSettings(**jetstream), auth=NatsAuth(**auth), tls=tls)

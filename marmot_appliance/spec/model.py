@@ -90,9 +90,12 @@ class NatsAuth:
 
 @dataclass(frozen=True)
 class NatsTLS:
+    """TLS for client connections and, between the embedded servers, mutual TLS on routes."""
+
     cert: str
     key: str
     ca: str | None = None
+    verify_clients: bool = False  # clients must present a certificate the CA signed (mTLS)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class NatsSettings:
     client_port: int = DEFAULT_CLIENT_PORT
     cluster_port: int = DEFAULT_CLUSTER_PORT
     monitor_port: int = DEFAULT_MONITOR_PORT
+    # The monitor port is plain HTTP and lists every client (/connz): loopback unless asked.
+    monitor_address: str = "127.0.0.1"
     jetstream: JetStreamSettings = field(default_factory=JetStreamSettings)
     auth: NatsAuth = field(default_factory=NatsAuth)
     tls: NatsTLS | None = None
@@ -171,7 +176,7 @@ class ObservabilitySettings:
 
 @dataclass(frozen=True)
 class DeploySettings:
-    ssh_user: str = "root"
+    ssh_user: str | None = None  # None: Ansible's default (the controller's user, ssh config)
     become: bool = False
     package_source: str = "build"  # "build": the controller builds wheels; or a directory of wheels
     service_manager: Literal["systemd", "supervisor"] = "systemd"
