@@ -65,14 +65,13 @@ def test_auth_shorthand_and_object_forms():
 
 
 def test_relative_db_of_local_node_resolves_against_base_dir(tmp_path: Path):
-    text = MINIMAL.replace("host: 10.0.0.1, db: /srv/app.db", "host: 127.0.0.1, db: data/../x/app.db")
     # a mixed local/remote cluster is refused, so make every node local with its own ports
     text = (
         "apiVersion: marmot-appliance/v1\nkind: Cluster\nname: shop\nnodes:\n"
-        "  - {name: n1, id: 1, host: 127.0.0.1, db: data/../x/app.db}\n"
+        "  - {name: n1, id: 1, host: 127.0.0.1, db: data/./x/app.db}\n"
     )
     cluster = load_cluster_text(text, "inline", base_dir=tmp_path)
-    assert cluster.nodes[0].db == str(tmp_path / "x" / "app.db")
+    assert cluster.nodes[0].db == str(tmp_path / "data" / "x" / "app.db")
 
 
 def test_numbers_given_as_ints_become_model_floats_and_strings():
@@ -301,3 +300,44 @@ def test_utf8_bom_is_accepted(tmp_path):
     path = tmp_path / "bom.yaml"
     path.write_bytes(b"\xef\xbb\xbf" + MINIMAL.encode())
     assert load_cluster(path).name == "shop"
+
+
+# -- paths and hosts that reach unit files, commands, chowns and Ansible --------------------------
+
+_PATH_KEYS = {
+    "db": lambda v: MINIMAL.replace("db: /srv/app.db}", f"db: {v}}}", 1),
+    "store_dir": lambda v: MINIMAL + f"nats: {{jetstream: {{store_dir: {v}}}}}\n",
+    "state_dir": lambda v: MINIMAL + f"deploy: {{state_dir: {v}}}\n",
+    "install_dir": lambda v: MINIMAL + f"deploy: {{install_dir: {v}}}\n",
+    "seq_map_path": lambda v: MINIMAL.replace("db: /srv/app.db}", f"db: /srv/app.db, seq_map_path: {v}}}", 1),
+    "tls.cert": lambda v: MINIMAL + f"nats: {{tls: {{cert: {v}, key: /etc/k.pem}}}}\n",
+}
+
+
+@pytest.mark.parametrize("key", sorted(_PATH_KEYS))
+@pytest.mark.parametrize(
+    "bad",
+    [
+        '"/srv/app.db\\nExecStartPre=+/bin/sh -c id"',  # a newline used to render a root ExecStartPre
+        "/srv/../etc/shadow",
+        '"/srv/%h.db"',  # a systemd specifier
+        '"/srv/$HOME.db"',
+        '"/srv/{{ lookup(\'pipe\', \'id\') }}.db"',  # an Ansible template
+        '"/srv/a b.db"',
+        '"/srv/a\\tb.db"',
+    ],
+)
+def test_paths_refuse_what_could_escape_into_units_commands_or_templates(key: str, bad: str):
+    problems = problems_of(_PATH_KEYS[key](bad))
+    assert any("is not valid: a path without whitespace" in p for p in problems), problems
+
+
+def test_plain_absolute_paths_still_load():
+    cluster = load_cluster_text(_PATH_KEYS["store_dir"]("/var/lib/shop-nats_1/js.d"))
+    assert cluster.nats.jetstream.store_dir == "/var/lib/shop-nats_1/js.d"
+
+
+def test_hosts_are_names_or_addresses_only():
+    problems = problems_of(MINIMAL.replace("host: 10.0.0.1", "host: \"{{lookup('pipe','id')}}\""))
+    assert any("a host name or IP address" in p for p in problems), problems
+    assert load_cluster_text(MINIMAL.replace("host: 10.0.0.1", "host: '[fd00::1]'")).nodes[0].host == "[fd00::1]"

@@ -33,6 +33,11 @@ _PATTERN_HINTS = {
     "^[a-z0-9][a-z0-9-]{0,62}$": "lowercase letters, digits and '-', starting with a letter or digit, at most 63 characters",
     "^[A-Za-z0-9_-]+$": "letters, digits, '_' and '-' only",
     "^[^\\s/]+$": "a host name or IP address without spaces or '/'",
+    "^[A-Za-z0-9._:\\[\\]-]+$": "a host name or IP address: letters, digits, '.', '-', '_', ':', '[' and ']' only",
+    # Paths reach systemd units (where % and $ expand), commands, chowns and Ansible templates.
+    "^(?!.*(^|/)\\.\\.(/|$))[^\\s\\x00-\\x1f\\x7f%$\\\\\"';{}]+$": (
+        "a path without whitespace, control characters, '..' segments or any of % $ \\ \" ' ; { }"
+    ),
     "^(nats|tls|ws|wss)://[^\\s/]+(:[0-9]{1,5})?/?$": "a nats://, tls://, ws:// or wss:// URL: scheme://host[:port]",
 }
 
