@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import logging
 import math
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -261,7 +263,7 @@ async def _resolve_streams(
         subjects = list(info.config.subjects or [])
         if subject_prefix is not None:
             shard = name.rsplit("-", 1)[1]
-            expected = f"{subject_prefix}-{shard}"
+            expected = f"{subject_prefix}-{shard}.*"  # one token per origin (docs/wire-format.md)
             if expected not in subjects:
                 raise FeedError(f"stream {name} captures {subjects}, not {expected}; check --subject-prefix")
         if not subjects:
@@ -280,6 +282,7 @@ async def changes(
     *,
     subject_prefix: str | None = None,
     connect_options: dict | None = None,
+    credentials: str | Path | None = None,
     on_undecodable: Callable[[str, int, CodecError], None] | None = None,
 ) -> AsyncIterator[ChangeRecord]:
     """Every row change on the shard streams, as typed records.
@@ -289,9 +292,12 @@ async def changes(
     shards: how many `<stream_prefix>-<n>` streams; None discovers the existing ones.
     from_: "now" | "start" | a stream sequence | an ISO 8601 time / datetime.
     tables, ops: keep only these tables / operations ("upsert", "delete").
-    subject_prefix: if given, each stream must capture `<subject_prefix>-<n>` (a sanity check).
-    on_undecodable(stream, seq, error): called for a message the codec refuses (default: a
-      logged warning); the feed goes on with the next message.
+    subject_prefix: if given, each stream must capture `<subject_prefix>-<n>.*` (a sanity check).
+    credentials: a JSON file {"user": ..., "password": ...}, e.g. the read-only reader identity
+      `apply` writes to <state dir>/secrets/nats-reader.json (see docs/security.md).
+    on_undecodable(stream, seq, error): called for a message the codec refuses, or whose origin
+      does not match the node that published it (default: a logged warning); the feed goes on
+      with the next message.
 
     Raises FeedError when NATS or a stream is unreachable. Close early with
     `contextlib.aclosing(changes(...))` (or break out of `async for` inside asyncio.run).
@@ -304,6 +310,8 @@ async def changes(
     table_filter, op_filter = _check_filters(tables, ops)
     report = on_undecodable or _warn_undecodable
 
+    if credentials is not None:
+        connect_options = {**read_credentials_file(credentials), **(connect_options or {})}
     connection, owned = await _connect(nats_url_or_conn, connect_options)
     queue: asyncio.Queue = asyncio.Queue(maxsize=QUEUE_MESSAGES)
     subscriptions = []
@@ -330,6 +338,10 @@ async def changes(
             except CodecError as exc:
                 report(stream, seq, exc)
                 continue
+            forged = origin_mismatch(msg.subject, batch.origin)
+            if forged:
+                report(stream, seq, CodecError(forged))
+                continue
             for row in batch.rows:
                 if table_filter is not None and row.table not in table_filter:
                     continue
@@ -348,6 +360,29 @@ async def changes(
                 )
     finally:
         await _stop(connection, owned, subscriptions)
+
+
+def read_credentials_file(path: str | Path) -> dict:
+    """{"user", "password"} connect options from a credentials file (FeedError when unusable)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return {"user": str(data["user"]), "password": str(data["password"])}
+    except OSError as exc:
+        raise FeedError(f"cannot read credentials file {path}: {exc.strerror or exc}") from None
+    except (ValueError, KeyError, TypeError):
+        raise FeedError(f"credentials file {path} is not a JSON object with user and password") from None
+
+
+def origin_mismatch(subject: str, origin: int) -> str | None:
+    """Why a message's origin cannot be trusted, or None.
+
+    Each node's identity may publish only on `<subject>.<its id>`, so a body claiming another
+    origin was forged. A subject without a numeric last token was stored before per-origin
+    subjects existed (nobody can publish there any more)."""
+    token = subject.rpartition(".")[2]
+    if token.isdigit() and int(token) != origin:
+        return f"forged origin: body says node {origin} but it was published on {subject}"
+    return None
 
 
 async def _next_message(queue: asyncio.Queue, connection: NatsClient):

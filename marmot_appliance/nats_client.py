@@ -14,7 +14,12 @@ from pathlib import Path
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.spec.model import Cluster, Node
 
-CREDENTIALS_FILE = "secrets/nats-credentials.json"  # {"user": ..., "password": ...}
+# Generated identities (auth mode `generated`), one per node plus the read-only reader:
+#   {"nodes": {"<node>": {"user": ..., "password": ...}, ...}, "reader": {"user": ..., "password": ...}}
+# A remote host's copy holds only its own node's entry.
+CREDENTIALS_FILE = "secrets/nats-credentials.json"
+# The reader identity written out for the operator (watch, feed readers): {"user", "password"}.
+READER_CREDENTIALS_FILE = "secrets/nats-reader.json"
 
 
 def default_state_dir(cluster: Cluster) -> Path:
@@ -33,21 +38,35 @@ def server_urls(cluster: Cluster, node: Node | None = None) -> list[str]:
     return [f"{scheme}://{n.advertise}:{n.ports.client}" for n in ordered]
 
 
-def read_generated_credentials(state_dir: Path) -> tuple[str, str]:
+def read_generated_credentials(state_dir: Path, node_name: str | None) -> tuple[str, str]:
+    """(user, password) of the node's own identity, or of the reader when `node_name` is None."""
     path = state_dir / CREDENTIALS_FILE
     try:
         data = json.loads(path.read_text())
-        return data["user"], data["password"]
     except FileNotFoundError as exc:
         raise MarmotError(
             f"generated NATS credentials not found at {path}; run `marmot-appliance apply` first"
         ) from exc
-    except (ValueError, KeyError) as exc:
+    except (OSError, ValueError) as exc:
         raise MarmotError(f"generated NATS credentials at {path} are unreadable: {exc}") from exc
+    try:
+        entry = data["reader"] if node_name is None else data["nodes"][node_name]
+        return str(entry["user"]), str(entry["password"])
+    except (KeyError, TypeError) as exc:
+        who = "the reader" if node_name is None else f"node {node_name}"
+        raise MarmotError(
+            f"generated NATS credentials at {path} hold no identity for {who}; run `marmot-appliance apply`"
+        ) from exc
 
 
-def connect_kwargs(cluster: Cluster, node: Node | None, state_dir: Path | None = None) -> dict:
-    """Keyword arguments for `nats.connect()`. Secrets are read here and never logged."""
+def connect_kwargs(
+    cluster: Cluster, node: Node | None, state_dir: Path | None = None, as_reader: bool = False
+) -> dict:
+    """Keyword arguments for `nats.connect()`. Secrets are read here and never logged.
+
+    With generated auth a node connects as its own identity; without a node, or with
+    `as_reader` (watch, feed readers: `node` then only orders the servers), as the read-only
+    reader identity."""
     kwargs: dict = {
         "servers": server_urls(cluster, node),
         "connect_timeout": cluster.nats.connect_timeout_s,
@@ -63,7 +82,9 @@ def connect_kwargs(cluster: Cluster, node: Node | None, state_dir: Path | None =
     }
     auth = cluster.nats.auth
     if auth.mode == "generated":
-        user, password = read_generated_credentials(state_dir or default_state_dir(cluster))
+        user, password = read_generated_credentials(
+            state_dir or default_state_dir(cluster), None if as_reader or node is None else node.name
+        )
         kwargs.update(user=user, password=password)
     elif auth.mode == "user":
         if not auth.password_file:

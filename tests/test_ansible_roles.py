@@ -113,5 +113,10 @@ def test_filter_renders_a_server_config_nats_server_accepts(tmp_path):
     config.write_text(text)
     check_config_file(config)
     credentials = json.loads((state / "secrets" / "nats-credentials.json").read_text())
-    assert credentials["password"] in text
+    assert all(entry["password"] in text for entry in credentials["nodes"].values())  # one identity per node
+    assert credentials["reader"]["password"] in text
     assert (state / "secrets" / "nats-credentials.json").stat().st_mode & 0o777 == 0o600
+    route = json.loads((state / "secrets" / "nats-route.json").read_text())
+    cluster_block = text[text.index("cluster {"):]
+    assert route["password"] in cluster_block
+    assert not any(entry["password"] in cluster_block for entry in credentials["nodes"].values())

@@ -83,8 +83,14 @@ class Appliance:
     def pids(self) -> dict[str, int]:
         return {name: rec.pid for name, rec in self.records().items()}
 
-    def credentials(self) -> tuple[str, str]:
+    def credentials(self, node: str = "n1") -> tuple[str, str]:
+        """A node's own generated identity (user, password)."""
         data = json.loads((self.state_dir / "secrets" / "nats-credentials.json").read_text())
+        return data["nodes"][node]["user"], data["nodes"][node]["password"]
+
+    def reader_credentials(self) -> tuple[str, str]:
+        """The read-only identity apply writes out for watch and feed readers."""
+        data = json.loads((self.state_dir / "secrets" / "nats-reader.json").read_text())
         return data["user"], data["password"]
 
     def http(self, node: str, path: str) -> tuple[int | None, bytes]:

@@ -24,9 +24,10 @@ from marmot_appliance.appliance.progress import Progress
 from marmot_appliance.appliance.resources import desired_resources
 from marmot_appliance.appliance.state import ProcessRecord, RecordedState, StateDir
 from marmot_appliance.appliance.supervisor import is_running, start_process, stop_process
-from marmot_appliance.natsd.from_spec import ServerCredentials
-from marmot_appliance.spec.loader import load_cluster
+from marmot_appliance.natsd.from_spec import Identity, ServerCredentials
+from marmot_appliance.spec.loader import load_cluster, load_cluster_text
 from marmot_appliance.spec.model import TableSelection
+from tests.spec_helpers import MINIMAL
 from tests.test_appliance_support import describe, make_workdir, run_cli, spec_data, write_spec
 
 
@@ -52,18 +53,33 @@ def quiet() -> Progress:
 
 
 def test_generated_credentials_are_private_and_stable(tmp_path: Path):
+    """One identity per node plus the reader; the reader's alone for the operator; all 0600."""
     state = StateDir(tmp_path / "state")
     state.create("shop")
-    first = ensure_generated_credentials(state, "marmot")
+    cluster = load_cluster_text(MINIMAL)
+    first = ensure_generated_credentials(state, cluster)
     path = credentials_path(state)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    assert json.loads(path.read_text()) == {"user": "marmot", "password": first.password}
-    assert len(first.password) >= 32
-    assert ensure_generated_credentials(state, "marmot") == first  # reused, not regenerated
+    stored = json.loads(path.read_text())
+    assert sorted(stored["nodes"]) == ["n1", "n2", "n3"]
+    assert stored["nodes"]["n2"]["user"] == "marmot-n2" and stored["reader"]["user"] == "marmot-reader"
+    passwords = [identity.password for identity in first.identities]
+    assert len(set(passwords)) == 4 and all(len(p) >= 32 for p in passwords)
+    reader_file = state.root / "secrets" / "nats-reader.json"
+    assert json.loads(reader_file.read_text()) == stored["reader"]
+    assert stat.S_IMODE(reader_file.stat().st_mode) == 0o600
+    assert ensure_generated_credentials(state, cluster) == first  # reused, not regenerated
     path.chmod(0o644)
-    ensure_generated_credentials(state, "marmot")
+    reader_file.chmod(0o644)
+    ensure_generated_credentials(state, cluster)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600  # loosened modes are tightened again
+    assert stat.S_IMODE(reader_file.stat().st_mode) == 0o600
+    # A node leaving the spec loses its identity (the servers then refuse it); the rest stay.
+    smaller = replace(cluster, nodes=cluster.nodes[:2])
+    after = ensure_generated_credentials(state, smaller)
+    assert [i.node for i in after.identities] == ["n1", "n2", None]
+    assert set(after.identities) <= set(first.identities)
 
 
 def test_state_dir_refuses_a_foreign_directory(tmp_path: Path):
@@ -139,7 +155,11 @@ def test_supervisor_kills_what_ignores_sigterm(tmp_path: Path):
 # -- plan ---------------------------------------------------------------------------------------
 
 
-CREDS = ServerCredentials(user="marmot", password="p" * 40, route_user="marmot-route", route_password="r" * 40)
+CREDS = ServerCredentials(
+    identities=tuple(Identity(f"marmot-n{i}", f"{i}" * 40, f"n{i}") for i in (1, 2, 3)) + (Identity("marmot-reader", "q" * 40),),
+    route_user="marmot-route",
+    route_password="r" * 40,
+)
 
 
 def _records_for(desired, running_pid: int = 1) -> RecordedState:
@@ -218,7 +238,7 @@ def test_plan_output_never_contains_the_password(spec: Path):
     desired = desired_resources(cluster, state, spec, CREDS)
     plan = compute_plan("local", state.root, desired, RecordedState("local"), False)
     for text in (render_plan_text(plan), render_plan_json(plan), repr(plan), repr(desired)):
-        assert CREDS.password not in text
+        assert all(identity.password not in text for identity in CREDS.identities)
         assert CREDS.route_password not in text
 
 

@@ -17,6 +17,7 @@ from nats.js.api import StorageType, StreamConfig
 
 from marmot_appliance.feed import ChangeRecord, FeedError, changes, json_value, parse_start
 from marmot_appliance.replication.codec import ORIGIN_HEADER, encode_batch
+from marmot_appliance.natsd.permissions import shard_stream_subjects
 from marmot_appliance.replication.streams import wait_for_stream_leader
 from marmot_appliance.replication.types import ChangeBatch, RowChange
 from marmot_appliance.spec.model import CompressionSettings, ReplicationSettings
@@ -53,7 +54,7 @@ async def create_shard_streams(
     for shard in range(1, shards + 1):
         config = StreamConfig(
             name=names.stream_name(shard),
-            subjects=[names.subject(shard)],
+            subjects=shard_stream_subjects(names, shard),
             storage=StorageType.FILE,
             num_replicas=replicas,
             max_msg_size=4 * 1024 * 1024,
@@ -69,7 +70,7 @@ async def publish(js, batch: ChangeBatch, shard: int = 1, subject_prefix: str = 
     for attempt in range(50):
         try:
             ack = await js.publish(
-                f"{subject_prefix}-{shard}", payload, headers={ORIGIN_HEADER: str(batch.origin)}, timeout=30
+                f"{subject_prefix}-{shard}.{batch.origin}", payload, headers={ORIGIN_HEADER: str(batch.origin)}, timeout=30
             )
             return ack.seq
         except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
@@ -248,7 +249,7 @@ async def test_undecodable_message_is_reported_and_skipped(nats_cluster, js_conn
     _, js = js_conn
     await create_shard_streams(js, 1)
     await publish(js, batch_of(1, up("t", 1, 1, v="before")))
-    await js.publish(f"{SUBJECT_PREFIX}-1", b"\x01\x00not cbor at all")
+    await js.publish(f"{SUBJECT_PREFIX}-1.1", b"\x01\x00not cbor at all")
     await publish(js, batch_of(1, up("t", 2, 2, v="after")))
     skipped = []
     records = await collect(

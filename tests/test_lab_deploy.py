@@ -218,6 +218,9 @@ def test_site_yml_deploys_services_and_replicates_both_ways(lab):
         modes = lab.ssh(host, "stat -c '%a %U' /etc/nats-server/nats-server.conf "
                               "/var/lib/marmot-appliance/node/secrets/nats-credentials.json").split("\n")
         assert modes[0].split()[0] == "640" and modes[1].split() == ["600", "marmot"]
+        # A node host holds its own identity only; never another node's, the reader's or the route secret.
+        held = json.loads(lab.ssh(host, "cat /var/lib/marmot-appliance/node/secrets/nats-credentials.json"))
+        assert list(held) == ["nodes"] and list(held["nodes"]) == [host]
         lab.execute(host, 'CREATE TABLE IF NOT EXISTS items (id TEXT PRIMARY KEY, origin TEXT, n INTEGER)')
     lab.execute("node1", "INSERT INTO items VALUES (?, ?, ?)", ["from-node1", "node1", 1])
     lab.wait_for_rows(["node2", "node3"], {"from-node1"})

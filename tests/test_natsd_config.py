@@ -10,7 +10,7 @@ import pytest
 
 from marmot_appliance.errors import MarmotError, NatsServerError
 from marmot_appliance.natsd.config import check_config_file, render_server_config
-from marmot_appliance.natsd.from_spec import ServerCredentials, monitor_endpoints, server_config_for
+from marmot_appliance.natsd.from_spec import Identity, ServerCredentials, monitor_endpoints, server_config_for
 from marmot_appliance.natsd.process import NatsServerProcess, wait_for_meta_leader
 from marmot_appliance.spec.model import Cluster, NatsAuth, NatsSettings, Node, NodePorts
 from tests.harness import free_ports
@@ -32,9 +32,18 @@ def local_cluster(size: int = 3, auth: str = "generated", host: str = "127.0.0.1
     return Cluster(name="shop", nodes=nodes, nats=NatsSettings(auth=NatsAuth(mode=auth)))
 
 
-CREDS = ServerCredentials(
-    user="marmot", password="s3cret-Pass_word", route_user="marmot-route", route_password="r0ute-Secret"
-)
+def generated(nodes=("n1", "n2", "n3"), password: str = "s3cret-Pass_word") -> ServerCredentials:
+    """Generated-mode credentials: one identity per node plus the reader, and the route secret."""
+    identities = tuple(Identity(f"marmot-{name}", f"{password}-{name}", name) for name in nodes)
+    return ServerCredentials(
+        identities=identities + (Identity("marmot-reader", f"{password}-reader"),),
+        route_user="marmot-route",
+        route_password="r0ute-Secret",
+    )
+
+
+CREDS = generated()
+N1 = CREDS.identities[0]
 
 
 def test_routes_point_at_every_other_node(tmp_path: Path):
@@ -49,11 +58,12 @@ def test_routes_point_at_every_other_node(tmp_path: Path):
         cluster.nodes[0].ports.cluster,
         cluster.nodes[0].ports.monitor,
     )
-    assert cfg.user == "marmot" and cfg.password == CREDS.password
+    assert [(u.user, u.password) for u in cfg.users] == [(i.user, i.password) for i in CREDS.identities]
 
 
 def test_password_is_not_in_repr():
-    assert CREDS.password not in repr(CREDS)
+    assert all(identity.password not in repr(CREDS) for identity in CREDS.identities)
+    assert CREDS.route_password not in repr(CREDS)
 
 
 def test_single_node_is_standalone(tmp_path: Path):
@@ -65,7 +75,7 @@ def test_single_node_is_standalone(tmp_path: Path):
 def test_auth_none_ignores_credentials(tmp_path: Path):
     cluster = local_cluster(3, auth="none")
     cfg = server_config_for(cluster, cluster.nodes[0], str(tmp_path / "js"), CREDS)
-    assert cfg.user is None and cfg.password is None
+    assert cfg.users == ()
     text = render_server_config(cfg)
     assert "authorization" not in text[: text.index("cluster {")]  # only the routes authenticate
 
@@ -123,7 +133,7 @@ def test_rendered_cluster_runs_and_enforces_auth(tmp_path: Path):
             with pytest.raises(Exception) as refused:
                 await nats.connect(url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0)
             assert "authorization" in str(refused.value).lower()
-            nc = await nats.connect(url, user=CREDS.user, password=CREDS.password, connect_timeout=5)
+            nc = await nats.connect(url, user=N1.user, password=N1.password, connect_timeout=5)
             try:
                 info = await nc.jetstream().account_info()
                 assert info is not None

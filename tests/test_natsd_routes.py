@@ -24,10 +24,11 @@ from marmot_appliance.natsd.process import NatsServerProcess, fetch_monitor_json
 from marmot_appliance.nats_client import connect_kwargs
 from marmot_appliance.spec.model import Cluster, NatsAuth, NatsTLS
 from tests.harness import free_ports
-from tests.test_natsd_config import local_cluster
+from tests.test_natsd_config import generated, local_cluster
 from tests.tls_support import issue, make_ca
 
-CLIENT = ServerCredentials(user="marmot", password="client-Pass_word")
+GENERATED = generated(password="client-Pass_word")
+NODE = GENERATED.identities[0]  # n1's own identity: what a node host holds
 ROUTE = {"route_user": "marmot-route", "route_password": "route-Secret_value"}
 REFUSAL_ATTEMPTS = 3  # route connect attempts the stray must have made (and lost) before we judge
 
@@ -146,13 +147,13 @@ def _stop(processes) -> None:
 @pytest.mark.parametrize("mode", ["generated", "none", "nkey"])
 def test_routes_use_their_own_secret_in_every_mode(tmp_path: Path, mode: str):
     cluster = local_cluster(3, auth=mode)
-    creds = ServerCredentials(nkey="UABC") if mode == "nkey" else CLIENT
+    creds = {"nkey": ServerCredentials(nkey="UABC"), "none": ServerCredentials()}.get(mode, GENERATED)
     text = render_server_config(
         server_config_for(cluster, cluster.nodes[0], str(tmp_path), dataclasses.replace(creds, **ROUTE))
     )
     cluster_block = text[text.index("cluster {") :]
     assert ROUTE["route_password"] in cluster_block and "authorization" in cluster_block
-    assert CLIENT.password not in cluster_block  # never the clients' password on routes
+    assert all(i.password not in cluster_block for i in GENERATED.identities)  # never a client's password
     assert cluster_block.count(f"marmot-route:{ROUTE['route_password']}@") == 2
 
 
@@ -164,7 +165,7 @@ def test_clustered_server_without_route_secret_is_refused(tmp_path: Path):
 
 def test_monitor_listens_on_loopback_by_default(tmp_path: Path):
     cluster = local_cluster(3, host="10.77.0.11")
-    creds = dataclasses.replace(CLIENT, **ROUTE)
+    creds = dataclasses.replace(GENERATED, **ROUTE)
     text = render_server_config(server_config_for(cluster, cluster.nodes[0], str(tmp_path), creds))
     assert f'http: "127.0.0.1:{cluster.nodes[0].ports.monitor}"' in text
     assert f'listen: "10.77.0.11:{cluster.nodes[0].ports.client}"' in text
@@ -193,9 +194,9 @@ def test_stray_server_cannot_route_in(tmp_path: Path, mode: str):
         kwargs = {"nkeys_seed": str(seed_file)}
         stray_auth = ""
     elif mode == "generated":
-        creds = CLIENT
-        kwargs = {"user": CLIENT.user, "password": CLIENT.password}
-        stray_auth = f"{CLIENT.user}:{CLIENT.password}@"  # what every node and reader holds
+        creds = GENERATED
+        kwargs = {"user": NODE.user, "password": NODE.password}
+        stray_auth = f"{NODE.user}:{NODE.password}@"  # what a node host holds
     else:
         creds = ServerCredentials()
         stray_auth = ""

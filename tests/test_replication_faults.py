@@ -57,9 +57,9 @@ async def test_garbage_message_is_dead_lettered_and_replication_continues(nats_c
         nc = await nats.connect(nats_cluster.urls, connect_timeout=10)
         try:
             js = nc.jetstream(timeout=10)
-            await js.publish("marmot-change-log-1", b"\x01\x00this is not CBOR \xff\xfe")
-            await js.publish("marmot-change-log-1", b"")
-            await js.publish("marmot-change-log-1", b"\x07\x00future format")
+            await js.publish("marmot-change-log-1.9", b"\x01\x00this is not CBOR \xff\xfe")
+            await js.publish("marmot-change-log-1.9", b"")
+            await js.publish("marmot-change-log-1.9", b"\x07\x00future format")
         finally:
             await nc.close()
         execute(dbs[0], "INSERT INTO doc VALUES ('after', 'still flows', 1)")

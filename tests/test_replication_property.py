@@ -50,7 +50,8 @@ async def _republish_last(urls: list[str], stream: str, subject: str) -> None:
         msg = await js.get_msg(stream, info.state.last_seq)
         headers = dict(msg.headers or {})
         headers["Nats-Msg-Id"] = f"dup-{uuid.uuid4().hex}"
-        await js.publish(subject, msg.data, headers=headers)
+        # On the original subject: it carries the origin's token (`subject` is the shard's).
+        await js.publish(msg.subject or subject, msg.data, headers=headers)
     finally:
         await nc.close()
 

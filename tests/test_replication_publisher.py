@@ -128,7 +128,7 @@ async def test_retry_of_same_rows_is_deduplicated(wal_db, js_conn):
         again = builder.build(capture.read_pending(100))  # "after the crash": nothing was marked
         assert [b.msg_id for b in first] == [b.msg_id for b in again]
         for outgoing in first + again:
-            ack = await js.publish(replication.subject(1), outgoing.payload, headers={MSG_ID_HEADER: outgoing.msg_id})
+            ack = await js.publish(f"{replication.subject(1)}.3", outgoing.payload, headers={MSG_ID_HEADER: outgoing.msg_id})
         assert ack.duplicate is True
         assert (await js.stream_info(replication.stream_name(1))).state.messages == 1
     finally:
@@ -167,7 +167,7 @@ async def test_ack_wait_counts_from_the_send_not_from_the_collection(wal_db, js_
 
     nc, js = js_conn
     replication = ReplicationSettings(shards=1, stream_prefix="silent", subject_prefix="silent-subj")
-    black_hole = await nc.subscribe(replication.subject(1))  # takes the message, never acks
+    black_hole = await nc.subscribe(f"{replication.subject(1)}.*")  # takes the message, never acks
     db = wal_db("silent.db", SCHEMA)
     db_thread = DbThread("cap")
     capture = await db_thread.run(ChangeCapture, str(db), 3, None)

@@ -11,6 +11,7 @@ import asyncio
 import shutil
 import sqlite3
 import stat
+import time
 from pathlib import Path
 
 import nats
@@ -23,6 +24,7 @@ from tests.test_appliance_local import (
     describe,
     emergency_stop,
     wait_converged,
+    wait_health,
     write_rows,
 )
 from tests.test_appliance_support import chown_tree, make_workdir, spec_data
@@ -69,7 +71,7 @@ def test_stray_server_with_the_client_credential_cannot_route_in(applied: Applia
     """The route password used to be the client password: any node, reader or operator holding
     it could join a server to the cluster, read every change and inject forged ones."""
     cluster = _cluster_of(applied)
-    user, password = applied.credentials()
+    user, password = applied.credentials("n1")  # what a node (or, before, every reader) holds
     stray, stray_cfg = start_stray(tmp_path, cluster, f"{user}:{password}@")
     try:
         assert_stray_kept_out(tmp_path, cluster, stray_cfg)
@@ -96,3 +98,182 @@ def test_unauthenticated_client_is_refused(applied: Appliance):
         assert "authorization" in str(refused.value).lower()
 
     asyncio.run(asyncio.wait_for(probe(), 30))
+
+
+# -- identities: a node publishes only its own changes, readers only read ------------------------
+
+SUBJECT = "marmot-change-log-1"  # the quick start's one shard
+STREAM = "marmot-changes-1"
+
+
+def change_payload(origin: int, row_id: str) -> bytes:
+    """A well-formed change message for `items`, exactly what a node with id `origin` sends."""
+    from marmot_appliance.replication.codec import encode_batch
+    from marmot_appliance.replication.types import ChangeBatch, RowChange
+
+    version = (int(time.time() * 1000) << 16) + 1
+    row = RowChange("items", "upsert", (row_id,), ("id", "origin", "qty", "payload"),
+                    (row_id, "forged?", 7, b"x"), version, origin)
+    return encode_batch(ChangeBatch(origin=origin, rows=(row,), primary_keys={"items": ("id",)}))
+
+
+async def connect_as(app: Appliance, user: str, password: str, errors: list[str]):
+    async def record(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    return await nats.connect(
+        f"nats://127.0.0.1:{app.ports('n1')['client']}", user=user, password=password,
+        connect_timeout=5, allow_reconnect=False, error_cb=record,
+    )
+
+
+async def refused(request, errors: list[str]) -> str:
+    """Run a publish / JetStream request that the servers must refuse; returns why."""
+    try:
+        await request()
+    except Exception as exc:  # noqa: BLE001 - a timeout (no ack) or an API error: both are refusals
+        await asyncio.sleep(0.2)  # the server's -ERR arrives asynchronously
+        return " ".join(errors) or repr(exc)
+    raise AssertionError("the servers accepted a request this identity must not make")
+
+
+def rows_with_ids(app: Appliance, ids: set[str]) -> dict[str, set[str]]:
+    found = {}
+    for node in app.node_names():
+        conn = sqlite3.connect(f"{app.db(node).as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            found[node] = {row[0] for row in conn.execute("SELECT id FROM items") if row[0] in ids}
+        finally:
+            conn.close()
+    return found
+
+
+def test_forged_messages_never_reach_a_database(applied: Appliance):
+    """n1's identity publishing in n2's name (on n2's subject token, or on its own token with
+    origin 2 in the body), and the reader's identity publishing anything: nothing of it lands in
+    any database. Before per-node identities every holder of the one credential could do both.
+    A control message in n1's own name, built the same way, is applied everywhere."""
+    n1_user, n1_password = applied.credentials("n1")
+    reader_user, reader_password = applied.reader_credentials()
+
+    async def attack() -> dict:
+        n1_errors: list[str] = []
+        reader_errors: list[str] = []
+        n1 = await connect_as(applied, n1_user, n1_password, n1_errors)
+        reader = await connect_as(applied, reader_user, reader_password, reader_errors)
+        try:
+            n1_js, reader_js = n1.jetstream(timeout=3), reader.jetstream(timeout=3)
+            await n1_js.publish(f"{SUBJECT}.1", change_payload(1, "control-1"), stream=STREAM)
+            # Origin 2 in the body, on n1's own token: stored, but receivers refuse it.
+            await n1_js.publish(f"{SUBJECT}.1", change_payload(2, "forged-body"), stream=STREAM)
+            why = {
+                "n1 on n2's token": await refused(
+                    lambda: n1_js.publish(f"{SUBJECT}.2", change_payload(2, "forged-subject"), stream=STREAM), n1_errors
+                ),
+                "reader on n3's token": await refused(
+                    lambda: reader_js.publish(f"{SUBJECT}.3", change_payload(3, "forged-reader"), stream=STREAM),
+                    reader_errors,
+                ),
+            }
+            return why
+        finally:
+            await n1.close()
+            await reader.close()
+
+    why = asyncio.run(asyncio.wait_for(attack(), 60))
+    for attempt, reason in why.items():
+        assert "permissions violation" in reason.lower(), f"{attempt}: {reason}"
+    # A later genuine write from n3 converges everywhere, so every earlier message was handled.
+    deadline = time.monotonic() + 90
+    expected = {"control-1"}
+    while True:
+        found = rows_with_ids(applied, {"control-1", "forged-body", "forged-subject", "forged-reader"})
+        if all(found[node] >= expected for node in ("n2", "n3")):
+            break
+        assert time.monotonic() < deadline, f"the control message was not applied: {found}"
+        time.sleep(0.3)
+    assert all(not (ids - {"control-1"}) for ids in found.values()), found
+    for node in ("n2", "n3"):
+        health = wait_health(applied, node, 200)
+        assert health["dead_letters"] >= 1, health
+
+
+def test_no_identity_may_purge_or_delete_the_streams(applied: Appliance):
+    identities = {"n2": applied.credentials("n2"), "reader": applied.reader_credentials()}
+
+    async def attack() -> dict:
+        reasons = {}
+        for who, (user, password) in identities.items():
+            errors: list[str] = []
+            nc = await connect_as(applied, user, password, errors)
+            try:
+                js = nc.jetstream(timeout=3)
+                reasons[f"{who} purge"] = await refused(lambda: js.purge_stream(STREAM), errors)
+                reasons[f"{who} delete"] = await refused(lambda: js.delete_stream(STREAM), errors)
+                info = await js.stream_info(STREAM)
+                assert info.state.messages > 0, who
+            finally:
+                await nc.close()
+        return reasons
+
+    reasons = asyncio.run(asyncio.wait_for(attack(), 60))
+    for attempt, reason in reasons.items():
+        assert "permissions violation" in reason.lower(), f"{attempt}: {reason}"
+
+
+def test_reader_identity_reads_the_feed_but_cannot_write_snapshots(applied: Appliance):
+    """The README's feed example failed with "Authorization Violation" against the quick-start
+    cluster: it now works with the reader credentials apply writes out (0600), and so does
+    `watch --spec`. The reader may not touch the snapshot bucket or its lease."""
+    from marmot_appliance.feed import changes
+
+    reader_file = applied.state_dir / "secrets" / "nats-reader.json"
+    assert stat.S_IMODE(reader_file.stat().st_mode) == 0o600
+    write_rows(applied.db("n2"), "reader-check", 1)
+    url = f"nats://127.0.0.1:{applied.ports('n1')['client']}"
+
+    async def read_one_and_attack() -> tuple[str, str]:
+        feed = changes(url, "marmot-changes", shards=1, from_="start", tables=["items"], credentials=reader_file)
+        async for change in feed:
+            if change.pk == ("reader-check-0",):
+                seen = change.origin
+                break
+        await feed.aclose()
+        user, password = applied.reader_credentials()
+        errors: list[str] = []
+        nc = await connect_as(applied, user, password, errors)
+        try:
+            js = nc.jetstream(timeout=3)
+            why = await refused(
+                lambda: js.publish("$O.marmot-changes-snapshots.M.Zm9yZ2Vk", b"{}", stream="OBJ_marmot-changes-snapshots"),
+                errors,
+            )
+            lease = await refused(lambda: js.publish("$KV.marmot-changes-snapshots-lease.save", b"{}"), errors)
+        finally:
+            await nc.close()
+        return f"{seen}", why + lease
+
+    origin, why = asyncio.run(asyncio.wait_for(read_one_and_attack(), 90))
+    assert origin == "2"
+    assert "permissions violation" in why.lower(), why
+
+    from tests.test_appliance_support import cli_runner
+
+    runner = cli_runner()
+    import os
+    import subprocess
+
+    watch = subprocess.Popen(
+        [*runner.prefix, runner.python, "-m", "marmot_appliance", "watch", "--spec", str(applied.spec), "--from", "start"],
+        cwd=applied.workdir, env={**os.environ, **dict(runner.env), "HOME": str(applied.workdir)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        line = ""
+        deadline = time.monotonic() + 60
+        while "reader-check-0" not in line:
+            assert time.monotonic() < deadline and watch.poll() is None, watch.stderr.read() if watch.poll() else line
+            line = watch.stdout.readline()
+    finally:
+        watch.terminate()
+        watch.wait(timeout=20)

@@ -120,11 +120,16 @@ def _connection_facet(cluster: Cluster, node: Node, credentials: ServerCredentia
         "auth_user": nats.auth.user,
         "auth_files": [nats.auth.password_file, nats.auth.nkey_seed_file],
         # A hash of the secret, so rotated credentials restart the clients that use them.
-        # (Client secrets only: the route secret is the servers' business.)
-        "secret": digest([credentials.user, credentials.password, credentials.nkey]) if credentials else None,
+        # (This node's client secret only: other identities and the route secret are not its business.)
+        "secret": digest(_client_secret(credentials, node)) if credentials else None,
         "tls": dataclasses.asdict(nats.tls) if nats.tls else None,
         "connect_timeout_s": nats.connect_timeout_s,
     }
+
+
+def _client_secret(credentials: ServerCredentials, node: Node) -> list:
+    own = [(i.user, i.password) for i in credentials.identities if i.node == node.name]
+    return [credentials.user, credentials.password, credentials.nkey, own]
 
 
 def node_resource(

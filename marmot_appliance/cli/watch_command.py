@@ -112,7 +112,8 @@ def _target_from_spec(args: argparse.Namespace) -> WatchTarget:
         except KeyError:
             names = ", ".join(n.name for n in cluster.nodes)
             raise MarmotError(f"no node named {args.node!r} in {args.spec} (nodes: {names})") from None
-    options = connect_kwargs(cluster, node, Path(args.state_dir) if args.state_dir else None)
+    # watch only reads: it connects as the read-only reader identity, never as a node.
+    options = connect_kwargs(cluster, node, Path(args.state_dir) if args.state_dir else None, as_reader=True)
     servers = options.pop("servers")
     replication = cluster.replication
     return WatchTarget(

@@ -35,7 +35,7 @@ def ensure_controller_credentials(spec_path: str, state_dir: str) -> bool:
     if cluster.nats.auth.mode != "generated":
         return not route_existed
     existed = credentials_path(state).is_file()
-    ensure_generated_credentials(state, cluster.nats.auth.user)
+    ensure_generated_credentials(state, cluster)
     return not (existed and route_existed)
 
 

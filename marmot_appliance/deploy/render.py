@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from marmot_appliance.appliance.credentials import credentials_for_apply
+from marmot_appliance.appliance.credentials import credentials_for_apply, node_credentials_document
 from marmot_appliance.appliance.state import StateDir
 from marmot_appliance.natsd.config import render_server_config
 from marmot_appliance.natsd.from_spec import server_config_for
@@ -23,10 +23,11 @@ def nats_server_config_text(spec_path: str, node_name: str, store_dir: str, cont
     return render_server_config(config)
 
 
-def client_credentials_json(spec_path: str, controller_state_dir: str) -> str:
-    """The host's <state_dir>/secrets/nats-credentials.json, or "" when auth is not generated."""
+def client_credentials_json(spec_path: str, controller_state_dir: str, node_name: str) -> str:
+    """The host's <state_dir>/secrets/nats-credentials.json — its own node's identity only — or
+    "" when auth is not generated."""
     cluster = load_cluster(spec_path)
     if cluster.nats.auth.mode != "generated":
         return ""
     credentials = credentials_for_apply(cluster, StateDir(Path(controller_state_dir)))
-    return json.dumps({"user": credentials.user, "password": credentials.password}) + "\n"
+    return json.dumps(node_credentials_document(credentials, cluster.node(node_name).name)) + "\n"

@@ -18,6 +18,17 @@ from marmot_appliance.natsd.binary import nats_server_path
 
 
 @dataclass(frozen=True)
+class ClientUser:
+    """One client identity the server accepts: user + password, or a public nkey; with
+    `publish_allow` set, it may publish only on those subjects (see natsd/permissions.py)."""
+
+    user: str | None = None
+    password: str | None = field(default=None, repr=False)
+    nkey: str | None = None
+    publish_allow: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     server_name: str
     host: str  # listen address for client and cluster ports
@@ -37,6 +48,7 @@ class ServerConfig:
     user: str | None = None  # client authentication, when set
     password: str | None = field(default=None, repr=False)
     nkey: str | None = None  # public nkey of the allowed client user
+    users: tuple[ClientUser, ...] = ()  # identities with permissions (instead of user/nkey)
     # Routes authenticate with their own secret, never the clients': a client credential
     # (held by every node, reader and operator) must not let a server join the cluster.
     route_user: str | None = None
@@ -70,7 +82,9 @@ def render_server_config(cfg: ServerConfig) -> str:
         f"  max_file_store: {cfg.max_file}",
         "}",
     ]
-    if cfg.user and cfg.password:
+    if cfg.users:
+        lines += ["authorization {", "  users: [", *(_user_line(u) for u in cfg.users), "  ]", "}"]
+    elif cfg.user and cfg.password:
         lines += ["authorization {", f"  user: {_q(cfg.user)}", f"  password: {_q(cfg.password)}", "}"]
     elif cfg.nkey:
         lines += ["authorization {", f"  users: [ {{ nkey: {_q(cfg.nkey)} }} ]", "}"]
@@ -81,6 +95,14 @@ def render_server_config(cfg: ServerConfig) -> str:
     for key, value in cfg.extra.items():
         lines.append(f"{key}: {json.dumps(value)}")
     return "\n".join(lines) + "\n"
+
+
+def _user_line(user: ClientUser) -> str:
+    entry: dict = {"nkey": user.nkey} if user.nkey else {"user": user.user, "password": user.password}
+    if user.publish_allow is not None:
+        # Subscriptions stay open; publishing is allow-listed (what is not listed is refused).
+        entry["permissions"] = {"publish": {"allow": list(user.publish_allow)}}
+    return f"    {json.dumps(entry)}"
 
 
 def _tls_lines(cfg: ServerConfig, indent: str, verify: bool) -> list[str]:

@@ -11,21 +11,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from marmot_appliance.errors import MarmotError
-from marmot_appliance.natsd.config import ServerConfig
+from marmot_appliance.natsd.config import ClientUser, ServerConfig
+from marmot_appliance.natsd.permissions import node_publish_allow, reader_publish_allow
 from marmot_appliance.spec.model import Cluster, Node
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One generated client identity: a node's own (node set) or the read-only reader."""
+
+    user: str
+    password: str = field(repr=False)
+    node: str | None = None  # None: the reader
 
 
 @dataclass(frozen=True)
 class ServerCredentials:
     """What a server accepts from clients and other servers' routes.
 
-    user + password for `generated` and `user` auth; nkey (the *public* key) for `nkey` auth.
-    The password is excluded from repr so it never lands in a log line or traceback.
+    `generated` auth: `identities`, one per node plus the reader. `user` auth: user + password,
+    `nkey` auth: nkey (the *public* key) — one identity shared by every node and reader.
+    Passwords are excluded from repr so they never land in a log line or traceback.
     """
 
     user: str | None = None
     password: str | None = field(default=None, repr=False)
     nkey: str | None = None
+    identities: tuple[Identity, ...] = ()
     # The route secret: only servers hold it (never a node runtime, reader or operator tool).
     route_user: str | None = None
     route_password: str | None = field(default=None, repr=False)
@@ -70,23 +82,11 @@ def server_config_for(
         raise MarmotError("nats.embedded is false: the spec describes no nats-server to configure")
     if node not in cluster.nodes:
         raise MarmotError(f"node {node.name!r} is not part of cluster {cluster.name!r}")
-    auth = cluster.nats.auth
-    user = password = nkey = None
     clustered = len(cluster.nodes) > 1
     if clustered and not (credentials and credentials.route_user and credentials.route_password):
         # Routes are authenticated in every auth mode, `none` included.
         raise MarmotError("no route credentials were provided for a clustered nats-server")
-    if auth.mode != "none":
-        if credentials is None:
-            raise MarmotError(f"nats.auth.mode is {auth.mode!r} but no credentials were provided")
-        if auth.mode == "nkey":
-            if not credentials.nkey:
-                raise MarmotError("nats.auth.mode is 'nkey' but no public nkey was provided")
-            nkey = credentials.nkey
-        else:
-            if not (credentials.user and credentials.password):
-                raise MarmotError(f"nats.auth.mode is {auth.mode!r} but user or password is empty")
-            user, password = credentials.user, credentials.password
+    users = client_users(cluster, credentials)
     routes = tuple(
         f"{other.advertise}:{other.ports.cluster}"
         for other in sorted(cluster.nodes, key=lambda n: n.id)
@@ -107,9 +107,7 @@ def server_config_for(
         advertise=node.advertise,
         max_memory=cluster.nats.jetstream.max_memory,
         max_file=cluster.nats.jetstream.max_file,
-        user=user,
-        password=password,
-        nkey=nkey,
+        users=users,
         route_user=credentials.route_user if clustered else None,
         route_password=credentials.route_password if clustered else None,
         monitor_host=monitor_host(cluster, node),
@@ -118,6 +116,46 @@ def server_config_for(
         tls_ca=tls.ca if tls else None,
         tls_verify_clients=tls.verify_clients if tls else False,
     )
+
+
+def client_users(cluster: Cluster, credentials: ServerCredentials | None) -> tuple[ClientUser, ...]:
+    """The client identities a server of this cluster accepts, each with its permissions."""
+    auth = cluster.nats.auth
+    if auth.mode == "none":
+        return ()
+    if credentials is None:
+        raise MarmotError(f"nats.auth.mode is {auth.mode!r} but no credentials were provided")
+    every_origin = sorted(n.id for n in cluster.nodes)
+    if auth.mode == "nkey":
+        if not credentials.nkey:
+            raise MarmotError("nats.auth.mode is 'nkey' but no public nkey was provided")
+        # One identity for every node and reader: it may publish as any node (docs/security.md).
+        return (ClientUser(nkey=credentials.nkey, publish_allow=tuple(node_publish_allow(cluster, every_origin))),)
+    if auth.mode == "user":
+        if not (credentials.user and credentials.password):
+            raise MarmotError("nats.auth.mode is 'user' but user or password is empty")
+        shared = ClientUser(
+            user=credentials.user,
+            password=credentials.password,
+            publish_allow=tuple(node_publish_allow(cluster, every_origin)),
+        )
+        return (shared,)
+    by_node = {identity.node: identity for identity in credentials.identities}
+    missing = [n.name for n in cluster.nodes if n.name not in by_node]
+    if missing or None not in by_node:
+        who = ", ".join(missing) if missing else "the reader"
+        raise MarmotError(f"nats.auth.mode is 'generated' but no identity was provided for {who}")
+    users = [
+        ClientUser(
+            user=by_node[n.name].user,
+            password=by_node[n.name].password,
+            publish_allow=tuple(node_publish_allow(cluster, [n.id])),
+        )
+        for n in sorted(cluster.nodes, key=lambda n: n.id)
+    ]
+    reader = by_node[None]
+    users.append(ClientUser(user=reader.user, password=reader.password, publish_allow=tuple(reader_publish_allow())))
+    return tuple(users)
 
 
 def monitor_endpoints(cluster: Cluster) -> list[tuple[str, int]]:

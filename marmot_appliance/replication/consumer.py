@@ -49,6 +49,7 @@ from marmot_appliance.replication.applier import DatabaseReplacedError
 from marmot_appliance.replication.streams import stream_instance
 from marmot_appliance.replication.payload_bounds import MAX_KEPT_PAYLOAD_BYTES
 from marmot_appliance.replication.sqlite_util import is_environment_error
+from marmot_appliance.replication.streams import origin_of_subject
 from marmot_appliance.replication.types import ChangeBatch
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,9 @@ class ShardConsumer:
             idle_heartbeat=HEARTBEAT_S,
         )
         return await self.js.subscribe(
-            self.subject,
+            # Everything the stream holds (every origin's token, and messages stored before
+            # per-origin subjects existed); each message's token is checked in _forged.
+            ">",
             stream=self.stream,
             ordered_consumer=True,
             config=config,
@@ -338,7 +341,7 @@ class ShardConsumer:
         """Apply delivered messages in order; contiguous, decodable ones in one transaction."""
         if len(msgs) == 1:
             m = msgs[0]
-            return await self.handle(m.metadata.sequence.stream, m.data, m.headers, m.metadata.num_pending)
+            return await self.handle(m.metadata.sequence.stream, m.data, m.headers, m.metadata.num_pending, m.subject)
         items: list[tuple[ChangeBatch, str, int]] = []
         expected = self.position + 1
         simple = True
@@ -353,10 +356,14 @@ class ShardConsumer:
                 items.append((ChangeBatch(origin=self.node_id, rows=()), self.stream, seq))
             else:
                 try:
-                    items.append((await _decode(m.data), self.stream, seq))
+                    batch = await _decode(m.data)
                 except codec.CodecError:
                     simple = False
                     break
+                if self._forged(m.subject, batch) is not None:
+                    simple = False  # the careful path dead-letters it
+                    break
+                items.append((batch, self.stream, seq))
             expected = seq + 1
         if simple and items:
             try:
@@ -375,7 +382,7 @@ class ShardConsumer:
                 return False
         if not simple or not items:
             for m in msgs:
-                if await self.handle(m.metadata.sequence.stream, m.data, m.headers, m.metadata.num_pending):
+                if await self.handle(m.metadata.sequence.stream, m.data, m.headers, m.metadata.num_pending, m.subject):
                     return True
         return False
 
@@ -431,8 +438,12 @@ class ShardConsumer:
             self.metrics.set("apply_blocked", 0, help="1 while a stream waits for the database to accept writes",
                              stream=self.stream)
 
-    async def handle(self, seq: int, payload: bytes, headers: dict | None, num_pending: int = 0) -> bool:
-        """Apply one delivered message. True if the subscription must restart (after a restore)."""
+    async def handle(
+        self, seq: int, payload: bytes, headers: dict | None, num_pending: int = 0, subject: str | None = None
+    ) -> bool:
+        """Apply one delivered message. True if the subscription must restart (after a restore).
+
+        `subject` is the message's subject; None only for callers that checked it already."""
         if seq <= self.position:
             return False  # duplicate delivery (resubscribe overlap)
         if seq > self.position + 1:
@@ -452,9 +463,27 @@ class ShardConsumer:
             await self._dead_letter(seq, payload, f"undecodable message: {exc}")
             self._after_apply(num_pending, rows=0)
             return False
+        forged = self._forged(subject, batch) if subject is not None else None
+        if forged is not None:
+            self.metrics.inc("forged_messages", help="Messages whose origin does not match their publisher's subject")
+            await self._dead_letter(seq, payload, forged)
+            self._after_apply(num_pending, rows=0)
+            return False
         await self._apply_with_retry(batch, seq, payload)
         self._after_apply(num_pending, rows=_row_count(batch))
         return False
+
+    def _forged(self, subject: str, batch) -> str | None:
+        """Why a message cannot be trusted, or None. The servers let a node's identity publish
+        only on its own token (`<shard subject>.<node id>`), so the origin in the body must be
+        that token: anything else was published by someone else in that node's name."""
+        try:
+            token = origin_of_subject(subject, self.subject)
+        except ValueError as exc:
+            return f"forged origin: {exc}"
+        if token is not None and token != batch.origin:
+            return f"forged origin: body says node {batch.origin} but it was published on {subject}"
+        return None
 
     def _after_apply(self, num_pending: int, rows: int) -> None:
         if self.gap is not None:

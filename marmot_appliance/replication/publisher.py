@@ -29,6 +29,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 
 from marmot_appliance.errors import MarmotError
+from marmot_appliance.natsd.permissions import origin_subject
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication import bookkeeping as bk
 from marmot_appliance.replication import codec
@@ -629,7 +630,8 @@ class Publisher:
                 headers[codec.MORE_HEADER] = "1"
             try:
                 future = await self.js.publish_async(
-                    self.replication.subject(outgoing.shard),
+                    # Our own origin token: the only subject our identity may publish on.
+                    origin_subject(self.replication, outgoing.shard, self.node_id),
                     outgoing.payload,
                     wait_stall=ACK_TIMEOUT_S,
                     stream=self.replication.stream_name(outgoing.shard),

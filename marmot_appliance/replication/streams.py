@@ -1,6 +1,7 @@
 """The shard streams: created, or checked and brought in line with the spec, at start.
 
-One stream per shard, `<stream_prefix>-<n>` capturing subject `<subject_prefix>-<n>` (n = 1..N),
+One stream per shard, `<stream_prefix>-<n>` capturing `<subject_prefix>-<n>.*` (n = 1..N; the
+last token is the publishing node's id, see docs/wire-format.md),
 file storage, limits retention keeping the newest `max_log_entries` messages, `num_replicas`
 copies. A duplicate window makes `Nats-Msg-Id` de-duplicate a publish retried after a crash.
 
@@ -19,6 +20,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig, StreamInfo
 
 from marmot_appliance.errors import MarmotError
+from marmot_appliance.natsd.permissions import shard_stream_subjects
 from marmot_appliance.replication.sharding import shard_numbers
 from marmot_appliance.spec.model import ReplicationSettings
 
@@ -37,7 +39,9 @@ def stream_config(replication: ReplicationSettings, shard: int, replicas: int) -
     return StreamConfig(
         name=replication.stream_name(shard),
         description=f"marmot-appliance change log, shard {shard}",
-        subjects=[replication.subject(shard)],
+        # One token per origin under the shard subject: the servers let each node publish only
+        # on its own token, and receivers check the token against the origin in the body.
+        subjects=shard_stream_subjects(replication, shard),
         retention=RetentionPolicy.LIMITS,
         discard=DiscardPolicy.OLD,
         max_msgs=replication.max_log_entries,
@@ -46,6 +50,7 @@ def stream_config(replication: ReplicationSettings, shard: int, replicas: int) -
         duplicate_window=DUPLICATE_WINDOW_S,
         allow_direct=True,
         deny_delete=True,
+        deny_purge=True,
     )
 
 
@@ -60,6 +65,14 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, timeout_s: f
         except nats.js.errors.APIError as exc:
             raise StreamSetupError(f"cannot create stream {wanted.name}: {exc.description or exc}") from exc
     current = info.config
+    if set(current.subjects or []) == {legacy_subject(wanted)}:
+        # Created by a version without per-origin subject tokens: capture the tokens from now
+        # on (messages already stored keep their subject and stay readable).
+        log.info("stream %s: capturing per-origin subjects %s", wanted.name, wanted.subjects)
+        current = current.evolve(subjects=list(wanted.subjects or []))
+        drift_subjects = True
+    else:
+        drift_subjects = False
     if set(current.subjects or []) != set(wanted.subjects or []):
         raise StreamSetupError(
             f"stream {wanted.name} exists with subjects {current.subjects}, expected {wanted.subjects}; "
@@ -67,19 +80,41 @@ async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, timeout_s: f
         )
     drift = {
         field: (getattr(current, field), getattr(wanted, field))
-        for field in ("num_replicas", "max_msgs", "duplicate_window")
+        for field in ("num_replicas", "max_msgs", "duplicate_window", "deny_purge")
         if getattr(current, field) != getattr(wanted, field)
     }
-    if not drift:
+    if not drift and not drift_subjects:
         return info
     log.info("updating stream %s: %s", wanted.name, ", ".join(f"{k} {a} -> {b}" for k, (a, b) in drift.items()))
     updated = current.evolve(
-        num_replicas=wanted.num_replicas, max_msgs=wanted.max_msgs, duplicate_window=wanted.duplicate_window
+        num_replicas=wanted.num_replicas,
+        max_msgs=wanted.max_msgs,
+        duplicate_window=wanted.duplicate_window,
+        deny_purge=wanted.deny_purge,
     )
     try:
         return await js.update_stream(updated)
     except nats.js.errors.APIError as exc:
         raise StreamSetupError(f"cannot update stream {wanted.name}: {exc.description or exc}") from exc
+
+
+def legacy_subject(wanted: StreamConfig) -> str:
+    """The single subject a shard stream captured before per-origin tokens (`<prefix>-<n>`)."""
+    return (wanted.subjects or [""])[0].removesuffix(".*")
+
+
+def origin_of_subject(subject: str, shard_subject: str) -> int | None:
+    """The origin token of a change message's subject (`<shard_subject>.<origin>`).
+
+    None for a message stored before per-origin subjects existed (exactly `shard_subject`: no
+    client can publish there any more, the stream no longer captures it). Raises ValueError
+    for anything else, which the caller treats as a forged message."""
+    if subject == shard_subject:
+        return None
+    prefix, _, token = subject.rpartition(".")
+    if prefix != shard_subject or not token.isdigit() or token.startswith("0"):
+        raise ValueError(f"subject {subject!r} is not {shard_subject}.<origin id>")
+    return int(token)
 
 
 async def ensure_streams(js: JetStreamContext, replication: ReplicationSettings, replicas: int) -> list[StreamInfo]:

@@ -22,9 +22,9 @@ def marmot_nats_server_config(spec_path, node_name, store_dir, controller_state_
     return _render("nats_server_config_text", str(spec_path), str(node_name), str(store_dir), str(controller_state_dir))
 
 
-def marmot_nats_client_credentials(spec_path, controller_state_dir):
-    """secrets/nats-credentials.json for the node runtime ("" unless auth is generated)."""
-    return _render("client_credentials_json", str(spec_path), str(controller_state_dir))
+def marmot_nats_client_credentials(spec_path, controller_state_dir, node_name):
+    """secrets/nats-credentials.json for one node runtime: its own identity ("" unless auth is generated)."""
+    return _render("client_credentials_json", str(spec_path), str(controller_state_dir), str(node_name))
 
 
 class FilterModule:
