@@ -67,12 +67,11 @@ def prepare_copy_for_node(
     install_capture: bool = True,
 ) -> None:
     """Adjust the downloaded copy (never the live file) so it becomes this node's database."""
+    check_untrusted_copy(copy_path, db_path, selection)
     # uri=True so the ATTACH below understands the read-only `file:` URI of the live database.
     copy = sqlite3.connect(copy_path.resolve().as_uri(), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S)
     try:
-        check = copy.execute("PRAGMA quick_check").fetchone()[0]
-        if check != "ok":
-            raise SnapshotError(f"the downloaded snapshot fails SQLite's quick_check: {check}")
+        _distrust_schema(copy)
         strip_node_private_state(copy)
         local_clock = 0
         live_exists = db_path.exists() and db_path.stat().st_size > 0
@@ -131,6 +130,71 @@ def prepare_copy_for_node(
         copy.close()
     if install_capture and capture_present:
         _install_own_capture(copy_path, node_id, selection)
+
+
+def _distrust_schema(conn: sqlite3.Connection) -> None:
+    """A snapshot is untrusted input: its schema (views, triggers, defaults) may not call
+    functions with side effects, and, where this Python's sqlite3 can set it (3.12+), defensive
+    mode forbids writing the schema or shadow tables directly."""
+    conn.execute("PRAGMA trusted_schema = OFF")
+    setconfig = getattr(conn, "setconfig", None)
+    defensive = getattr(sqlite3, "SQLITE_DBCONFIG_DEFENSIVE", None)
+    if setconfig is not None and defensive is not None:
+        setconfig(defensive, True)
+
+
+def _schema_objects(conn: sqlite3.Connection, schema: str, selection: TableSelection) -> dict[tuple[str, str], str]:
+    """(type, name) -> SQL of the application's objects on tables this node replicates.
+    The appliance's own objects (`_marmot_*`, e.g. the capture triggers) are rebuilt locally and
+    tables this node does not replicate are carried over from the live file, so neither counts."""
+    rows = conn.execute(
+        f"SELECT type, name, tbl_name, sql FROM {quote_ident(schema)}.sqlite_schema WHERE sql IS NOT NULL"
+    ).fetchall()
+    return {
+        (kind, name): " ".join(sql.split())
+        for kind, name, table, sql in rows
+        if not name.startswith((BOOKKEEPING_PREFIX, "sqlite_"))
+        and not table.startswith((BOOKKEEPING_PREFIX, "sqlite_"))
+        and selection.selects(table)
+    }
+
+
+def check_untrusted_copy(copy_path: Path, db_path: Path, selection: TableSelection) -> None:
+    """Check a downloaded snapshot before anything runs on it read-write.
+
+    Opened read-only with trusted_schema=OFF: SQLite's quick_check, then its schema against the
+    live database's — a snapshot whose tables, indexes, triggers or views differ from ours
+    (extra triggers included) is refused before the backup could make them this node's. A node
+    whose database has no tables yet takes the snapshot's schema (checked only by the manifest
+    checksum, which only node identities can write)."""
+    copy = sqlite3.connect(_sqlite_uri_ro(copy_path), uri=True, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    try:
+        _distrust_schema(copy)
+        check = copy.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise SnapshotError(f"the downloaded snapshot fails SQLite's quick_check: {check}")
+        if not (db_path.exists() and db_path.stat().st_size > 0):
+            return
+        copy.execute("ATTACH DATABASE ? AS live", (_sqlite_uri_ro(db_path),))
+        theirs = _schema_objects(copy, "main", selection)
+        ours = _schema_objects(copy, "live", selection)
+    finally:
+        copy.close()
+    if not ours:
+        return
+    differences = sorted(
+        f"{kind} {name}: " + ("only in the snapshot" if key not in ours else "only here" if key not in theirs else "differs")
+        for key in set(theirs) | set(ours)
+        if theirs.get(key) != ours.get(key)
+        for kind, name in [key]
+    )
+    if differences:
+        raise RestoreRefusedError(
+            "the snapshot's schema differs from this database's, so it is not restored: "
+            + "; ".join(differences[:10])
+            + (f" (and {len(differences) - 10} more)" if len(differences) > 10 else "")
+            + ". Bring the schemas in line (schema changes are not replicated), then restore."
+        )
 
 
 def _install_own_capture(copy_path: Path, node_id: int, selection: TableSelection) -> None:
