@@ -50,7 +50,7 @@ async def test_versions_from_the_future_neither_pin_clocks_nor_break_application
         for node in nodes:
             await node.wait_healthy()
         ten_minutes_ahead = int((time.time() + 600) * 1000) << 16
-        await _publish(nats_server.url, "marmot-change-log-1",
+        await _publish(nats_server.url, f"marmot-change-log-1.{FOREIGN_NODE}",
                        _row("pinned", 2**63 - 1), _row("decades", 1 << 62), _row("ahead", ten_minutes_ahead))
 
         def reported(node: SubprocessNode) -> bool:

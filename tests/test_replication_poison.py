@@ -37,10 +37,10 @@ async def test_garbage_zstd_frame_is_dead_lettered_and_the_shard_keeps_flowing(n
         try:
             js = nc.jetstream(timeout=10)
             assert await wait_for_stream_leader(js, "marmot-changes-1")
-            await js.publish("marmot-change-log-1", b"\x01\x01\x09garbage")
+            await js.publish("marmot-change-log-1.7", b"\x01\x01\x09garbage")
             # The same garbage inside a run (Marmot-More): sizing the run must not raise either.
-            await js.publish("marmot-change-log-1", b"\x01\x01\x09garbage", headers={"Marmot-More": "1", "Marmot-Origin": "7"})
-            await js.publish("marmot-change-log-1", b"\x01\x01\x28\xb5\x2f\xfd\xff", headers={"Marmot-Origin": "7"})
+            await js.publish("marmot-change-log-1.7", b"\x01\x01\x09garbage", headers={"Marmot-More": "1", "Marmot-Origin": "7"})
+            await js.publish("marmot-change-log-1.7", b"\x01\x01\x28\xb5\x2f\xfd\xff", headers={"Marmot-Origin": "7"})
         finally:
             await nc.close()
         execute(dbs[0], "INSERT INTO doc VALUES ('after', 'still flows', 1)")
@@ -69,7 +69,7 @@ async def test_compressed_item_bomb_is_dead_lettered_by_every_node(nats_cluster,
         try:
             js = nc.jetstream(timeout=10)
             assert await wait_for_stream_leader(js, "marmot-changes-1")
-            await js.publish("marmot-change-log-1", bomb)
+            await js.publish("marmot-change-log-1.7", bomb)
         finally:
             await nc.close()
         execute(dbs[0], "INSERT INTO doc VALUES ('after', 'still flows', 1)")
