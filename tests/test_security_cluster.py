@@ -277,3 +277,20 @@ def test_reader_identity_reads_the_feed_but_cannot_write_snapshots(applied: Appl
     finally:
         watch.terminate()
         watch.wait(timeout=20)
+
+
+def test_verify_runs_with_the_reader_identity(applied: Appliance):
+    """`verify SPEC` connects as the read-only reader: its requests are allowed, and the nodes
+    answer through allow_responses (no node may publish on _INBOX.> in general). (`sessions`
+    only: the forged-message test leaves `items` rows in n1's name that n1 itself never wrote.)"""
+    conn = sqlite3.connect(applied.db("n3"), timeout=30)
+    with conn:
+        conn.execute("INSERT INTO sessions VALUES ('verify-check', 'n3')")
+    conn.close()
+    deadline = time.monotonic() + 90
+    while True:
+        result = applied.cli("verify", str(applied.spec), "--table", "sessions")
+        if result.returncode == 0 and "Traceback" not in result.stderr:
+            break
+        assert time.monotonic() < deadline, describe(result)
+        time.sleep(1)

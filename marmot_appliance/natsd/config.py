@@ -26,6 +26,7 @@ class ClientUser:
     password: str | None = field(default=None, repr=False)
     nkey: str | None = None
     publish_allow: tuple[str, ...] | None = None
+    allow_responses: bool = False  # may answer requests it received (once each), nothing more
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ def _user_line(user: ClientUser) -> str:
     if user.publish_allow is not None:
         # Subscriptions stay open; publishing is allow-listed (what is not listed is refused).
         entry["permissions"] = {"publish": {"allow": list(user.publish_allow)}}
+        if user.allow_responses:
+            entry["permissions"]["allow_responses"] = True
     return f"    {json.dumps(entry)}"
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.natsd.config import ClientUser, ServerConfig
-from marmot_appliance.natsd.permissions import node_publish_allow, reader_publish_allow
+from marmot_appliance.natsd.permissions import node_publish_allow, reader_publish_allow, verify_requests
 from marmot_appliance.spec.model import Cluster, Node
 
 
@@ -130,14 +130,21 @@ def client_users(cluster: Cluster, credentials: ServerCredentials | None) -> tup
         if not credentials.nkey:
             raise MarmotError("nats.auth.mode is 'nkey' but no public nkey was provided")
         # One identity for every node and reader: it may publish as any node (docs/security.md).
-        return (ClientUser(nkey=credentials.nkey, publish_allow=tuple(node_publish_allow(cluster, every_origin))),)
+        return (
+            ClientUser(
+                nkey=credentials.nkey,
+                publish_allow=tuple(node_publish_allow(cluster, every_origin) + verify_requests(cluster)),
+                allow_responses=True,
+            ),
+        )
     if auth.mode == "user":
         if not (credentials.user and credentials.password):
             raise MarmotError("nats.auth.mode is 'user' but user or password is empty")
         shared = ClientUser(
             user=credentials.user,
             password=credentials.password,
-            publish_allow=tuple(node_publish_allow(cluster, every_origin)),
+            publish_allow=tuple(node_publish_allow(cluster, every_origin) + verify_requests(cluster)),
+            allow_responses=True,
         )
         return (shared,)
     by_node = {identity.node: identity for identity in credentials.identities}
@@ -150,11 +157,12 @@ def client_users(cluster: Cluster, credentials: ServerCredentials | None) -> tup
             user=by_node[n.name].user,
             password=by_node[n.name].password,
             publish_allow=tuple(node_publish_allow(cluster, [n.id])),
+            allow_responses=True,  # answers verify requests
         )
         for n in sorted(cluster.nodes, key=lambda n: n.id)
     ]
     reader = by_node[None]
-    users.append(ClientUser(user=reader.user, password=reader.password, publish_allow=tuple(reader_publish_allow())))
+    users.append(ClientUser(user=reader.user, password=reader.password, publish_allow=tuple(reader_publish_allow(cluster))))
     return tuple(users)
 
 

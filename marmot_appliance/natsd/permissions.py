@@ -10,7 +10,12 @@ servers, for every client:
 - a node publishes changes only on its own origin token (`<subject_prefix>-<shard>.<node id>`),
   writes the snapshot object store, manifest and lease, and may create / update (never purge or
   delete) the shard streams it needs;
-- a reader publishes nothing but JetStream read requests (stream info, its own consumers, acks).
+- a reader publishes nothing but JetStream read requests (stream info, its own consumers, acks)
+  and verify requests.
+
+Nodes answer verify requests through `allow_responses` (a reply to a request they received,
+once), never through a general right to publish on `_INBOX.>`, which would let a node forge
+JetStream acknowledgements to other clients.
 
 Nobody is allowed `$JS.API.STREAM.DELETE`, `$JS.API.STREAM.PURGE` of a shard stream, or
 `$JS.API.STREAM.MSG.DELETE`; the shard streams are also created with deny_delete / deny_purge.
@@ -19,7 +24,7 @@ Nobody is allowed `$JS.API.STREAM.DELETE`, `$JS.API.STREAM.PURGE` of a shard str
 from __future__ import annotations
 
 from marmot_appliance.replication.sharding import shard_numbers
-from marmot_appliance.spec.model import Cluster, Node, ReplicationSettings
+from marmot_appliance.spec.model import Cluster, ReplicationSettings
 
 # Requests every client needs to read: account info, stream info/listing, direct and
 # stored-message gets, its own (ephemeral or ordered) consumers, acks and flow control.
@@ -77,15 +82,14 @@ def node_publish_allow(cluster: Cluster, origins: list[int]) -> list[str]:
     return allow
 
 
-def reader_publish_allow() -> list[str]:
-    return list(READ_REQUESTS)
+def verify_requests(cluster: Cluster) -> list[str]:
+    """The verify service's request subjects (verify/protocol.py): `marmot-appliance verify`
+    asks the nodes for digests and, with `repair`, to re-publish rows they hold (with their
+    original versions: it cannot change what converges)."""
+    from marmot_appliance.verify.protocol import subject_prefix
+
+    return [f"{subject_prefix(cluster.replication.stream_prefix)}.>"]
 
 
-def permissions_block(publish_allow: list[str]) -> dict:
-    """The `permissions` of a user entry in nats-server's authorization block. Subscriptions
-    stay open (reading is what every identity is for); publishing is allow-listed."""
-    return {"publish": {"allow": publish_allow}}
-
-
-def node_origins(cluster: Cluster, node: Node) -> list[int]:
-    return [node.id]
+def reader_publish_allow(cluster: Cluster) -> list[str]:
+    return list(READ_REQUESTS) + verify_requests(cluster)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from marmot_appliance.natsd.permissions import origin_subject
 from marmot_appliance.replication import codec
 from marmot_appliance.replication.sharding import shard_for
 from marmot_appliance.replication.types import ChangeBatch, RowChange
@@ -68,7 +69,8 @@ async def publish_repair(js: Any, replication: Any, node_id: int, max_payload: i
             if len(payload) > max_payload - 4096:
                 raise VerifyProtocolError(f"a repair message for {table!r} is too large; repair fewer keys at once")
             msg_id = f"repair-{node_id}-{hashlib.sha256(payload).hexdigest()[:40]}"
-            await js.publish(replication.subject(shard), payload, timeout=PUBLISH_TIMEOUT_S,
+            # Our own origin token, as for every change we publish (docs/security.md).
+            await js.publish(origin_subject(replication, shard, node_id), payload, timeout=PUBLISH_TIMEOUT_S,
                              headers={codec.ORIGIN_HEADER: str(node_id), codec.MSG_ID_HEADER: msg_id})
             sent += 1
     return sent
