@@ -155,12 +155,26 @@ async def test_a_gap_is_held_reported_and_closed_by_a_requested_snapshot(nats_cl
         await wait_converged([db1, db2])
         assert digest(db1) == digest(db2)
         assert not n2.health()["gaps"]
+        await wait_until(lambda: asyncio.run(_requests(urls)) == {}, 30, 0.5, "n2 to withdraw its snapshot request")
     finally:
         for node in (n1, n2):
             node.terminate()
     for node in (n1, n2):
         text = node.log_path.read_text()
         assert "Traceback" not in text, text[-3000:]
+
+
+async def _requests(urls) -> dict:
+    from marmot_appliance.snapshots.requests import read_requests
+    from marmot_appliance.snapshots.save import open_store
+
+    nc = await nats.connect(servers=urls)
+    try:
+        cluster = config_from_flags("/dev/null", 1, urls[0]).cluster
+        requests, _revision = await read_requests(await open_store(nc.jetstream(), cluster))
+        return requests
+    finally:
+        await nc.close()
 
 
 async def test_a_saver_serves_a_snapshot_request_with_periodic_saves_off(nats_server, wal_db):

@@ -136,6 +136,7 @@ class NodeRuntime:
         self._flow_tasks: list[asyncio.Task] = []
         self._last_seq_map: dict[str, int] | None = None
         self._closing = False
+        self._snapshot_requested = False  # this node asked the cluster for a snapshot (a gap)
         self._republished_at: float | None = None  # time.monotonic() of the last re-publish (stream reset)
         self._node_id_changes = False  # the database was another node id's (--allow-node-id-change)
         self._part_failed = asyncio.Event()  # a runtime part (consumer, publisher, ...) died
@@ -530,6 +531,8 @@ class NodeRuntime:
             if self.restores.busy:
                 continue  # the file is being replaced; the capture is re-installed after it
             now = time.monotonic()
+            if self._snapshot_requested and not self.status.gaps:
+                await self._withdraw_snapshot_request()
             try:
                 await self._check_schema()
                 if now - last_parked >= PARKED_RETRY_S:
@@ -659,6 +662,7 @@ class NodeRuntime:
             covering = await snapshot_bridge.snapshot_covering(self, needed)
             if covering is None:
                 await snapshot_bridge.request_snapshot(self, needed)
+                self._snapshot_requested = True
                 self.status.gap_recovery[stream] = (
                     f"no kept snapshot reflects {stream} up to {available - 1}; asked the cluster for one"
                 )
@@ -687,6 +691,15 @@ class NodeRuntime:
         self.status.stream_resets[stream] = {
             "at": time.time(), "reason": reason, "previous_position": previous, "republished_rows": republished,
         }
+
+    async def _withdraw_snapshot_request(self) -> None:
+        """Every gap is closed: take this node's snapshot request back (best effort; a request
+        a newer snapshot covers is ignored by the savers anyway)."""
+        try:
+            await asyncio.wait_for(snapshot_bridge.withdraw_request(self), 10.0)
+            self._snapshot_requested = False
+        except (MarmotError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            log.debug("snapshot request not withdrawn yet: %s", exc)
 
     def saving_blocked(self) -> str | None:
         """Why this node must not save a snapshot now (a restore, or a gap: its positions on that

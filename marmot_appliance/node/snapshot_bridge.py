@@ -86,6 +86,14 @@ async def request_snapshot(runtime: Any, needed: dict[str, int]) -> None:
     await write_request(store, runtime.node.name, needed)
 
 
+async def withdraw_request(runtime: Any) -> None:
+    from marmot_appliance.snapshots.requests import withdraw_request as remove_request
+    from marmot_appliance.snapshots.save import open_store
+
+    store = await open_store(runtime.js, runtime.cluster)
+    await remove_request(store, runtime.node.name)
+
+
 def start_scheduler(runtime: Any) -> Any | None:
     """The snapshot scheduler as a task of the runtime (stopped with the other parts)."""
     import asyncio
