@@ -156,7 +156,8 @@ def client_users(cluster: Cluster, credentials: ServerCredentials | None) -> tup
         ClientUser(
             user=by_node[n.name].user,
             password=by_node[n.name].password,
-            publish_allow=tuple(node_publish_allow(cluster, [n.id])),
+            # verify requests too: the continuous convergence check runs on every node.
+            publish_allow=tuple(node_publish_allow(cluster, [n.id]) + verify_requests(cluster)),
             allow_responses=True,  # answers verify requests
         )
         for n in sorted(cluster.nodes, key=lambda n: n.id)
