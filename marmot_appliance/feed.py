@@ -39,9 +39,15 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from marmot_appliance.errors import MarmotError
-from marmot_appliance.replication.codec import CodecError, decode_batch
+from marmot_appliance.replication.codec import (
+    MAX_ROW_BODY_BYTES,
+    CodecError,
+    Fragment,
+    decode_assembled,
+    decode_message,
+)
 from marmot_appliance.replication.streams import retry_while_settling
-from marmot_appliance.replication.types import Operation
+from marmot_appliance.replication.types import ChangeBatch, Operation
 from marmot_appliance.spec.model import ReplicationSettings
 
 log = logging.getLogger(__name__)
@@ -326,6 +332,7 @@ async def changes(
         except nats.js.errors.APIError as exc:
             raise FeedError(f"JetStream refused the consumer: {exc.description or exc}") from exc
 
+        large_rows = LargeRows()
         while True:
             try:
                 stream, msg = queue.get_nowait()
@@ -334,7 +341,14 @@ async def changes(
             seq, stored_at = _position(msg)
             try:
                 # Off the event loop (the codec bounds size, items and nesting first).
-                batch = await asyncio.to_thread(decode_batch, msg.data)
+                batch = await asyncio.to_thread(decode_message, msg.data)
+                if isinstance(batch, Fragment):
+                    forged = origin_mismatch(msg.subject, batch.origin)
+                    if forged:  # never let a forged piece join another node's row
+                        raise CodecError(forged)
+                    batch = await large_rows.add(stream, batch)
+                    if batch is None:
+                        continue  # more pieces of the row follow
             except CodecError as exc:
                 report(stream, seq, exc)
                 continue
@@ -383,6 +397,37 @@ def origin_mismatch(subject: str, origin: int) -> str | None:
     if token.isdigit() and int(token) != origin:
         return f"forged origin: body says node {origin} but it was published on {subject}"
     return None
+
+
+class LargeRows:
+    """Joins the fragments of rows larger than one message, per stream and origin, like the
+    nodes do (docs/wire-format.md, "Large rows"); one row's pieces in memory at a time."""
+
+    def __init__(self) -> None:
+        self._pieces: dict[tuple[str, int], list[bytes]] = {}
+
+    async def add(self, stream: str, fragment: Fragment) -> ChangeBatch | None:
+        """The row's batch when `fragment` completes it, else None; CodecError when out of order
+        (e.g. a feed started in the middle of a row: its pieces are reported and skipped)."""
+        key = (stream, fragment.origin)
+        if fragment.index == 0:
+            self._pieces[key] = []
+        pieces = self._pieces.get(key)
+        if pieces is None or len(pieces) != fragment.index:
+            self._pieces.pop(key, None)
+            raise CodecError(
+                f"fragment {fragment.index + 1} of {fragment.count} from node {fragment.origin} "
+                "without the ones before it"
+            )
+        pieces.append(fragment.piece)
+        if sum(map(len, pieces)) > MAX_ROW_BODY_BYTES:
+            del self._pieces[key]
+            raise CodecError(f"a large row from node {fragment.origin} passes {MAX_ROW_BODY_BYTES} bytes")
+        if fragment.index < fragment.count - 1:
+            return None
+        del self._pieces[key]
+        body = b"".join(pieces)
+        return await asyncio.to_thread(decode_assembled, body, for_apply=False)
 
 
 async def _next_message(queue: asyncio.Queue, connection: NatsClient):

@@ -51,7 +51,8 @@ class NatsCluster:
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes if p.pid]
 
-    def start(self, size: int, user: str | None = None, password: str | None = None) -> "NatsCluster":
+    def start(self, size: int, user: str | None = None, password: str | None = None,
+              max_payload: str | None = None) -> "NatsCluster":
         self.route_password = secrets.token_urlsafe(16)
         ports = free_ports(size * 3)
         clustered = size > 1
@@ -71,6 +72,7 @@ class NatsCluster:
                     # Routes always carry their own secret, as in every rendered config.
                     route_user="route" if clustered else None,
                     route_password=self.route_password if clustered else None,
+                    **({"max_payload": max_payload} if max_payload else {}),
                 )
             )
         for cfg in self.configs:

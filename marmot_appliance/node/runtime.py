@@ -80,6 +80,7 @@ NODE_METRICS = (
     ("dead_letters", "counter", "Messages parked in the dead-letter table"),
     ("dead_letter_bytes", "counter", "Payload bytes kept in the dead-letter table"),
     ("dead_letters_truncated", "counter", "Dead letters whose payload was cut to the kept maximum"),
+    ("rows_oversized", "counter", "Rows too large to replicate, dead-lettered on their origin"),
     ("runs_split", "counter", "Publisher runs applied before their end arrived"),
     ("pending_rows", "gauge", "Captured rows not yet acknowledged"),
     ("gaps", "gauge", GAPS_HELP),

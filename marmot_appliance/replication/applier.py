@@ -51,6 +51,7 @@ import cbor2
 
 from marmot_appliance.errors import DatabaseStateError, MarmotError
 from marmot_appliance.replication import bookkeeping as bk
+from marmot_appliance.replication import codec, fragments
 from marmot_appliance.replication.clock_bound import ClockLimits, clock_limits
 from marmot_appliance.replication.codec import GroupedBatch
 from marmot_appliance.replication.introspect import TableLayout, table_layout, unique_indexes, user_tables
@@ -379,6 +380,20 @@ class BatchApplier:
         with write_transaction(self._conn):
             self._record_dead_letter(stream, seq, payload, reason)
             self._write_positions({stream: int(seq)})
+
+    def stage_fragment(self, stream: str, seq: int, fragment: codec.Fragment) -> fragments.StageOutcome:
+        """Keep a large row's fragment until its last one (replication/fragments.py). A staged
+        fragment moves the position in the same transaction; a completing or refused one does
+        not (the caller applies the joined row, or dead-letters the message)."""
+        with _environment_errors(self.db_path), write_transaction(self._conn):
+            outcome = fragments.stage(self._conn, stream, int(seq), fragment)
+            if outcome.body is None and outcome.refused is None:
+                self._write_positions({stream: int(seq)})
+        return outcome
+
+    def clear_fragments(self, stream: str, origin: int) -> None:
+        with _environment_errors(self.db_path), write_transaction(self._conn):
+            fragments.clear(self._conn, stream, origin)
 
     def retry_parked(self, chunk_rows: int = RETRY_CHUNK_ROWS) -> int:
         """Apply parked rows of every table whose schema changed since its last retry.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import bisect
 import json
 import sqlite3
+import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -40,7 +41,7 @@ from marmot_appliance.replication.sqlite_util import (
     schema_version,
     write_transaction,
 )
-from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, RowChange
+from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, DEAD_LETTER_TABLE, RowChange
 from marmot_appliance.spec.model import TableSelection
 
 __all__ = [
@@ -683,6 +684,17 @@ class ChangeCapture:
                 conn.execute("RELEASE marmot_retire")
                 removed += count
         return removed
+
+    def record_dead_letter(self, stream: str, reason: str) -> None:
+        """A captured row this node cannot publish (too large to replicate): say so where an
+        operator looks for what did not replicate. The row itself stays in its table here."""
+        conn = self._retire_conn or self._conn
+        with write_transaction(conn):
+            conn.execute(
+                f"INSERT INTO {quote_ident(DEAD_LETTER_TABLE)} (stream, seq, reason, payload, received_at) "
+                "VALUES (?, NULL, ?, NULL, ?)",
+                (stream, reason, time.time()),
+            )
 
     def _before_retiring(self, conn: sqlite3.Connection | None = None) -> None:
         """Inside the retiring transaction: versions of every local write first, then the meta."""

@@ -64,6 +64,13 @@ MAX_CBOR_DEPTH = 8
 # of nulls or empty arrays became gigabytes of objects. Publishers cut batches to stay below it
 # (publisher.py); docs/wire-format.md states it.
 MAX_CBOR_ITEMS = 1 << 17
+# Rows larger than one message travel as fragments (below): the CBOR body of the row's own
+# one-row batch, cut into pieces that each fit a message. Its assembled size is bounded by
+# this (64 MiB of values, plus names and keys), and the fragments of one row by MAX_FRAGMENTS.
+MAX_ROW_BODY_BYTES = 68 * 1024 * 1024
+MAX_FRAGMENTS = 1 << 16
+# Envelope and CBOR around a fragment's piece: {"o": origin, "f": [index, count, piece]}.
+FRAGMENT_OVERHEAD = 64
 # Decompression proceeds in slices of this size, checked as they arrive: a bomb is refused
 # after at most MAX_CBOR_ITEMS bytes (plus one slice) were ever decompressed.
 _DECOMPRESS_SLICE = 128 * 1024
@@ -152,6 +159,8 @@ class BatchCodec:
             raise
         except Exception as exc:  # a bug guard: callers rely on CodecError only
             raise CodecError(f"malformed change batch: {type(exc).__name__}: {exc}") from exc
+        if _is_fragment(document):
+            return _fragment_from_document(document)
         try:
             grouped = _grouped_from_document(document)
         except Exception:  # noqa: BLE001 - the strict decoder names the problem precisely
@@ -160,6 +169,83 @@ class BatchCodec:
             return grouped
         # The fast path may have appended to the row lists before it gave up: parse again.
         return self.decode(payload)
+
+    def decode_message(self, payload: bytes) -> "ChangeBatch | Fragment":
+        """decode(), except that a fragment of a large row comes back as a Fragment (the feed)."""
+        try:
+            document = self._document(payload)
+            if _is_fragment(document):
+                return _fragment_from_document(document)
+            return _batch_from_document(document)
+        except CodecError:
+            raise
+        except Exception as exc:  # a bug guard: callers rely on CodecError only
+            raise CodecError(f"malformed change batch: {type(exc).__name__}: {exc}") from exc
+
+    def decode_assembled(self, body: bytes, *, for_apply: bool = True) -> "ChangeBatch | GroupedBatch":
+        """The batch in the reassembled pieces of a large row's fragments (a bare CBOR body)."""
+        try:
+            if len(body) > MAX_ROW_BODY_BYTES:
+                raise CodecError(f"a large row's body of {len(body)} bytes exceeds {MAX_ROW_BODY_BYTES}")
+            if len(body) > MAX_CBOR_ITEMS:
+                check = StructureCheck()
+                check.feed(body)
+                check.finish(body)
+            try:
+                document = cbor2.loads(body, max_depth=MAX_CBOR_DEPTH, allow_duplicate_keys=False)
+            except Exception as exc:  # cbor2 raises value, type, overflow and memory errors
+                raise CodecError(f"malformed CBOR body: {exc}") from exc
+            if _is_fragment(document):
+                raise _fail("a large row's body is itself a fragment")
+            if for_apply:
+                grouped = None
+                try:
+                    grouped = _grouped_from_document(document)
+                except Exception:  # noqa: BLE001 - the strict decoder below names the problem
+                    pass
+                if grouped is not None:
+                    return grouped
+                document = cbor2.loads(body, max_depth=MAX_CBOR_DEPTH, allow_duplicate_keys=False)
+            return _batch_from_document(document)
+        except CodecError:
+            raise
+        except Exception as exc:  # a bug guard: callers rely on CodecError only
+            raise CodecError(f"malformed large row: {type(exc).__name__}: {exc}") from exc
+
+    def fragment_payloads(
+        self, body_map: dict[str, Any], piece_bytes: int, compression: CompressionSettings | None = None
+    ) -> list[bytes]:
+        """The messages carrying one large row's body (docs/wire-format.md, "Large rows").
+
+        Each piece holds at most `piece_bytes` of the body before compression, so a message
+        fits the server's max_payload even when the row does not compress. Raises CodecError
+        for a body beyond MAX_ROW_BODY_BYTES (the publisher dead-letters that row).
+        """
+        compression = compression or CompressionSettings()
+        body = self._cbor(body_map)
+        if len(body) > MAX_ROW_BODY_BYTES:
+            raise CodecError(
+                f"the row encodes to {len(body)} bytes, more than the {MAX_ROW_BODY_BYTES} a large row may have"
+            )
+        piece_bytes = max(1024, piece_bytes)
+        count = -(-len(body) // piece_bytes)
+        if count > MAX_FRAGMENTS:
+            raise CodecError(f"the row would need {count} fragments, more than {MAX_FRAGMENTS}")
+        origin = body_map["o"]
+        return [
+            self._envelope(cbor2.dumps({"o": origin, "f": [index, count, body[index * piece_bytes : (index + 1) * piece_bytes]]}), compression)
+            for index in range(count)
+        ]
+
+    @staticmethod
+    def _cbor(body_map: dict[str, Any]) -> bytes:
+        try:
+            body = cbor2.dumps(body_map)
+            if _HALF_NAN in body:
+                body = cbor2.dumps(body_map, encoders={float: _encode_float_exact})
+        except Exception as exc:  # cbor2 raises several types for unencodable values
+            raise CodecError(f"cannot encode change batch: {exc}") from exc
+        return body
 
     def encode_body(self, body_map: dict[str, Any], compression: CompressionSettings | None = None) -> bytes:
         """Envelope + CBOR of an already built body map (the publisher's fast path)."""
@@ -668,7 +754,58 @@ def _grouped_from_document(document: Any) -> GroupedBatch | None:
     return GroupedBatch(origin, out, fingerprints, primary_keys, len(raw_rows))
 
 
+@dataclass(frozen=True)
+class Fragment:
+    """One piece of a large row: part `index` (0-based) of `count` of the CBOR body of the
+    row's own one-row batch. The pieces of a row are consecutive messages of one run on its
+    shard stream; receivers join them in order and decode the result (decode_assembled)."""
+
+    origin: int
+    index: int
+    count: int
+    piece: bytes
+
+
+def _is_fragment(document: Any) -> bool:
+    return type(document) is dict and "f" in document
+
+
+def _fragment_from_document(document: dict) -> Fragment:
+    origin = _check_int64(document.get("o"), "origin")
+    entry = document["f"]
+    if type(entry) is not list or len(entry) != 3:
+        raise _fail("a fragment must be [index, count, piece]")
+    index, count, piece = entry
+    if type(count) is not int or not 2 <= count <= MAX_FRAGMENTS:
+        raise _fail(f"fragment count must be 2..{MAX_FRAGMENTS}, got {count!r:.40}")
+    if type(index) is not int or not 0 <= index < count:
+        raise _fail(f"fragment index {index!r:.40} outside 0..{count - 1}")
+    if type(piece) is not bytes or not piece:
+        raise _fail("a fragment's piece must be a non-empty byte string")
+    return Fragment(origin, index, count, piece)
+
+
 _shared_codec = BatchCodec()
+
+
+def decode_message(payload: bytes) -> ChangeBatch | Fragment:
+    """decode_batch, but a fragment of a large row comes back as a Fragment."""
+    return _shared_codec.decode_message(payload)
+
+
+def decode_assembled(body: bytes, *, for_apply: bool = True) -> ChangeBatch | GroupedBatch:
+    """The batch of a large row from its joined fragment pieces (see BatchCodec)."""
+    return _shared_codec.decode_assembled(body, for_apply=for_apply)
+
+
+def fragment_payloads(body_map: dict[str, Any], piece_bytes: int, compression: CompressionSettings | None = None) -> list[bytes]:
+    """The messages carrying one large row (see BatchCodec.fragment_payloads)."""
+    return _shared_codec.fragment_payloads(body_map, piece_bytes, compression)
+
+
+def body_map(batch: ChangeBatch) -> dict[str, Any]:
+    """The CBOR body map of a batch (what encode() serialises)."""
+    return _body_map(batch)
 
 
 def encode_batch(batch: ChangeBatch, compression: CompressionSettings | None = None) -> bytes:

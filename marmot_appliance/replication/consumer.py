@@ -363,6 +363,9 @@ class ShardConsumer:
                 if self._forged(m.subject, batch) is not None:
                     simple = False  # the careful path dead-letters it
                     break
+                if isinstance(batch, codec.Fragment):
+                    simple = False  # a large row's piece: staged one by one (handle)
+                    break
                 items.append((batch, self.stream, seq))
             expected = seq + 1
         if simple and items:
@@ -469,6 +472,8 @@ class ShardConsumer:
             await self._dead_letter(seq, payload, forged)
             self._after_apply(num_pending, rows=0)
             return False
+        if isinstance(batch, codec.Fragment):
+            return await self._handle_fragment(seq, payload, batch, num_pending)
         await self._apply_with_retry(batch, seq, payload)
         self._after_apply(num_pending, rows=_row_count(batch))
         return False
@@ -484,6 +489,40 @@ class ShardConsumer:
         if token is not None and token != batch.origin:
             return f"forged origin: body says node {batch.origin} but it was published on {subject}"
         return None
+
+    async def _handle_fragment(self, seq: int, payload: bytes, fragment: codec.Fragment, num_pending: int) -> bool:
+        """A piece of a row larger than one message (replication/fragments.py): staged with the
+        position; the last one joins the pieces, and the row is applied like any batch."""
+        outcome = await self._until_database_accepts(f"seq {seq}", self.applier.stage_fragment, self.stream, seq, fragment)
+        if outcome.refused is not None:
+            await self._dead_letter(seq, payload, f"large row: {outcome.refused}")
+            self._after_apply(num_pending, rows=0)
+            return False
+        if outcome.body is None:
+            self.position = seq
+            self._unsaved_own_seq = None
+            self._after_apply(num_pending, rows=0)
+            return False
+        rows = 0
+        batch = None
+        try:
+            batch = await asyncio.to_thread(codec.decode_assembled, outcome.body)
+        except codec.CodecError as exc:
+            await self._dead_letter(seq, payload, f"undecodable large row (its last fragment kept): {exc}")
+        else:
+            if batch.origin != fragment.origin:  # the pieces' subject vouched for fragment.origin only
+                self.metrics.inc("forged_messages", help="Messages whose origin does not match their publisher's subject")
+                await self._dead_letter(seq, payload, f"forged origin: a large row from node {fragment.origin} "
+                                                      f"says node {batch.origin}")
+                batch = None
+        if batch is not None:
+            await self._apply_with_retry(batch, seq, payload)
+            rows = _row_count(batch)
+        # The pieces are no longer needed (a crash before this leaves them until the origin's
+        # next large row on this stream starts over: its first fragment clears them).
+        await self._until_database_accepts(f"seq {seq}", self.applier.clear_fragments, self.stream, fragment.origin)
+        self._after_apply(num_pending, rows=rows)
+        return False
 
     def _after_apply(self, num_pending: int, rows: int) -> None:
         if self.gap is not None:

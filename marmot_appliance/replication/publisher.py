@@ -28,7 +28,6 @@ import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
-from marmot_appliance.errors import MarmotError
 from marmot_appliance.natsd.permissions import origin_subject
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication import bookkeeping as bk
@@ -51,10 +50,6 @@ BACKOFF_MAX_S = 5.0
 MAX_ROUNDS_IN_FLIGHT = 64
 
 
-class OversizedRowError(MarmotError):
-    """One row alone encodes larger than the NATS server accepts in a message."""
-
-
 @dataclass(frozen=True)
 class OutgoingBatch:
     shard: int
@@ -63,6 +58,9 @@ class OutgoingBatch:
     payload: bytes
     msg_id: str
     more: bool = False  # more rows of the same read follow on this shard (MORE_HEADER)
+    # Why this row cannot be sent at all (beyond codec.MAX_ROW_BODY_BYTES): never published,
+    # dead-lettered on this node and retired so that later rows flow.
+    oversized: str = ""
 
 
 def mark_continuations(batches: list[OutgoingBatch], read_was_cut: bool) -> list[OutgoingBatch]:
@@ -159,17 +157,31 @@ class BatchBuilder:
         self.fingerprints = fingerprints or {}
         self.primary_keys = primary_keys or {}
 
-    def _too_large(self, payload: bytes, row_count: int, table: str) -> bool:
-        """Whether an encoded batch must be split; one row alone that is too large is an error."""
-        if len(payload) <= self.max_payload:
-            return False
-        if row_count == 1:
-            raise OversizedRowError(
-                f"a change of table {table!r} encodes to {len(payload)} bytes, more than the "
-                f"NATS server's max_payload allows ({self.max_payload + PAYLOAD_HEADROOM}); "
-                "raise max_payload on the servers"
-            )
-        return True
+    def _too_large(self, payload: bytes) -> bool:
+        """Whether an encoded batch exceeds what the server accepts in one message."""
+        return len(payload) > self.max_payload
+
+    def _large_row(self, shard: int, log_ids: tuple[int, ...], body: dict, table: str) -> list[OutgoingBatch]:
+        """One row too large for a message: its fragments, flagged as one run (mark_continuations).
+
+        Only the last fragment carries the row's log id, so the row is marked published only
+        once every fragment was acknowledged (a shard's batches after a failed one are never
+        marked). A row beyond codec.MAX_ROW_BODY_BYTES cannot travel at all: it comes back as
+        an `oversized` batch that is never sent, which the publisher dead-letters on this node
+        and retires, so the rows after it flow on.
+        """
+        try:
+            payloads = codec.fragment_payloads(body, self.max_payload - codec.FRAGMENT_OVERHEAD,
+                                               self.replication.compression)
+        except codec.CodecError as exc:
+            reason = f"a change of table {table!r} (log id {log_ids[0]}) cannot be replicated: {exc}"
+            return [OutgoingBatch(shard, log_ids, None, b"", f"{self.node_id}-{log_ids[0]}-oversized", oversized=reason)]
+        row_id = message_id(self.node_id, log_ids, payloads[0] + payloads[-1])
+        count = len(payloads)
+        return [
+            OutgoingBatch(shard, log_ids if index == count - 1 else (), None, payload, f"{row_id}-{index + 1}of{count}")
+            for index, payload in enumerate(payloads)
+        ]
 
     def build(self, pending: Sequence[Any]) -> list[OutgoingBatch]:
         """`pending` holds PendingChange(log_id, change) in commit order."""
@@ -217,10 +229,12 @@ class BatchBuilder:
             middle = len(items) // 2
             return self._encode(shard, items[:middle]) + self._encode(shard, items[middle:])
         payload = codec.encode_batch(batch, self.replication.compression)
-        if self._too_large(payload, len(items), rows[0].table):
+        log_ids = tuple(item.log_id for item in items)
+        if self._too_large(payload):
+            if len(items) == 1:
+                return self._large_row(shard, log_ids, codec.body_map(batch), rows[0].table)
             middle = len(items) // 2  # the estimate was off (incompressible data): split and retry
             return self._encode(shard, items[:middle]) + self._encode(shard, items[middle:])
-        log_ids = tuple(item.log_id for item in items)
         return [OutgoingBatch(shard, log_ids, batch, payload, message_id(self.node_id, log_ids, payload))]
 
     # -- the fast path: raw log rows (capture.read_pending_rows) ---------------------------------
@@ -305,10 +319,12 @@ class BatchBuilder:
             middle = len(chunk) // 2
             return self._encode_rows(shard, chunk[:middle], layouts) + self._encode_rows(shard, chunk[middle:], layouts)
         payload = codec.encode_body(body, self.replication.compression)
-        if self._too_large(payload, len(chunk), layouts[chunk[0][1]].table):
+        log_ids = tuple(map(_FIRST, chunk))
+        if self._too_large(payload):
+            if len(chunk) == 1:
+                return self._large_row(shard, log_ids, body, layouts[chunk[0][1]].table)
             middle = len(chunk) // 2  # the estimate was off (incompressible data): split and retry
             return self._encode_rows(shard, chunk[:middle], layouts) + self._encode_rows(shard, chunk[middle:], layouts)
-        log_ids = tuple(map(_FIRST, chunk))
         return [OutgoingBatch(shard, log_ids, None, payload, message_id(self.node_id, log_ids, payload))]
 
 
@@ -625,6 +641,11 @@ class Publisher:
         in_flight: list[tuple[OutgoingBatch, asyncio.Future]] = []
         failure: BaseException | None = None
         for outgoing in batches:
+            if outgoing.oversized:  # never sent: "acknowledged" at once, dead-lettered when retired
+                done = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                in_flight.append((outgoing, done))
+                continue
             headers = {codec.MSG_ID_HEADER: outgoing.msg_id, codec.ORIGIN_HEADER: str(self.node_id)}
             if outgoing.more:
                 headers[codec.MORE_HEADER] = "1"
@@ -642,6 +663,15 @@ class Publisher:
                 break
             in_flight.append((outgoing, future))
         return in_flight, failure
+
+    async def _dead_letter_oversized(self, oversized: list[OutgoingBatch]) -> None:
+        """Rows too large to replicate: recorded in this node's dead-letter table, counted."""
+        for outgoing in oversized:
+            log.error("not replicated: %s; recorded in the dead-letter table", outgoing.oversized)
+            stream = self.replication.stream_name(outgoing.shard)
+            await self.retire_db.run(self.capture.record_dead_letter, stream, outgoing.oversized)
+            self.metrics.inc("rows_oversized", len(outgoing.log_ids),
+                             help="Rows too large to replicate, dead-lettered on their origin")
 
     async def _collect_acks(
         self,
@@ -664,6 +694,7 @@ class Publisher:
             if not_done and failure is None:
                 failure = nats.errors.TimeoutError()
         acked: list[int] = []
+        oversized: list[OutgoingBatch] = []
         blocked_shards: set[int] = set()
         rows = batches_count = raw_bytes = plain_bytes = 0
         for outgoing, future in in_flight:
@@ -676,6 +707,9 @@ class Publisher:
             if outgoing.shard in blocked_shards:
                 continue  # keep a shard's rows in order: nothing after a failed batch is marked
             acked.extend(outgoing.log_ids)
+            if outgoing.oversized:
+                oversized.append(outgoing)
+                continue
             if self.own_publishes is not None:
                 ack = future.result()
                 self.own_publishes.add(ack.stream, ack.seq)
@@ -683,6 +717,13 @@ class Publisher:
             batches_count += 1
             raw_bytes += len(outgoing.payload)
             plain_bytes += codec.uncompressed_size(outgoing.payload)
+        if oversized:
+            try:
+                await self._dead_letter_oversized(oversized)
+            except Exception as exc:  # noqa: BLE001 - not retired now: re-read and retried next round
+                oversized_ids = {log_id for outgoing in oversized for log_id in outgoing.log_ids}
+                acked = [log_id for log_id in acked if log_id not in oversized_ids]
+                failure = failure or exc
         # Batches never sent (publish_async raised) are simply not marked.
         if rows:
             self.metrics.inc("rows_published", rows, help="Rows acknowledged by JetStream")
