@@ -492,3 +492,47 @@ def test_dead_letter_payloads_are_bounded(tmp_path):
     conn.close()
     assert kept[0][0] == MAX_KEPT_PAYLOAD_BYTES and f"of {MAX_KEPT_PAYLOAD_BYTES * 10} bytes kept" in kept[0][1]
     assert kept[1] == (5, "undecodable message: small")
+
+
+# -- large rows: fragments (issue 10 case 9) -----------------------------------------------------
+def test_large_row_fragments_round_trip_and_each_fits_its_message():
+    big = os.urandom(300_000)
+    batch = ChangeBatch(origin=4, rows=(RowChange("t", "upsert", (1,), ("id", "v"), (1, big), 9, 4),), primary_keys={"t": ("id",)})
+    payloads = codec.fragment_payloads(codec.body_map(batch), 100_000, ALWAYS_COMPRESS)
+    assert len(payloads) == 4 and all(len(p) <= 100_000 + codec.FRAGMENT_OVERHEAD for p in payloads)
+    fragments = [codec.decode_message(p) for p in payloads]
+    assert [(f.origin, f.index, f.count) for f in fragments] == [(4, i, 4) for i in range(4)]
+    assert [codec.decode_for_apply(p) for p in payloads] == fragments
+    joined = b"".join(f.piece for f in fragments)
+    assert_rows_exact(codec.decode_assembled(joined, for_apply=False), batch)
+    with pytest.raises(CodecError):
+        decode_batch(payloads[0])  # a plain batch reader refuses a fragment (and skips it)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"o": 1, "f": [0, 1, b"x"]},  # a single fragment is not a fragment
+        {"o": 1, "f": [2, 2, b"x"]},
+        {"o": 1, "f": [0, 2, b""]},
+        {"o": 1, "f": [0, 2, "text"]},
+        {"o": 1, "f": [0, 2]},
+        {"o": "one", "f": [0, 2, b"x"]},
+        {"o": 1, "f": [0, codec.MAX_FRAGMENTS + 1, b"x"]},
+    ],
+)
+def test_malformed_fragments_are_refused(document):
+    with pytest.raises(CodecError):
+        codec.decode_for_apply(body_payload(document))
+
+
+def test_a_row_beyond_the_limit_cannot_be_fragmented():
+    batch = ChangeBatch(origin=1, rows=(RowChange("t", "upsert", (1,), ("id", "v"), (1, b"x" * 5000), 9, 1),))
+    small = BatchCodec()
+    original = codec.MAX_ROW_BODY_BYTES
+    codec.MAX_ROW_BODY_BYTES = 4000
+    try:
+        with pytest.raises(CodecError, match="more than the 4000"):
+            small.fragment_payloads(codec.body_map(batch), 1024)
+    finally:
+        codec.MAX_ROW_BODY_BYTES = original

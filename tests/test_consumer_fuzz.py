@@ -121,3 +121,58 @@ def test_known_killers_do_not_stall_the_shard(nats_server, tmp_path):
         (b"\x01\x01\x28\xb5\x2f\xfd\xff", run),
         (b"\x01\x01", None),
     ]))
+
+
+def test_fragments_out_of_order_are_dead_lettered_and_a_whole_row_applies(nats_server, tmp_path):
+    """A large row's pieces through the real consumer: a stray middle piece is dead-lettered,
+    a set restarted at its first piece is joined and applied, and the shard flows on."""
+    import os
+
+    db_path = make_wal_db(tmp_path / "frag.db", SCHEMA)
+    big = os.urandom(5000)
+    row = RowChange("t", "upsert", (77,), ("id", "v", "b"), (77, "large", big), 5000, 9)
+    pieces = codec.fragment_payloads(codec.body_map(ChangeBatch(origin=9, rows=(row,), primary_keys={"t": ("id",)})), 1024)
+    assert len(pieces) >= 3
+    run = {"Marmot-More": "1", "Marmot-Origin": "9"}
+    messages = [(pieces[1], run)] + [(p, run) for p in pieces[:2]] + [(p, run) for p in pieces]
+    messages[-1] = (pieces[-1], {"Marmot-Origin": "9"})
+
+    async def scenario():
+        stream = f"frag-{next(_streams)}"
+        subject = f"{stream}-subj"
+        nc = await nats.connect(nats_server.url, connect_timeout=10)
+        apply_db = DbThread("frag-apply")
+        applier = apply_db.run_sync(BatchApplier, db_path, 1)
+        stop = asyncio.Event()
+        try:
+            js = nc.jetstream(timeout=10)
+            await js.add_stream(StreamConfig(name=stream, subjects=[subject]))
+            for payload, headers in messages:
+                await js.publish(subject, payload, headers=headers)
+            last = (await js.publish(subject, valid_payload(78, "after", True))).seq
+            consumer = ShardConsumer(js, applier, apply_db, stream, subject, 1, Metrics(),
+                                     RuntimeStatus(node="frag", db_path=str(db_path)), 0)
+            task = asyncio.create_task(consumer.run(stop))
+            deadline = asyncio.get_running_loop().time() + 60
+            while consumer.position < last:
+                assert not task.done() and asyncio.get_running_loop().time() < deadline, consumer.position
+                await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(task, 30)
+            return consumer
+        finally:
+            stop.set()
+            apply_db.run_sync(applier.close)
+            apply_db.shutdown()
+            await nc.close()
+
+    consumer = asyncio.run(scenario())
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("SELECT v, b FROM t WHERE id = 77").fetchone() == ("large", big)
+        assert conn.execute("SELECT v FROM t WHERE id = 78").fetchone() == ("after",)
+        assert conn.execute(f'SELECT count(*) FROM "{DEAD_LETTER_TABLE}"').fetchone()[0] == 1  # the stray piece
+        assert conn.execute('SELECT count(*) FROM "_marmot_fragments"').fetchone()[0] == 0
+    finally:
+        conn.close()
+    assert consumer.metrics.get("dead_letters") == 1

@@ -42,8 +42,8 @@ class ServerConfig:
     advertise: str | None = None  # address advertised to clients and routes
     max_memory: str = "256MB"
     max_file: str = "10GB"
-    # One captured row must fit in one message (compressed). nats-server's 1 MB default would
-    # stall publishing on the first larger row; 8 MB is the largest it accepts without warning.
+    # Fewer, larger messages: rows above max_payload travel as fragments (docs/wire-format.md,
+    # "Large rows"), so any size works; 8 MB is the largest nats-server accepts without warning.
     max_payload: str = "8MB"
     monitor_host: str | None = None  # None: same as host
     user: str | None = None  # client authentication, when set
