@@ -20,6 +20,7 @@ import os
 import signal
 import sqlite3
 import threading
+import urllib.request
 from pathlib import Path
 
 import nats
@@ -27,6 +28,8 @@ import nats.errors
 import nats.js.errors
 import pytest
 
+from marmot_appliance.appliance.health import NodeHealth
+from marmot_appliance.appliance.status import NodeStatus, ProcessStatus, render_status_text
 from marmot_appliance.natsd.process import fetch_monitor_json, wait_for_meta_leader
 from marmot_appliance.node.config import config_from_flags
 from marmot_appliance.snapshots import save_snapshot
@@ -207,6 +210,19 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
             missing = {f"n{k + 1}": len(written - ids_in(db)) for k, db in enumerate(dbs)}
             print(f"{restores} restores in {rounds} rounds; rows missing per node: {missing}")
         assert missing == {"n1": 0, "n2": 0, "n3": 0}, f"rows lost after {restores} restores: {missing}"
+
+        # What an operator sees: /health, `status`, /metrics.
+        health = nodes[2].health()
+        assert health["status"] == "ok" and health["restore"]["state"] == "idle"
+        assert health["restore"]["restores"] >= RESTORES_WANTED
+        text = render_status_text(cluster, [NodeStatus(
+            "node-3", ProcessStatus("node/node-3", nodes[2].process.pid, True), None, NodeHealth(200, health), [],
+        )])
+        assert f"snapshot restores while running: {health['restore']['restores']}" in text, text
+        with urllib.request.urlopen(f"http://127.0.0.1:{nodes[2].metrics_port}/metrics", timeout=10) as reply:
+            metrics = reply.read().decode()
+        assert f"marmot_snapshot_restores_total {float(health['restore']['restores'])}" in metrics, metrics
+        assert "marmot_snapshot_restore_in_progress 0" in metrics
     finally:
         for w in writers:
             w.stop_event.set()

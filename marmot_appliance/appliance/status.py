@@ -112,6 +112,22 @@ def _waiting_rows_lines(body: dict) -> list[str]:
     return lines
 
 
+def _restore_lines(body: dict) -> list[str]:
+    """Snapshot restores inside the running node (docs/snapshots.md, "A restore inside a running node")."""
+    restore = body.get("restore")
+    if not isinstance(restore, dict):
+        return []
+    lines = []
+    if restore.get("state") not in (None, "idle"):
+        lines.append(f"    snapshot restore {restore['state']}: {restore.get('reason') or '-'}")
+    if restore.get("restores") or restore.get("adoptions"):
+        lines.append(f"    snapshot restores while running: {restore.get('restores') or 0}; "
+                     f"replaced files adopted: {restore.get('adoptions') or 0}")
+    if restore.get("last_error"):
+        lines.append(f"    last snapshot restore failed: {restore['last_error']}")
+    return lines
+
+
 def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
     lines = [f"Cluster {cluster.name!r}:"]
     for status in statuses:
@@ -134,6 +150,7 @@ def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
                 f"dead letters: {body.get('dead_letters', '-')}; last snapshot: {_ago(body.get('last_snapshot'))}"
             )
             lines.extend(_waiting_rows_lines(body))
+            lines.extend(_restore_lines(body))
             for table, found in sorted((body.get("diverged") or {}).items()):
                 found = found if isinstance(found, dict) else {}
                 keys = ", ".join(repr(k.get("key")) for k in found.get("sample") or [] if isinstance(k, dict))

@@ -197,6 +197,40 @@ def check_untrusted_copy(copy_path: Path, db_path: Path, selection: TableSelecti
         )
 
 
+def refresh_own_clock(copy_path: Path, db_path: Path) -> None:
+    """Before another backup attempt: raise the copy's clock and own-origin horizon again.
+
+    A backup abandoned because local changes appeared is retried after they were published. Those
+    rows were written after prepare_copy_for_node set the horizon; left below it, replay would
+    skip them as "already in this file" (they are not: the file is replaced) and a later local
+    write could rank below them. Nothing commits in between that is not caught: the publisher is
+    paused and any new change is pending, which abandons the next attempt too.
+    """
+    live = open_readonly(db_path)
+    try:
+        local_clock = read_clock(live)
+    finally:
+        live.close()
+    copy = sqlite3.connect(copy_path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    try:
+        _distrust_schema(copy)
+        copy.execute("BEGIN IMMEDIATE")
+        try:
+            if table_exists(copy, CLOCK_TABLE):
+                copy.execute(f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)", (local_clock,))
+            horizon = max(int(time.time() * 1000) << 16, read_clock(copy), local_clock)
+            copy.execute(
+                f"UPDATE {quote_ident(META_TABLE)} SET value = max(value, ?) WHERE key = ?",
+                (horizon, META_OWN_ORIGIN_HORIZON),
+            )
+            copy.execute("COMMIT")
+        except BaseException:
+            copy.execute("ROLLBACK")
+            raise
+    finally:
+        copy.close()
+
+
 def _install_own_capture(copy_path: Path, node_id: int, selection: TableSelection) -> None:
     """Triggers for *this* node's table selection, in place before the copy goes live.
 

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import nats.js.errors
 from nats.js import JetStreamContext
 
-from marmot_appliance.snapshots.dbrestore import backup_into_live, prepare_copy_for_node
+from marmot_appliance.snapshots.dbrestore import backup_into_live, prepare_copy_for_node, refresh_own_clock
 from marmot_appliance.snapshots.errors import (
     ChecksumMismatchError,
     NoSnapshotError,
@@ -299,6 +299,8 @@ async def restore_snapshot(
                     raise
                 if await _flush(flush_pending, db_path):
                     raise
+                # What was just published is newer than the copy's clock and horizon.
+                await asyncio.to_thread(refresh_own_clock, copy_path, db_path)
         log.info("restored snapshot %s (positions %s)", chosen.name, chosen.positions or "{}")
         return chosen
     finally:
