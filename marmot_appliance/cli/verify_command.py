@@ -19,6 +19,7 @@ from pathlib import Path
 from marmot_appliance.errors import MarmotError, SpecError
 
 EXIT_UNDECIDED = 2
+DEFAULT_BUCKETS = 4096  # = verify.compare.DEFAULT_BUCKETS (not imported here: keeps the CLI start light)
 CONNECT_TIMEOUT_S = 10.0
 
 
@@ -55,8 +56,8 @@ def _target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--table", action="append", metavar="T", help="only this table (repeatable)")
     parser.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
                         help="give up waiting for lagging nodes after S seconds (default 60)")
-    parser.add_argument("--buckets", type=_positive_int, default=1024, metavar="N",
-                        help="digest buckets per table (default 1024)")
+    parser.add_argument("--buckets", type=_positive_int, default=DEFAULT_BUCKETS, metavar="N",
+                        help=f"digest buckets per table (default {DEFAULT_BUCKETS}; at most 65536)")
 
 
 def register(subparsers) -> None:

@@ -27,7 +27,7 @@ from marmot_appliance.verify import protocol
 from marmot_appliance.verify.client import NodeInfo, VerifyClient
 from marmot_appliance.verify.table_state import ROW_HASH_BYTES, KeyState, key_bytes
 
-DEFAULT_BUCKETS = 1024
+DEFAULT_BUCKETS = 4096  # ~250 rows a bucket at a million rows; 64 KiB of digests a node
 KEYS_PER_REQUEST = 4000  # rows listed per keys/lookup request, well under a 1 MB max_payload
 POLL_S = 0.2
 
@@ -61,7 +61,7 @@ class TableResult:
     detail: str = ""
 
 
-class _Deadline:
+class Deadline:
     def __init__(self, timeout_s: float):
         self.at = time.monotonic() + timeout_s
 
@@ -74,7 +74,7 @@ class TableComparison:
     """One table across its holders (the replicating nodes that have it)."""
 
     def __init__(self, client: VerifyClient, table: str, holders: list[NodeInfo], everyone: list[NodeInfo],
-                 deadline: _Deadline, buckets: int = DEFAULT_BUCKETS):
+                 deadline: Deadline, buckets: int = DEFAULT_BUCKETS):
         self.client = client
         self.table = table
         self.holders = holders
@@ -122,22 +122,18 @@ class TableComparison:
                 rows_in_chunk = 0
             chunks[-1].append(bucket)
             rows_in_chunk += count
-        listed: dict[str, dict[bytes, KeyState]] = {name: {} for name in self.names}
+        listed: dict[str, dict[bytes, bytes]] = {name: {} for name in self.names}  # key bytes -> row hash
+        keys: dict[bytes, tuple] = {}
         for chunk in chunks:
             answers = await self._ask_all({"op": protocol.OP_KEYS, "table": self.table, "buckets": self.buckets,
                                            "bucket_ids": chunk})
             for name, answer in answers.items():
-                for item in answer["keys"]:
-                    state = KeyState.from_wire(item)
-                    listed[name][key_bytes(state.key)] = state
-        keys: dict[bytes, tuple] = {}
-        for states in listed.values():
-            for kb, state in states.items():
-                keys.setdefault(kb, state.key)
-        return {
-            kb: key for kb, key in keys.items()
-            if len({(listed[name].get(kb).row_hash if kb in listed[name] else None) for name in self.names}) > 1
-        }
+                mine = listed[name]
+                for key, hashed in answer["keys"]:
+                    kb = key_bytes(key)
+                    mine[kb] = hashed
+                    keys.setdefault(kb, tuple(key))
+        return {kb: key for kb, key in keys.items() if len({listed[name].get(kb) for name in self.names}) > 1}
 
     async def _lookup(self, keys: dict[bytes, tuple]) -> dict[bytes, dict[str, KeyState]]:
         observed: dict[bytes, dict[str, KeyState]] = {kb: {} for kb in keys}
@@ -187,15 +183,7 @@ class TableComparison:
             if self.deadline.passed:
                 return False
             await asyncio.sleep(POLL_S)
-        streams = sorted({stream for node in self.holders for stream in node.streams})
-        last = await self.client.stream_last_seqs(streams)
-        while True:
-            progress = await self._ask_all({"op": protocol.OP_PROGRESS})
-            if all(int(p["positions"].get(stream, 0)) >= seq for p in progress.values() for stream, seq in last.items()):
-                return True
-            if self.deadline.passed:
-                return False
-            await asyncio.sleep(POLL_S)
+        return await wait_streams_applied(self.client, self.holders, self.deadline)
 
     def _result(self, found: dict[bytes, KeyFinding], rows: dict[str, int], catching_up: int = 0) -> TableResult:
         findings = sorted(found.values(), key=lambda f: repr(f.key))
@@ -205,6 +193,19 @@ class TableComparison:
             return TableResult(self.table, CATCHING_UP, self.names, rows,
                                detail=f"{catching_up} key(s) still differ between nodes that are behind")
         return TableResult(self.table, CONVERGED, self.names, rows)
+
+
+async def wait_streams_applied(client: VerifyClient, nodes: list[NodeInfo], deadline: "Deadline") -> bool:
+    """Wait until every node applied every shard stream up to its last sequence as of now."""
+    streams = sorted({stream for node in nodes for stream in node.streams})
+    last = await client.stream_last_seqs(streams)
+    while True:
+        answers = await asyncio.gather(*(client.request(node.id, {"op": protocol.OP_PROGRESS}) for node in nodes))
+        if all(int(p["positions"].get(stream, 0)) >= seq for p in answers for stream, seq in last.items()):
+            return True
+        if deadline.passed:
+            return False
+        await asyncio.sleep(POLL_S)
 
 
 def _differing_buckets(digests: dict[str, dict], buckets: int) -> list[int]:
@@ -263,7 +264,7 @@ async def verify_cluster(client: VerifyClient, expected: list[tuple[str, int]] |
     expected: (name, id) of every node that must answer (spec mode); None: whoever answers the
     discovery within discover_s (flag mode), at least expect_count of them when given.
     """
-    deadline = _Deadline(timeout_s)
+    deadline = Deadline(timeout_s)
     nodes, unreachable = await find_nodes(client, expected, discover_s, expect_count)
     report = VerifyReport(nodes, unreachable, [])
     replicating = [node for node in nodes if node.replicate]

@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 
 from marmot_appliance.verify import protocol
 from marmot_appliance.verify.client import NodeInfo, VerifyClient
-from marmot_appliance.verify.compare import DIVERGED, KeyFinding, VerifyReport, verify_cluster
+from marmot_appliance.verify.compare import (
+    DIVERGED,
+    KeyFinding,
+    VerifyReport,
+    Deadline,
+    verify_cluster,
+    wait_streams_applied,
+)
 
 KEYS_PER_REPUBLISH = 1000
 SETTLE_POLL_S = 0.5
@@ -98,9 +105,11 @@ async def repair_cluster(client: VerifyClient, expected: list[tuple[str, int]] |
         repairs.append(repair)
     if not repairs:
         return RepairOutcome(before, None, repairs)
-    # The re-published rows travel through the streams like any change: verify until they landed.
+    # The re-published rows travel through the streams like any change: once every node applied
+    # the streams past them, verify (again until converged, should writes interleave).
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    await wait_streams_applied(client, [n for n in before.nodes if n.replicate], Deadline(timeout_s))
     repaired_tables = [r.table for r in repairs]
     while True:
         after = await verify_cluster(client, expected, repaired_tables, max(1.0, deadline - loop.time()), buckets,

@@ -166,7 +166,7 @@ class TableStateReader:
     # -- keys -------------------------------------------------------------------------------------
 
     def keys_in_buckets(self, table: str, buckets: int, wanted: list[int]) -> dict:
-        """Every live row of the given buckets, as KeyState wire items, with progress."""
+        """[key, row hash] of every row in the given buckets (versions: ask `lookup` for the keys that differ)."""
         wanted_set = set(wanted)
         conn = self._connection()
         with read_transaction(conn):
@@ -176,10 +176,8 @@ class TableStateReader:
             for row in conn.execute(sql):
                 key = key_of(row)
                 if bucket_of(key, buckets) in wanted_set:
-                    found.append((key, row_hash(row)))
-            versions = _VersionLookup(conn, layout, self.node_id)
-            items = [KeyState(key, hashed, *versions.get(key)).to_wire() for key, hashed in found]
-            return {"keys": items, **self._progress(conn)}
+                    found.append([list(key), row_hash(row)])
+            return {"keys": found, **self._progress(conn)}
 
     def lookup(self, table: str, keys: list[list[Any]], with_rows: bool = False) -> dict:
         """The state of each given key (present or not), with progress."""
