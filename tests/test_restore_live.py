@@ -3,7 +3,8 @@
 Real 3-server JetStream cluster, three real `marmot-appliance node` processes (shards 4), real
 database files. Writers commit on nodes 1 and 2 the whole time. Each round freezes node 3
 (SIGSTOP) and stops the server it is connected to, so what is written meanwhile never reaches
-node 3; node 1 saves a snapshot and shard 1's log is purged up to it. Resumed,
+node 3; node 1 saves a snapshot and retention drops shard 1's log up to about it (max_msgs
+lowered for an instant: shard streams refuse purges). Resumed,
 node 3 reconnects, its shard-1 consumer finds its next entry gone and the node restores while
 its other three consumers apply the backlog of the outage. Before the fix
 the restore ran inside that one consumer while the others kept applying: an apply waiting on the
@@ -41,6 +42,7 @@ SHARDS = 4
 RESTORES_WANTED = 20
 MAX_ROUNDS = 30
 OUTAGE_S = 1.0
+TRUNCATE_MARGIN = 20
 
 
 class SnapshotSubprocessNode(SubprocessNode):
@@ -122,6 +124,19 @@ async def settled(request, timeout_s: float = 60.0):
             await asyncio.sleep(0.5)
 
 
+async def truncate_to(js, stream: str, covered: int) -> int:
+    """Let retention drop shard entries up to about `covered` (the snapshot's position), as a
+    long outage would; returns the last entry dropped. Shard streams refuse purges
+    (deny_purge), so retention does it: max_msgs is lowered for an instant, then restored.
+    TRUNCATE_MARGIN entries below `covered` stay, for messages published meanwhile."""
+    config = (await settled(lambda: js.stream_info(stream))).config
+    last = (await settled(lambda: js.stream_info(stream))).state.last_seq
+    keep = max(1, last - covered + TRUNCATE_MARGIN)
+    await settled(lambda: js.update_stream(config.evolve(max_msgs=keep)))
+    await settled(lambda: js.update_stream(config))
+    return (await settled(lambda: js.stream_info(stream))).state.first_seq - 1
+
+
 def position(db: Path, stream: str) -> int:
     conn = sqlite3.connect(db, timeout=30)
     try:
@@ -175,9 +190,7 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
                 await wait_until(lambda: position(dbs[0], gap_stream) >= last, 60, 0.1,
                                  "node 1 to reach the newest shard-1 entry")
                 info = await settled(lambda: save_snapshot(js, cluster, saver, dbs[0], force=True))
-                purged_through = info.positions[gap_stream]
-                # The snapshot closes this gap.
-                await settled(lambda: js.purge_stream(gap_stream, seq=purged_through + 1))
+                purged_through = await truncate_to(js, gap_stream, info.positions[gap_stream])
                 await asyncio.to_thread(nats_cluster.processes[server].start)
                 await asyncio.to_thread(nats_cluster.processes[server].wait_listening, "127.0.0.1",
                                         nats_cluster.configs[server].client_port)
@@ -189,7 +202,7 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
             async def restored_or_caught_up() -> bool:
                 if nodes[2].restores_logged() > before:
                     return True
-                return position(dbs[2], gap_stream) >= purged_through  # it had everything before the purge
+                return position(dbs[2], gap_stream) >= purged_through  # it had everything before the truncation
 
             await wait_until(restored_or_caught_up, 120, 0.2, "node 3 to restore or catch up")
             if nodes[2].restores_logged() > before:

@@ -149,8 +149,11 @@ class RestoreCoordinator:
                     log.error("cannot adopt the database after a failed restore: %s", adopt_exc)
                     raise
             finally:
-                self.state.state = "idle"
-                self.state.reason = None
+                if self._restore_wanted or self._adopt_wanted:
+                    self.state.state = "pending"  # asked for again meanwhile: the next round runs it
+                else:
+                    self.state.state = "idle"
+                    self.state.reason = None
                 self._report()
                 if not stop.is_set():
                     await runtime.resume_flow()
