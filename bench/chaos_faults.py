@@ -17,6 +17,7 @@ import nats
 from bench.chaos_cluster import SUBJECT_PREFIX, LocalCluster, Node
 
 NODE_START_TIMEOUT_S = 120.0
+POISON_ORIGIN = 9
 
 
 @dataclass
@@ -193,7 +194,8 @@ class FaultInjector:
         try:
             nc = await nats.connect(self.cluster.nats.urls, connect_timeout=5, max_reconnect_attempts=3)
             try:
-                await nc.jetstream(timeout=10).publish(f"{SUBJECT_PREFIX}-{shard}", payload)
+                # Origin token 9: no node of the harness has that id (docs/wire-format.md).
+                await nc.jetstream(timeout=10).publish(f"{SUBJECT_PREFIX}-{shard}.{POISON_ORIGIN}", payload)
                 record.outcome = "published"
             finally:
                 await nc.close()
