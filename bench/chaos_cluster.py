@@ -181,6 +181,12 @@ class LocalCluster:
         _signal(node.process, signal.SIGCONT)
         node.paused = False
 
+    def save_snapshot(self, node: Node) -> subprocess.CompletedProcess:
+        """`marmot-appliance snapshot save --force` from a (running) node's database."""
+        argv = [sys.executable, "-m", "marmot_appliance", "snapshot", "save", "--force", "--nats-url", self.nats_url,
+                "--db-path", str(node.db), "--node-id", str(node.node_id), "--shards", str(self.settings.shards)]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=180, env=node.env())
+
     def restore_snapshot(self, node: Node) -> subprocess.CompletedProcess:
         """`marmot-appliance snapshot restore` into a stopped node's database."""
         argv = [sys.executable, "-m", "marmot_appliance", "snapshot", "restore", "--nats-url", self.nats_url,
