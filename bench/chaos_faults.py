@@ -34,12 +34,9 @@ class FaultRecord:
 
 
 # Fault kinds that are known to break convergence today, kept out of the default mix so CI stays
-# green while the finding stays visible (docs/reliability.md, "Known open findings"). Enable
+# green while the finding stays visible (docs/reliability.md, "Findings"). Enable
 # with --faults KIND,... to reproduce.
-KNOWN_FAILING: dict[str, str] = {
-    "log-roll": "finding 1: a snapshot restore while the node's application writes can lose that node's own "
-                "writes committed while the restore prepares its copy",
-}
+KNOWN_FAILING: dict[str, str] = {}
 
 
 @dataclass
