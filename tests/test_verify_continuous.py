@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from marmot_appliance.appliance.status import render_status_text
 from marmot_appliance.spec.model import VerifySettings
-from tests.replication_cluster import InProcessNode, execute, wait_converged, wait_until
+from tests.replication_cluster import InProcessNode, execute, table_rows, wait_converged, wait_until
 from tests.verify_support import run_cli, write_bypassing_capture
 
 SCHEMA = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT);"
@@ -23,10 +23,12 @@ SCHEMA = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT);"
 @dataclass
 class CheckingNode(InProcessNode):
     interval_s: float = 1.0
+    auto_repair: bool = False
 
     def config(self):
         config = super().config()
-        return replace(config, cluster=replace(config.cluster, verify=VerifySettings(interval_s=self.interval_s)))
+        settings = VerifySettings(interval_s=self.interval_s, auto_repair=self.auto_repair)
+        return replace(config, cluster=replace(config.cluster, verify=settings))
 
 
 def _get_blocking(url: str) -> tuple[int, str]:
@@ -78,6 +80,33 @@ async def test_divergence_shows_on_health_and_metrics_then_clears_after_repair(n
             assert code == 200, body
             _, metrics = await _get(node.http_url + "/metrics")
             assert 'marmot_diverged_keys{table="t"} 0' in metrics
+    finally:
+        for node in nodes:
+            await node.stop()
+
+
+async def test_auto_repair_settles_a_divergence_without_an_operator(nats_server, wal_db):
+    """verify.auto_repair: the lowest-id node repairs what its round found; the files converge."""
+    dbs = [wal_db(f"n{i}.db", SCHEMA) for i in (1, 2, 3)]
+    nodes = [CheckingNode(i, db, nats_server.url, shards=2, replicas=1, auto_repair=True)
+             for i, db in zip((1, 2, 3), dbs)]
+    for node in nodes:
+        await node.start()
+    try:
+        execute(dbs[0], "INSERT INTO t VALUES (?, ?)", [(k, f"v{k}") for k in range(50)], many=True)
+        await wait_converged(dbs)
+        write_bypassing_capture(dbs[2], "UPDATE t SET v = 'edited by hand' WHERE k = 30")
+        write_bypassing_capture(dbs[2], "DELETE FROM t WHERE k = 31")
+        await wait_converged(dbs)
+        assert ("30", "v30") not in table_rows(dbs[2], "t") and (30, "v30") in table_rows(dbs[2], "t")
+        assert (31, "v31") in table_rows(dbs[2], "t")
+
+        def counted(node, result: str) -> float:
+            return node.runtime.metrics.get("verify_checks", result=result)
+
+        assert counted(nodes[0], "diverged") >= 1  # node 1 found it (and repaired it)
+        await wait_until(lambda: all(not node.runtime.status.diverged for node in nodes),
+                         what="every node to see the table converged")
     finally:
         for node in nodes:
             await node.stop()

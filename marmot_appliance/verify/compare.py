@@ -126,7 +126,7 @@ class TableComparison:
         keys: dict[bytes, tuple] = {}
         for chunk in chunks:
             answers = await self._ask_all({"op": protocol.OP_KEYS, "table": self.table, "buckets": self.buckets,
-                                           "bucket_ids": chunk})
+                                           "bucket_ids": chunk, "scope": differing if len(chunks) > 1 else None})
             for name, answer in answers.items():
                 mine = listed[name]
                 for key, hashed in answer["keys"]:

@@ -103,7 +103,9 @@ class VerifyService:
             return await self.db.run(self.reader.bucket_digests, _text(request, "table"), _buckets(request))
         if op == protocol.OP_KEYS:
             wanted = [int(b) for b in request.get("bucket_ids") or []]
-            return await self.db.run(self.reader.keys_in_buckets, _text(request, "table"), _buckets(request), wanted)
+            scope = [int(b) for b in request.get("scope") or []] or None
+            return await self.db.run(self.reader.keys_in_buckets, _text(request, "table"), _buckets(request), wanted,
+                                     scope)
         if op == protocol.OP_LOOKUP:
             keys = request.get("keys")
             if not isinstance(keys, list) or not all(isinstance(key, list) for key in keys):

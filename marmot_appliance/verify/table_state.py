@@ -22,9 +22,11 @@ version at all (data that predates capture) counts as version 0, origin 0.
 from __future__ import annotations
 
 import hashlib
+import json
 import operator
 import sqlite3
 import zlib
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ from marmot_appliance.spec.model import TableSelection
 ROW_HASH_BYTES = 16
 _MODULUS = 1 << (8 * ROW_HASH_BYTES)
 NO_VERSION = (0, 0)
+MAX_SCOPE_ROWS = 500_000  # rows a full-scan keys listing keeps for the caller's next chunks
 
 
 class TableNotReplicated(LookupError):
@@ -90,6 +93,10 @@ class TableStateReader:
         self.node_id = node_id
         self.selection = selection
         self._conn: sqlite3.Connection | None = None
+        # (table, buckets) -> where the last digest put each row: listing a bucket's keys then
+        # reads only those rows by rowid instead of scanning the whole table again.
+        self._placement: dict[tuple[str, int], _Placement] = {}
+        self._scope_rows: tuple | None = None  # rows of a keys scope read by one full scan (_scan_scope)
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -148,36 +155,85 @@ class TableStateReader:
         with read_transaction(conn):
             layout = self._replicated_layout(conn, table)
             sql, key_of = _canonical_select(layout)
+            rowid = _rowid_name(layout)
+            placement = _Placement() if rowid else None
+            if rowid:
+                sql = sql.replace("SELECT ", f"SELECT {rowid}, ", 1)
             sums = [0] * buckets
             counts = [0] * buckets
             blake, crc, from_bytes = hashlib.blake2b, zlib.crc32, int.from_bytes
             # The hot loop of `verify`: one C-level repr, CRC and BLAKE2b per row.
             for row in conn.execute(sql):
+                if placement is not None:
+                    placement.rowids.append(row[0])
+                    row = row[1:]
                 bucket = crc(repr(key_of(row)).encode("utf-8", "surrogatepass")) % buckets
+                if placement is not None:
+                    placement.buckets.append(bucket)
                 sums[bucket] += from_bytes(blake(repr(row).encode("utf-8", "surrogatepass"),
                                                  digest_size=ROW_HASH_BYTES).digest(), "big")
                 counts[bucket] += 1
+            self._placement.pop((table, buckets), None)
+            if placement is not None:
+                placement.data_version = _data_version(conn)
+                self._placement = {(table, buckets): placement}  # the newest only: bounded memory
             packed = b"".join((value % _MODULUS).to_bytes(ROW_HASH_BYTES, "big") for value in sums)
             return {
                 "columns": sorted(layout.columns), "key": list(layout.primary_key), "sums": packed,
                 "counts": counts, "rows": sum(counts), **self._progress(conn),
             }
 
-    # -- keys -------------------------------------------------------------------------------------
+    def keys_in_buckets(self, table: str, buckets: int, wanted: list[int], scope: list[int] | None = None) -> dict:
+        """[key, row hash] of every row in the given buckets (versions: ask `lookup` for the keys that differ).
 
-    def keys_in_buckets(self, table: str, buckets: int, wanted: list[int]) -> dict:
-        """[key, row hash] of every row in the given buckets (versions: ask `lookup` for the keys that differ)."""
+        Right after a digest of the same table and bucket count (the usual order), only the rows
+        that digest placed in those buckets are read, by rowid; otherwise the whole table is
+        scanned again.
+        """
         wanted_set = set(wanted)
         conn = self._connection()
         with read_transaction(conn):
             layout = self._replicated_layout(conn, table)
             sql, key_of = _canonical_select(layout)
+            placement = self._placement.get((table, buckets))
+            rowid = _rowid_name(layout)
             found = []
+            # With an INTEGER PRIMARY KEY the rowid is the key and a row never moves: rows written
+            # since the digest are read fresh (and re-bucketed), rows added since are left out
+            # (the digest did not see them either). Other rowids may be renumbered by VACUUM:
+            # used only while nothing was written since.
+            if placement is not None and rowid and (layout.rowid_alias or placement.data_version == _data_version(conn)):
+                rowids = [r for r, b in zip(placement.rowids, placement.buckets) if b in wanted_set]
+                by_rowid = f"{sql} WHERE {rowid} IN (SELECT value FROM json_each(?))"
+                for start in range(0, len(rowids), 10_000):
+                    chunk = json.dumps(rowids[start:start + 10_000])
+                    for row in conn.execute(by_rowid, (chunk,)):
+                        key = key_of(row)
+                        if bucket_of(key, buckets) in wanted_set:
+                            found.append([list(key), row_hash(row)])
+            else:
+                found = self._scan_scope(conn, table, buckets, sql, key_of, wanted_set, scope)
+            return {"keys": found, **self._progress(conn)}
+
+    def _scan_scope(self, conn, table: str, buckets: int, sql: str, key_of, wanted: set[int],
+                    scope: list[int] | None) -> list:
+        """A full scan for the keys of `wanted`; with a `scope` (every bucket the caller will ask
+        for, chunk by chunk), one scan serves all chunks: the scope's rows are kept until asked."""
+        scope_key = (table, buckets, tuple(sorted(scope or ())), _data_version(conn))
+        cached = self._scope_rows if self._scope_rows and self._scope_rows[0] == scope_key else None
+        if cached is None:
+            keep = set(scope) if scope else wanted
+            by_bucket: dict[int, list] = {}
+            kept = 0
             for row in conn.execute(sql):
                 key = key_of(row)
-                if bucket_of(key, buckets) in wanted_set:
-                    found.append([list(key), row_hash(row)])
-            return {"keys": found, **self._progress(conn)}
+                bucket = bucket_of(key, buckets)
+                if bucket in keep:
+                    by_bucket.setdefault(bucket, []).append([list(key), row_hash(row)])
+                    kept += 1
+            cached = (scope_key, by_bucket)
+            self._scope_rows = cached if scope and kept <= MAX_SCOPE_ROWS else None
+        return [item for bucket in sorted(wanted) for item in cached[1].get(bucket, ())]
 
     def lookup(self, table: str, keys: list[list[Any]], with_rows: bool = False) -> dict:
         """The state of each given key (present or not), with progress."""
@@ -200,6 +256,28 @@ class TableStateReader:
                 items.append(KeyState(key, row_hash(row) if row is not None else None, version, origin, deleted,
                                       image).to_wire())
             return {"keys": items, **self._progress(conn)}
+
+
+class _Placement:
+    """Rowid and bucket of every row, as one digest saw them (about 10 bytes a row)."""
+
+    def __init__(self) -> None:
+        self.rowids = array("q")
+        self.buckets = array("H")  # buckets are at most 65536
+        self.data_version = -1
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    """Changes whenever another connection committed to the file (so cached placements are stale)."""
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _rowid_name(layout: TableLayout) -> str | None:
+    """A name that reaches the rowid (none for WITHOUT ROWID tables or when columns shadow all three)."""
+    if layout.without_rowid:
+        return None
+    taken = {col.lower() for col in layout.columns}
+    return next((name for name in ("rowid", "_rowid_", "oid") if name not in taken), None)
 
 
 def _canonical_select(layout: TableLayout) -> tuple[str, Any]:
