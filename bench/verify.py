@@ -143,6 +143,10 @@ def main() -> int:
         repaired = sum(r["published"] for r in out["repaired"])
         print(f"## 3. repair of {args.repair + args.differ} differing rows until verify says converged: "
               f"{elapsed:.1f} s (exit {code}, {repaired} rows re-published; includes the verify before and after)")
+        timings = out.get("timings", {})
+        print("   " + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+              + f"  -> re-publish until every node applied it: "
+              f"{timings.get('republish', 0) + timings.get('applied', 0):.1f} s")
 
         plain = writer_rate(dbs[0], args.cost_seconds)
         stop = threading.Event()

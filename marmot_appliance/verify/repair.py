@@ -47,6 +47,9 @@ class RepairOutcome:
     before: VerifyReport
     after: VerifyReport | None
     tables: list[TableRepair]
+    # seconds spent: "verify_before", "republish", "applied" (until every node applied the
+    # streams past the repair), "verify_after"
+    timings: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -76,7 +79,18 @@ def choose_source(finding: KeyFinding, ids: dict[str, int]) -> str | None:
 async def repair_cluster(client: VerifyClient, expected: list[tuple[str, int]] | None, tables: list[str] | None,
                          timeout_s: float, buckets: int, discover_s: float = 2.0,
                          expect_count: int | None = None) -> RepairOutcome:
+    loop = asyncio.get_running_loop()
+    clock = loop.time()
+    timings: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = loop.time()
+        timings[name] = round(now - clock, 3)
+        clock = now
+
     before = await verify_cluster(client, expected, tables, timeout_s, buckets, discover_s, expect_count)
+    lap("verify_before")
     repairs = []
     ids = {node.name: node.id for node in before.nodes}
     for result in before.tables:
@@ -103,13 +117,14 @@ async def repair_cluster(client: VerifyClient, expected: list[tuple[str, int]] |
                 if answer.get("no_image"):
                     repair.unrepairable.append(f"{answer['no_image']} key(s): {source} no longer holds the copy")
         repairs.append(repair)
+    lap("republish")
     if not repairs:
-        return RepairOutcome(before, None, repairs)
+        return RepairOutcome(before, None, repairs, timings)
     # The re-published rows travel through the streams like any change: once every node applied
     # the streams past them, verify (again until converged, should writes interleave).
-    loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     await wait_streams_applied(client, [n for n in before.nodes if n.replicate], Deadline(timeout_s))
+    lap("applied")
     repaired_tables = [r.table for r in repairs]
     while True:
         after = await verify_cluster(client, expected, repaired_tables, max(1.0, deadline - loop.time()), buckets,
@@ -117,9 +132,10 @@ async def repair_cluster(client: VerifyClient, expected: list[tuple[str, int]] |
         if after.exit_code != 1 or loop.time() >= deadline:
             break
         await asyncio.sleep(SETTLE_POLL_S)
+    lap("verify_after")
     untouched = [t for t in before.tables if t.table not in repaired_tables]
     after.tables = sorted([*untouched, *after.tables], key=lambda t: t.table)
-    return RepairOutcome(before, after, repairs)
+    return RepairOutcome(before, after, repairs, timings)
 
 
 def repair_to_text(outcome: RepairOutcome) -> str:
@@ -146,5 +162,6 @@ def repair_to_json(outcome: RepairOutcome) -> str:
         "repaired": [r.__dict__ for r in outcome.tables],
         "before": json.loads(report_to_json(outcome.before)),
         "after": json.loads(report_to_json(outcome.after)) if outcome.after else None,
+        "timings": outcome.timings,
         "exit_code": outcome.exit_code,
     }, indent=2)
