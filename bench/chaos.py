@@ -267,6 +267,43 @@ def parse_kinds(text: str | None) -> list[str]:
     return kinds
 
 
+def summarize(paths: list[Path]) -> str:
+    """A campaign's totals from --json files: runs, outcomes, faults by kind, seeds that failed."""
+    runs = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    if not runs:
+        return "no runs recorded"
+    kinds: dict[str, int] = {}
+    for run in runs:
+        for fault in run["faults"]:
+            kind = fault.split()[2]  # "t+  2.1s KIND TARGET ..."
+            kinds[kind] = kinds.get(kind, 0) + 1
+    failed = [r for r in runs if not r["ok"]]
+    converge = sorted(r["converge_s"] for r in runs if r["converge_s"] is not None)
+    lines = [
+        f"runs: {len(runs)}, passed: {len(runs) - len(failed)}, failed: {len(failed)}",
+        f"seeds: {min(r['seed'] for r in runs)}..{max(r['seed'] for r in runs)}; "
+        f"durations: {', '.join(sorted({format(r['duration_s'], 'g') + 's' for r in runs}))}; "
+        f"wall: {sum(r['wall_s'] for r in runs) / 60:.0f} min",
+        f"transactions: {sum(r['transactions'] for r in runs)}, row operations: {sum(r['operations'] for r in runs)}",
+        f"faults: {sum(kinds.values())} ({', '.join(f'{k} {n}' for k, n in sorted(kinds.items()))})",
+        f"runs with log-roll: {sum('log-roll' in r['plan'] for r in runs)}; with a shifted clock: "
+        f"{sum('clock' in r['plan'] and 'no clock shift' not in r['plan'] for r in runs)}",
+        f"verify: {', '.join(f'{v} {n}' for v, n in sorted(_count(r['verify'] for r in runs).items()))}",
+    ]
+    if converge:
+        lines.append(f"quiet after healing: median {converge[len(converge) // 2]:.1f}s, max {converge[-1]:.1f}s")
+    for run in failed:
+        lines.append(f"FAILED seed {run['seed']}: " + " | ".join(p[:300] for p in run["problems"][:3]))
+    return "\n".join(lines)
+
+
+def _count(values) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for value in values:
+        counts[value] = counts.get(value, 0) + 1
+    return counts
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Randomized fault runs against a local cluster, then an oracle.")
     parser.add_argument("--runs", type=int, default=1, help="number of runs (run i uses seed S+i)")
@@ -284,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="when a run fails, run `marmot-appliance repair` and report whether the files became equal")
     parser.add_argument("--self-test-divergence", action="store_true",
                         help="after quiescence, change one replica's row with capture bypassed: every run must FAIL")
+    parser.add_argument("--summarize", type=Path, nargs="+", metavar="JSONL",
+                        help="print the totals of earlier --json files and exit")
     args = parser.parse_args(argv)
+    if args.summarize:
+        print(summarize(args.summarize))
+        return 0
     if args.runs < 1 or args.duration <= 0 or args.rate <= 0:
         parser.error("--runs, --duration and --rate must be positive")
     kinds = parse_kinds(args.faults)
