@@ -112,3 +112,24 @@ def test_dead_letters_other_than_injected_poison_are_reported(tmp_path):
     assert oracle.check_bookkeeping({1: db}, [b"injected"]) == []
     assert oracle.check_bookkeeping({1: db}, []) == [
         "node 1: 1 dead letters that are not injected poison, e.g. b'injected'"]
+
+
+def test_summarize_totals_a_campaign(tmp_path):
+    from bench.chaos import summarize
+
+    runs = tmp_path / "runs.jsonl"
+    common = {"duration_s": 20.0, "transactions": 10, "operations": 30, "wall_s": 60.0, "repair": "not run"}
+    runs.write_text(
+        json.dumps({**common, "seed": 7, "plan": "seed 7, node 1 clock +9s, faults: poison,log-roll", "ok": True,
+                    "faults": ["t+  2.0s poison shard 1 for 0.0s: published",
+                               "t+  4.0s node-kill9 node 2 for 1.0s: healed"],
+                    "problems": [], "converge_s": 1.5, "verify": "converged"}) + "\n"
+        + json.dumps({**common, "seed": 8, "plan": "seed 8, no clock shift, faults: poison", "ok": False,
+                      "faults": ["t+  2.0s poison shard 3 for 0.0s: published"],
+                      "problems": ["files differ: table items"], "converge_s": None, "verify": "diverged"}) + "\n")
+    text = summarize([runs])
+    assert "runs: 2, passed: 1, failed: 1" in text
+    assert "faults: 3 (node-kill9 1, poison 2)" in text
+    assert "runs with log-roll: 1; with a shifted clock: 1" in text
+    assert "verify: converged 1, diverged 1" in text
+    assert "FAILED seed 8: files differ: table items" in text
