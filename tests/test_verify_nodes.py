@@ -160,3 +160,23 @@ async def test_repair_settles_bypassed_writes_then_verify_says_converged(nats_se
     finally:
         for node in nodes:
             node.terminate()
+
+
+async def test_a_node_that_does_not_answer_means_could_not_decide(nats_server, wal_db, tmp_path):
+    """A paused node (SIGSTOP) answers nothing: exit 2 within about --timeout, never 0 or 1."""
+    dbs, nodes = await _cluster(nats_server, wal_db, tmp_path)
+    try:
+        execute(dbs[0], "INSERT INTO t VALUES (?, ?)", [(k, f"v{k}") for k in range(20)], many=True)
+        await wait_converged(dbs)
+        os.kill(nodes[2].process.pid, signal.SIGSTOP)
+        try:
+            code, report, stderr = await verify(nats_server.url, "--timeout", "5", "--discover-s", "3")
+        finally:
+            os.kill(nodes[2].process.pid, signal.SIGCONT)
+        assert code == 2, (report, stderr)
+        assert report["result"] == "undecided" and report["unreachable"] == ["1 of 3 expected node(s)"]
+        code, report, _ = await verify(nats_server.url)
+        assert code == 0, report
+    finally:
+        for node in nodes:
+            node.terminate()

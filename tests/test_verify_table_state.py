@@ -79,3 +79,19 @@ def test_digests_ignore_physical_order_and_see_one_changed_value(tmp_path, kind)
 
 def _chunks(packed: bytes) -> list[bytes]:
     return [packed[i:i + 16] for i in range(0, len(packed), 16)]
+
+
+def test_a_digest_is_reused_until_something_is_committed(tmp_path):
+    db = tmp_path / "a.db"
+    _fill(db, TABLES["alias"], 200)
+    reader = TableStateReader(db, 1, TableSelection())
+    first = reader.bucket_digests("t", 16)
+    assert reader.bucket_digests("t", 16) == first
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE t SET v = 'changed' WHERE k = 5")
+    conn.commit()
+    conn.close()
+    changed = reader.bucket_digests("t", 16)
+    assert changed["sums"] != first["sums"]
+    plain = TableStateReader(db, 1, TableSelection()).bucket_digests("t", 16)
+    assert changed["sums"] == plain["sums"]

@@ -144,7 +144,7 @@ def run_verify(args: argparse.Namespace) -> int:
         target = resolve_target(args)
 
         async def work(nc):
-            client = VerifyClient(nc, target.stream_prefix)
+            client = VerifyClient(nc, target.stream_prefix, request_timeout_s=max(10.0, args.timeout))
             return await verify_cluster(client, target.expected, args.table, args.timeout, args.buckets,
                                         args.discover_s, args.expect_nodes)
 
@@ -168,7 +168,7 @@ def run_repair(args: argparse.Namespace) -> int:
         target = resolve_target(args)
 
         async def work(nc):
-            client = VerifyClient(nc, target.stream_prefix)
+            client = VerifyClient(nc, target.stream_prefix, request_timeout_s=max(10.0, args.timeout))
             return await repair_cluster(client, target.expected, args.table, args.timeout, args.buckets,
                                         args.discover_s, args.expect_nodes)
 
