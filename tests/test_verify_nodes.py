@@ -180,3 +180,27 @@ async def test_a_node_that_does_not_answer_means_could_not_decide(nats_server, w
     finally:
         for node in nodes:
             node.terminate()
+
+
+async def test_a_node_holding_rows_of_the_table_back_is_catching_up_not_diverged(nats_server, wal_db, tmp_path):
+    """A node that misses a version while it holds rows of that table back (held for clock skew,
+    as when its clock runs behind) may still apply them: exit 2 naming it, not a divergence."""
+    dbs, nodes = await _cluster(nats_server, wal_db, tmp_path)
+    try:
+        execute(dbs[0], "INSERT INTO t VALUES (?, ?)", [(k, f"v{k}") for k in range(20)], many=True)
+        await wait_converged(dbs)
+        write_bypassing_capture(dbs[2], "DELETE FROM t WHERE k = 4")
+        write_bypassing_capture(dbs[2], 'DELETE FROM "_marmot_ver_t" WHERE k0 = 4')
+        code, report, _ = await verify(nats_server.url, "--timeout", "20")
+        assert code == 1 and set(findings(report, "t")) == {"[4]"}
+        # Node 3 now holds a row of t back until a far-off due time (what a clock skew hold looks like).
+        write_bypassing_capture(
+            dbs[2], 'INSERT INTO "_marmot_held" (tbl, reason, change, stream, seq, held_at, due_at, origin, version) '
+            "VALUES ('t', 'clock skew', x'00', 'marmot-changes-1', 1, 0, 1e12, 1, 1)")
+        code, report, stderr = await verify(nats_server.url, "--timeout", "20")
+        assert code == 2, (report, stderr)
+        (table,) = [t for t in report["tables"] if t["table"] == "t"]
+        assert table["status"] == "catching_up" and "node-3 hold rows of this table back" in table["detail"]
+    finally:
+        for node in nodes:
+            node.terminate()

@@ -149,6 +149,8 @@ class TableComparison:
 
     async def _judge(self, candidates: dict[bytes, tuple], rows: dict[str, int]) -> TableResult:
         found: dict[bytes, KeyFinding] = {}
+        waiting = 0  # keys only nodes holding rows of this table back are behind on
+        held_by: set[str] = set()
         observed = await self._lookup(candidates)
         while True:
             unsettled: dict[bytes, tuple[int, int]] = {}
@@ -163,15 +165,22 @@ class TableComparison:
             if not unsettled:
                 break
             if not await self._barrier(max(version for version, _origin in unsettled.values())):
-                return self._result(found, rows, catching_up=len(unsettled))
+                return self._result(found, rows, catching_up=len(unsettled) + waiting, holding_back=sorted(held_by))
             observed = await self._lookup({kb: candidates[kb] for kb in unsettled})
-            for kb, states in observed.items():
+            progress = await self._ask_all({"op": protocol.OP_PROGRESS})
+            holding_back = {name for name, p in progress.items()
+                            if int((p.get("waiting") or {}).get(self.table, 0)) > 0}
+            for kb, states in list(observed.items()):
                 newest_before = unsettled[kb]
                 behind = [name for name, s in states.items() if (s.version, s.origin) < newest_before]
-                if behind:
+                if behind and set(behind) <= holding_back:
+                    waiting += 1  # parked or held rows of this table there: it may still apply them
+                    held_by.update(behind)
+                    del observed[kb]
+                elif behind:
                     found[kb] = _finding(states, MISSED_VERSION, newest_before)
             observed = {kb: states for kb, states in observed.items() if kb not in found}
-        return self._result(found, rows)
+        return self._result(found, rows, catching_up=waiting, holding_back=sorted(held_by))
 
     async def _barrier(self, newest_version: int) -> bool:
         """Wait until every node published up to newest_version and applied what was in the streams then."""
@@ -185,13 +194,16 @@ class TableComparison:
             await asyncio.sleep(POLL_S)
         return await wait_streams_applied(self.client, self.holders, self.deadline)
 
-    def _result(self, found: dict[bytes, KeyFinding], rows: dict[str, int], catching_up: int = 0) -> TableResult:
+    def _result(self, found: dict[bytes, KeyFinding], rows: dict[str, int], catching_up: int = 0,
+                holding_back: list[str] | None = None) -> TableResult:
         findings = sorted(found.values(), key=lambda f: repr(f.key))
         if findings:
             return TableResult(self.table, DIVERGED, self.names, rows, len(findings), findings)
         if catching_up:
-            return TableResult(self.table, CATCHING_UP, self.names, rows,
-                               detail=f"{catching_up} key(s) still differ between nodes that are behind")
+            detail = f"{catching_up} key(s) still differ between nodes that are behind"
+            if holding_back:
+                detail += f"; {', '.join(holding_back)} hold rows of this table back (parked or held, see /health)"
+            return TableResult(self.table, CATCHING_UP, self.names, rows, detail=detail)
         return TableResult(self.table, CONVERGED, self.names, rows)
 
 

@@ -139,7 +139,15 @@ class TableStateReader:
             row = conn.execute(f"SELECT min(id) FROM {quote_ident(log_name)}").fetchone()
             if row[0] is not None:
                 oldest = int(row[0]) if oldest is None else min(oldest, int(row[0]))
-        return {"positions": positions, "unpublished_from": oldest}
+        # Rows this node holds back on purpose (parked for a table or column it lacks, held for
+        # clock skew): not applied yet although their positions are. Keys they touch are
+        # "catching up", not diverged.
+        waiting: dict[str, int] = {}
+        for holding in (bk.PARKED_TABLE, bk.HELD_TABLE):
+            if bk.object_exists(conn, holding):
+                for tbl, count in conn.execute(f"SELECT tbl, count(*) FROM {quote_ident(holding)} GROUP BY tbl"):
+                    waiting[str(tbl)] = waiting.get(str(tbl), 0) + int(count)
+        return {"positions": positions, "unpublished_from": oldest, "waiting": waiting}
 
     def table_shape(self, table: str) -> dict:
         """Columns (table order), primary key and layout fingerprint, as capture records them."""
