@@ -6,7 +6,8 @@ Each run starts a fresh local cluster (3 JetStream servers, 3 `marmot-appliance 
 with `shards: 4`, snapshots on, and with the log-roll fault a small `max_log_entries`), starts a
 writer on every node,
 injects faults drawn from the run's seed for --duration seconds (kill -9 and SIGSTOP of node
-runtimes and nats-servers, graceful restarts, stops long enough for the log to roll past a node,
+runtimes and nats-servers (one, two or all three at once), graceful restarts, stops long enough
+for the log to roll past a node,
 forced snapshot restores, poison messages; one node and its writer run with the wall clock
 shifted), heals everything, waits for quiescence and checks the oracle (bench/chaos_oracle.py,
 and `marmot-appliance verify` when this build has it). Run i uses seed S+i. A failing run keeps

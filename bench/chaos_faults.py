@@ -94,11 +94,12 @@ class FaultInjector:
 
     def _start(self, kind: str) -> asyncio.Task | None:
         if kind.startswith("nats-"):
-            if self.busy_servers:  # one server at a time: the R3 streams keep their quorum
+            if self.busy_servers:  # one server fault at a time (some take two or all servers)
                 return None
-            index = self.rng.randrange(len(self.cluster.nats.processes))
-            self.busy_servers.add(index)
-            return asyncio.create_task(self._server_fault(kind, index, self._duration(kind)))
+            count = {"nats-quorum-loss": 2, "nats-cluster-kill9": len(self.cluster.nats.processes)}.get(kind, 1)
+            indexes = sorted(self.rng.sample(range(len(self.cluster.nats.processes)), count))
+            self.busy_servers.update(indexes)
+            return asyncio.create_task(self._server_fault(kind, indexes, self._duration(kind)))
         if kind == "poison":
             return asyncio.create_task(self._poison(self.rng.randrange(1, self.cluster.settings.shards + 1)))
         free = [n for n in self.cluster.nodes if n.node_id not in self.busy_nodes]
@@ -179,18 +180,23 @@ class FaultInjector:
         else:
             record.outcome = f"{before}healed"
 
-    async def _server_fault(self, kind: str, index: int, duration_s: float) -> None:
-        cluster, target = self.cluster, f"nats-server s{index + 1}"
+    async def _server_fault(self, kind: str, indexes: list[int], duration_s: float) -> None:
+        cluster = self.cluster
+        target = " and ".join(f"nats-server s{i + 1}" for i in indexes)
         try:
             record = self._record(kind, target, duration_s)
             if kind == "nats-pause":
-                cluster.pause_server(index)
+                for index in indexes:
+                    cluster.pause_server(index)
                 await asyncio.sleep(record.duration_s)
-                cluster.resume_server(index)
-            elif kind == "nats-kill9":
-                await asyncio.to_thread(cluster.kill9_server, index)
+                for index in indexes:
+                    cluster.resume_server(index)
+            elif kind in ("nats-kill9", "nats-quorum-loss", "nats-cluster-kill9"):
+                for index in indexes:
+                    await asyncio.to_thread(cluster.kill9_server, index)
                 await asyncio.sleep(record.duration_s)
-                await asyncio.to_thread(cluster.start_server, index)
+                for index in indexes:
+                    await asyncio.to_thread(cluster.start_server, index)
             else:
                 raise ValueError(f"unknown fault kind {kind}")
             record.outcome = "healed"
@@ -198,7 +204,7 @@ class FaultInjector:
             record.outcome += "; cut short by the end of the run (the final heal ends it)"
             raise
         finally:
-            self.busy_servers.discard(index)
+            self.busy_servers.difference_update(indexes)
 
     async def _poison(self, shard: int) -> None:
         """Publish a message no node can decode: every node must dead-letter it and go on."""
@@ -231,9 +237,13 @@ DURATIONS_S = {
     "node-restore": (0.0, 0.0),
     "nats-pause": (1.0, 5.0),
     "nats-kill9": (0.5, 5.0),
+    # Two of three servers down: the R3 streams lose their quorum, publishes and applies stall.
+    "nats-quorum-loss": (1.0, 4.0),
+    # Every server at once (a power cut): JetStream recovers the streams from its files.
+    "nats-cluster-kill9": (1.0, 4.0),
 }
 NODE_KINDS = ("node-kill9", "node-pause", "node-restart", "node-long-stop", "node-restore")
-SERVER_KINDS = ("nats-kill9", "nats-pause")
+SERVER_KINDS = ("nats-kill9", "nats-pause", "nats-quorum-loss", "nats-cluster-kill9")
 # "log-roll" is a setting, not an event: the run's max_log_entries is small (120-300 per stream),
 # so the log rolls past a node stopped or paused for a few seconds and it must restore a snapshot
 # while its writer writes. Without it, max_log_entries is LARGE_LOG and nothing rolls.
