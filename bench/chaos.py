@@ -3,16 +3,15 @@
     .venv/bin/python bench/chaos.py --runs 5 --seed 100 --duration 30
 
 Each run starts a fresh local cluster (3 JetStream servers, 3 `marmot-appliance node` processes
-with `shards: 4`, snapshots on, and with the log-roll fault a small `max_log_entries`), starts a
-writer on every node,
-injects faults drawn from the run's seed for --duration seconds (kill -9 and SIGSTOP of node
-runtimes and nats-servers (one, two or all three at once), graceful restarts, stops long enough
-for the log to roll past a node,
-forced snapshot restores, poison messages; one node and its writer run with the wall clock
-shifted), heals everything, waits for quiescence and checks the oracle (bench/chaos_oracle.py,
-and `marmot-appliance verify` when this build has it). Run i uses seed S+i. A failing run keeps
-its work directory and prints the command that replays its seed; the exit status is 1 if any
-run failed. docs/reliability.md describes the harness and records long runs.
+with `shards: 4` and snapshots on) and a writer on every node, and injects faults drawn from the
+run's seed for --duration seconds: kill -9 and SIGSTOP of node runtimes and of nats-servers (one,
+two or all three at once), graceful restarts, long stops, forced snapshot restores, poison
+messages, a small `max_log_entries` so the log rolls past stopped nodes (log-roll), and one node
+with its writer on a shifted wall clock. Then it heals everything, waits for quiescence and
+checks the oracle (bench/chaos_oracle.py, and `marmot-appliance verify` when this build has it).
+Run i uses seed S+i. A failing run keeps its work directory and prints the command that replays
+its seed; the exit status is 1 if any run failed. docs/reliability.md describes the harness and
+records long runs.
 """
 
 from __future__ import annotations
