@@ -321,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="when a run fails, run `marmot-appliance repair` and report whether the files became equal")
     parser.add_argument("--self-test-divergence", action="store_true",
                         help="after quiescence, change one replica's row with capture bypassed: every run must FAIL")
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="start no new run once this many minutes have passed (a run in progress finishes)")
     parser.add_argument("--summarize", type=Path, nargs="+", metavar="JSONL",
                         help="print the totals of earlier --json files and exit")
     args = parser.parse_args(argv)
@@ -339,7 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"chaos: {args.runs} run(s) from seed {seed}, work in {base}; verify: "
           f"{'yes' if with_verify else 'not in this build' if not args.no_verify else 'skipped'}", flush=True)
     failed = []
+    started = time.monotonic()
+    done = 0
     for i in range(args.runs):
+        if args.time_budget is not None and time.monotonic() - started > args.time_budget * 60:
+            print(f"chaos: time budget of {args.time_budget:g} min used up; no more runs started", flush=True)
+            break
+        done += 1
         plan = plan_run(seed + i, args.duration, kinds, not args.no_clock_shift)
         work = base / f"run-{plan.seed}"
         if work.exists():
@@ -371,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  problem: {problem}")
         print(f"  work directory kept: {work}")
         print(f"  replay: {replay_command(args, plan.seed)}", flush=True)
-    print(f"chaos: {args.runs - len(failed)}/{args.runs} runs passed" +
+    print(f"chaos: {done - len(failed)}/{done} runs passed" +
           (f"; failed seeds: {' '.join(map(str, failed))}" if failed else ""))
     if not failed and not args.keep and args.work_dir is None:
         shutil.rmtree(base, ignore_errors=True)
