@@ -24,6 +24,7 @@ from pathlib import Path
 
 from marmot_appliance.replication.bookkeeping import HELD_TABLE, PARKED_TABLE
 from marmot_appliance.replication.digest import table_digest
+from marmot_appliance.replication.sqlite_util import quote_ident
 from marmot_appliance.replication.types import DEAD_LETTER_TABLE
 
 SAMPLES = 5  # problems listed per check; the count is always complete
@@ -78,7 +79,7 @@ def _key(row, table: str, primary_keys: dict[str, tuple], width: int) -> tuple:
 def read_rows(db: Path, table: str, key_columns: tuple) -> dict[tuple, tuple]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        cursor = conn.execute(f'SELECT * FROM "{table}"')
+        cursor = conn.execute(f"SELECT * FROM {quote_ident(table)}")
         names = [d[0] for d in cursor.description]
         positions = [names.index(column) for column in key_columns]
         return {tuple(row[p] for p in positions): tuple(row) for row in cursor}
@@ -92,7 +93,7 @@ def bookkeeping_counts(db: Path) -> dict[str, int]:
         counts = {}
         for table in (DEAD_LETTER_TABLE, HELD_TABLE, PARKED_TABLE):
             try:
-                counts[table] = conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
+                counts[table] = conn.execute(f"SELECT count(*) FROM {quote_ident(table)}").fetchone()[0]
             except sqlite3.OperationalError:
                 counts[table] = 0
         return counts
@@ -103,7 +104,7 @@ def bookkeeping_counts(db: Path) -> dict[str, int]:
 def dead_letter_payloads(db: Path) -> list[bytes]:
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
     try:
-        return [bytes(r[0] or b"") for r in conn.execute(f'SELECT payload FROM "{DEAD_LETTER_TABLE}"')]
+        return [bytes(r[0] or b"") for r in conn.execute(f"SELECT payload FROM {quote_ident(DEAD_LETTER_TABLE)}")]
     except sqlite3.OperationalError:
         return []
     finally:

@@ -30,6 +30,11 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # run as a script by the harness: the repository is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from marmot_appliance.replication.sqlite_util import quote_ident  # noqa: E402
+
 SCHEMA = """
 CREATE TABLE items (id TEXT PRIMARY KEY, val TEXT NOT NULL, n INTEGER NOT NULL, token TEXT NOT NULL);
 CREATE TABLE accounts (id INTEGER PRIMARY KEY, owner TEXT NOT NULL, balance INTEGER NOT NULL, token TEXT NOT NULL);
@@ -58,7 +63,7 @@ def create_database(path: Path) -> Path:
         with conn:
             for table, rows in initial_rows().items():
                 marks = ", ".join("?" * len(rows[0]))
-                conn.executemany(f'INSERT INTO "{table}" VALUES ({marks})', rows)
+                conn.executemany(f"INSERT INTO {quote_ident(table)} VALUES ({marks})", rows)
     finally:
         conn.close()
     return path
@@ -85,8 +90,8 @@ class Writer:
         return f"{self.node_id}:{self.txn}:{index}"
 
     def _row(self, table: str, key: tuple) -> list | None:
-        where = " AND ".join(f'"{column}" = ?' for column in PRIMARY_KEYS[table])
-        row = self.conn.execute(f'SELECT * FROM "{table}" WHERE {where}', key).fetchone()
+        where = " AND ".join(f"{quote_ident(column)} = ?" for column in PRIMARY_KEYS[table])
+        row = self.conn.execute(f"SELECT * FROM {quote_ident(table)} WHERE {where}", key).fetchone()
         return list(row) if row is not None else None
 
     def _upserted(self, table: str, key: tuple) -> dict:
