@@ -135,6 +135,8 @@ def spec_data(nodes: int = 3) -> dict:
             ],
         }
     data["nodes"] = data["nodes"][:nodes]
+    # The example's schema files (notes.sql) stay where they are; the copy names them absolutely.
+    data["schema"] = [str(EXAMPLE_SPEC.parent / entry) for entry in data.get("schema", [])]
     ports = free_ports(4 * len(data["nodes"]))
     for i, node in enumerate(data["nodes"]):
         client, cluster, monitor, metrics = ports[i * 4 : i * 4 + 4]

@@ -30,7 +30,7 @@ FUZZ = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-BASE_DIR = Path("/nonexistent/spec-dir")
+BASE_DIR = EXAMPLES  # where the examples' schema files (notes.sql) are; loading writes nothing
 EXAMPLE_TEXTS = [(EXAMPLES / name).read_text() for name in ("local-3-node.yaml", "lab-3-host.yaml")]
 EXAMPLE_DOCS = [yaml.safe_load(text) for text in EXAMPLE_TEXTS]
 

@@ -1,4 +1,5 @@
-"""Compare what the spec asks for with what runs, per resource: + create, ~ restart, - remove.
+"""Compare what the spec asks for with what runs, per resource: + create, ~ restart, - remove;
+and, with `schema:` in the spec, each node's database with the declared schema (docs/schema.md).
 
 `compute_plan` is the one code path behind both `plan` and `apply`, so what `plan` shows is
 what `apply` does.
@@ -14,6 +15,7 @@ from typing import Callable, Literal
 from marmot_appliance.appliance.resources import NATS_CONFIG_FACET, NODE_KIND, DesiredResource, digest, kind_of
 from marmot_appliance.appliance.state import ProcessRecord, RecordedState
 from marmot_appliance.appliance.supervisor import is_running
+from marmot_appliance.schema.diff import SchemaChange
 
 Action = Literal["create", "update", "delete"]
 SYMBOLS: dict[str, str] = {"create": "+", "update": "~", "delete": "-"}
@@ -43,10 +45,20 @@ class Plan:
     changes: list[ResourceChange] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)  # recorded, not in spec, kept (no --prune)
+    # node -> its database's differences from the declared schema (empty without `schema:`)
+    schema: dict[str, list[SchemaChange]] = field(default_factory=dict)
+
+    @property
+    def schema_changes(self) -> int:
+        return sum(1 for changes in self.schema.values() for change in changes if change.additive)
+
+    @property
+    def schema_incompatible(self) -> int:
+        return sum(1 for changes in self.schema.values() for change in changes if change.incompatible)
 
     @property
     def has_changes(self) -> bool:
-        return bool(self.changes)
+        return bool(self.changes) or self.schema_changes > 0 or self.schema_incompatible > 0
 
     def count(self, action: Action) -> int:
         return sum(1 for change in self.changes if change.action == action)
@@ -59,6 +71,7 @@ class Plan:
             "changes": [change.to_dict() for change in self.changes],
             "unchanged": list(self.unchanged),
             "orphans": list(self.orphans),
+            "schema": {node: [change.to_dict() for change in changes] for node, changes in self.schema.items()},
         }
 
 
@@ -133,21 +146,41 @@ def compute_plan(
     return plan
 
 
+def _schema_lines(plan: Plan) -> list[str]:
+    """Per node: + create, ~ re-create, ! incompatible (refused), ? not declared (kept)."""
+    lines = []
+    for node, changes in plan.schema.items():
+        if not changes:
+            continue
+        lines.append(f"  schema of node {node}:")
+        lines.extend(f"    {change.render()}" for change in changes)
+    return lines
+
+
 def render_plan_text(plan: Plan) -> str:
     lines: list[str] = []
+    schema_lines = _schema_lines(plan)
     if plan.has_changes:
-        width = max(len(change.resource) for change in plan.changes)
         lines.append(f"Plan for cluster {plan.cluster!r} (state in {plan.state_dir}):")
-        for change in plan.changes:
-            lines.append(
-                f"  {SYMBOLS[change.action]} {change.resource.ljust(width)}  {', '.join(change.reasons)}"
-            )
-        lines.append(
+        if plan.changes:
+            width = max(len(change.resource) for change in plan.changes)
+            for change in plan.changes:
+                lines.append(
+                    f"  {SYMBOLS[change.action]} {change.resource.ljust(width)}  {', '.join(change.reasons)}"
+                )
+        lines.extend(schema_lines)
+        summary = (
             f"Plan: {plan.count('create')} to create, {plan.count('update')} to restart, "
-            f"{plan.count('delete')} to remove."
+            f"{plan.count('delete')} to remove"
         )
+        if plan.schema:
+            summary += f"; schema: {plan.schema_changes} change(s)"
+            if plan.schema_incompatible:
+                summary += f", {plan.schema_incompatible} incompatible (apply refuses them)"
+        lines.append(summary + ".")
     else:
         lines.append("No changes.")
+        lines.extend(schema_lines)  # only "?" notes: objects the schema files do not declare
     for orphan in plan.orphans:
         lines.append(
             f"Note: {orphan} is no longer in the spec but keeps running; `apply --prune` stops it."

@@ -63,7 +63,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     cluster = _load(args.spec)
     if not cluster.is_local:
         return int(remote_entry("apply_remote")(cluster, cluster.source) or 0)
-    apply_local(cluster, ApplyOptions(prune=args.prune, health_timeout_s=args.timeout))
+    apply_local(cluster, ApplyOptions(
+        prune=args.prune, health_timeout_s=args.timeout, skip_incompatible_schema=args.skip_incompatible_schema))
     return 0
 
 
@@ -126,6 +127,12 @@ def register(subparsers) -> None:
     )
     apply.add_argument("spec", metavar="FILE", help="cluster spec (YAML)")
     apply.add_argument("--prune", action="store_true", help="stop nodes that were removed from the spec")
+    apply.add_argument(
+        "--skip-incompatible-schema",
+        action="store_true",
+        help="apply the additive schema changes and leave incompatible ones (type or key changes, "
+        "undeclared columns) as they are, instead of refusing; nothing is ever dropped",
+    )
     apply.add_argument(
         "--timeout",
         type=_positive_seconds,

@@ -103,7 +103,7 @@ def build_config(args: argparse.Namespace) -> node_config.NodeConfig:
             raise MarmotError(f"with --spec, set these in the spec instead of flags: --{', --'.join(mixed)}")
         from marmot_appliance.spec.loader import load_cluster
 
-        cluster = load_cluster(Path(args.spec))
+        cluster = load_cluster(Path(args.spec), check_schema_files=False)  # the node never reads them
         config = node_config.config_from_spec(
             cluster,
             args.node,

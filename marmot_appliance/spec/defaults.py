@@ -98,6 +98,8 @@ def build_cluster(data: dict[str, Any], base_dir: Path, source: Path | None = No
         name=data["name"],
         api_version=data.get("apiVersion", API_VERSION),
         nodes=tuple(_node(data, node, base_dir) for node in data["nodes"]),
+        # The schema files are read where the spec is (plan/apply), so relative is always allowed.
+        schema=tuple(_resolve(path, base_dir, True) for path in data.get("schema", ())),
         nats=_nats(data.get("nats", {}), base_dir, local),
         replication=_replication(data.get("replication", {})),
         snapshots=SnapshotSettings(**_floats(dict(data.get("snapshots", {})), "interval_s")),

@@ -15,6 +15,7 @@ from marmot_appliance.errors import SpecError
 
 from .defaults import build_cluster
 from .model import SUPPORTED_API_VERSIONS, Cluster
+from .schema_files import schema_file_problems
 from .semantic import semantic_problems
 from .validation import schema_problems
 from .yaml_source import SourceDocument, parse_yaml
@@ -61,18 +62,29 @@ def load_cluster_text(
     source_name: str = "<string>",
     base_dir: Path | None = None,
     source: Path | None = None,
+    check_schema_files: bool = True,
 ) -> Cluster:
-    """Load a spec from text. Relative paths of local nodes resolve against `base_dir` (default: cwd)."""
+    """Load a spec from text. Relative paths of local nodes resolve against `base_dir` (default: cwd).
+
+    `check_schema_files` reads and checks the SQL files of `schema:` (docs/schema.md); a node
+    runtime, which never reads them (the spec may have been copied to its host without them),
+    passes False.
+    """
     document = parse_yaml(text, source_name)
     _check_api_version(document)
+    base_dir = (base_dir or Path.cwd()).absolute()
     problems = document.problems + schema_problems(document) + semantic_problems(document)
+    if check_schema_files:
+        problems += schema_file_problems(document, base_dir)
     if problems:
         raise SpecError([problem.format() for problem in dict.fromkeys(problems)])
-    return build_cluster(document.data, (base_dir or Path.cwd()).absolute(), source)
+    return build_cluster(document.data, base_dir, source)
 
 
-def load_cluster(path: str | Path) -> Cluster:
+def load_cluster(path: str | Path, check_schema_files: bool = True) -> Cluster:
     """Load and validate the spec file at `path`; raises SpecError listing every mistake."""
     path = Path(path)
     text = read_spec_text(path)
-    return load_cluster_text(text, str(path), base_dir=path.parent.absolute(), source=path.absolute())
+    return load_cluster_text(
+        text, str(path), base_dir=path.parent.absolute(), source=path.absolute(), check_schema_files=check_schema_files
+    )

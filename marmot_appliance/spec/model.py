@@ -189,6 +189,9 @@ class Cluster:
     name: str
     nodes: tuple[Node, ...]
     api_version: str = API_VERSION
+    # SQL files declaring the database schema, absolute paths, in order (docs/schema.md).
+    # Empty: the applications manage their own schema.
+    schema: tuple[str, ...] = ()
     nats: NatsSettings = field(default_factory=NatsSettings)
     replication: ReplicationSettings = field(default_factory=ReplicationSettings)
     snapshots: SnapshotSettings = field(default_factory=SnapshotSettings)

@@ -26,6 +26,7 @@ def cluster_to_dict(cluster: Cluster) -> dict[str, Any]:
         "apiVersion": cluster.api_version,
         "kind": "Cluster",
         "name": cluster.name,
+        "schema": list(cluster.schema),
         "nodes": [_plain(node) for node in cluster.nodes],
         "nats": _plain(cluster.nats),
         "replication": _plain(cluster.replication),
