@@ -211,6 +211,8 @@ def emergency_stop(appliance: Appliance) -> None:
 def appliance():
     workdir = make_workdir()
     data = spec_data()
+    # Applications that manage their own schema (create_databases below) need no `schema:`.
+    data.pop("schema", None)
     app = Appliance(workdir, data)
     try:
         yield app

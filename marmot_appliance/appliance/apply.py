@@ -27,7 +27,7 @@ from marmot_appliance.appliance.databases import prepare_databases
 from marmot_appliance.appliance.errors import ApplianceError
 from marmot_appliance.appliance.plan import Plan, ResourceChange, compute_plan, render_plan_text
 from marmot_appliance.appliance.progress import Progress
-from marmot_appliance.appliance.schema_rollout import migrate_nodes, plan_schema, refuse_incompatible
+from marmot_appliance.appliance.schema_rollout import database_drift, migrate_nodes, plan_schema, refuse_incompatible
 from marmot_appliance.appliance.resources import (
     NATS_KIND,
     NODE_KIND,
@@ -92,6 +92,8 @@ def plan_local(cluster: Cluster, prune: bool = False) -> Plan:
     desired = desired_resources(cluster, state, spec_path_of(cluster), _planning_credentials(cluster, state))
     plan = compute_plan(cluster.name, state.root, desired, _recorded(cluster, state), prune)
     plan.schema = plan_schema(cluster)
+    if not cluster.schema:
+        plan.schema_drift = database_drift(cluster)
     return plan
 
 

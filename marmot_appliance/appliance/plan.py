@@ -47,6 +47,8 @@ class Plan:
     orphans: list[str] = field(default_factory=list)  # recorded, not in spec, kept (no --prune)
     # node -> its database's differences from the declared schema (empty without `schema:`)
     schema: dict[str, list[SchemaChange]] = field(default_factory=dict)
+    # node -> tables/views that differ between the nodes (specs without `schema:`; a note only)
+    schema_drift: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def schema_changes(self) -> int:
@@ -72,6 +74,7 @@ class Plan:
             "unchanged": list(self.unchanged),
             "orphans": list(self.orphans),
             "schema": {node: [change.to_dict() for change in changes] for node, changes in self.schema.items()},
+            "schema_drift": {node: list(lines) for node, lines in self.schema_drift.items()},
         }
 
 
@@ -181,6 +184,9 @@ def render_plan_text(plan: Plan) -> str:
     else:
         lines.append("No changes.")
         lines.extend(schema_lines)  # only "?" notes: objects the schema files do not declare
+    for node, drift in plan.schema_drift.items():
+        for line in drift:
+            lines.append(f"Note: the schema of node {node} differs: {line}.")
     for orphan in plan.orphans:
         lines.append(
             f"Note: {orphan} is no longer in the spec but keeps running; `apply --prune` stops it."

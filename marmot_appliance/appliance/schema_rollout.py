@@ -29,6 +29,23 @@ def plan_schema(cluster: Cluster) -> dict[str, list[SchemaChange]]:
         raise ApplianceError(str(exc)) from exc
 
 
+def database_drift(cluster: Cluster) -> dict[str, list[str]]:
+    """Node -> tables and views whose schema differs between the nodes' databases (read
+    directly, as plan does), for specs without `schema:`; with one, the plan itself names them."""
+    from marmot_appliance.schema.drift import schema_drift
+    from marmot_appliance.schema.migrate import database_shape
+
+    shapes = {}
+    for node in _nodes_in_order(cluster):
+        try:
+            shape = database_shape(node.db)
+        except SchemaMigrationError:
+            shapes[node.name] = None  # unreadable: apply's preflight says why
+            continue
+        shapes[node.name] = {"tables": shape.table_fingerprints(), "views": shape.view_fingerprints()}
+    return schema_drift(shapes)
+
+
 def refuse_incompatible(schema_plan: dict[str, list[SchemaChange]]) -> None:
     lines = [
         f"  node {node}: {change.render()}"

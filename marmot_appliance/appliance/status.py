@@ -37,6 +37,9 @@ class NodeStatus:
     nats_server: ProcessStatus | None  # None: NATS is not embedded
     health: health.NodeHealth
     problems: list[str] = field(default_factory=list)
+    # Tables or views that differ from the spec's schema or from the other nodes (not a
+    # problem: a rolling change passes through it; docs/schema.md "Drift").
+    schema_drift: list[str] = field(default_factory=list)
 
     @property
     def healthy(self) -> bool:
@@ -49,6 +52,7 @@ class NodeStatus:
             "problems": list(self.problems),
             "runtime": self.runtime.to_dict(),
             "nats_server": self.nats_server.to_dict() if self.nats_server else None,
+            "schema_drift": list(self.schema_drift),
             "health_http_status": self.health.http_status,
             "health": self.health.body,
         }
@@ -81,7 +85,21 @@ def collect_status(cluster: Cluster) -> list[NodeStatus]:
         if not node_health.healthy:
             problems.append(node_health.describe())
         statuses.append(NodeStatus(node.name, runtime, nats, node_health, problems))
+    _add_schema_drift(cluster, statuses)
     return statuses
+
+
+def _add_schema_drift(cluster: Cluster, statuses: list[NodeStatus]) -> None:
+    from marmot_appliance.schema.drift import schema_drift
+    from marmot_appliance.schema.migrate import declared_schema
+
+    declared = None
+    if cluster.schema:
+        shape = declared_schema(cluster.schema)
+        declared = {"tables": shape.table_fingerprints(), "views": shape.view_fingerprints()}
+    reported = {status.name: (status.health.body or {}).get("schema") or None for status in statuses}
+    for node, lines in schema_drift(reported, declared).items():
+        next(status for status in statuses if status.name == node).schema_drift = lines
 
 
 def _ago(timestamp: object) -> str:
@@ -171,6 +189,8 @@ def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
                     f"they were applied (since {_ago(gap.get('since'))}); not applying this stream: "
                     f"{gap.get('recovery') or 'waiting for a snapshot'}"
                 )
+        for drift in status.schema_drift:
+            lines.append(f"    schema drift: {drift}")
         for problem in status.problems:
             lines.append(f"    problem: {problem}")
     healthy = sum(1 for s in statuses if s.healthy)

@@ -67,6 +67,10 @@ PUBLISH_ASYNC_WINDOW = 1024
 FATAL_STREAM_ERRORS = ("insufficient resources", "replicas", "subjects overlap", "exists with subjects")
 
 
+SCHEMA_FINGERPRINT_HELP = (
+    "Each table's schema fingerprint as a number (the first 48 bits of the hex fingerprint on /health); "
+    "nodes with equal values hold the same schema for the table"
+)
 GAPS_HELP = "Shard streams with entries gone before this node applied them (no snapshot closed it yet)"
 
 # Every family a node exports, present from start-up (labelled ones gain labels as they occur).
@@ -93,6 +97,7 @@ LABELLED_NODE_METRICS = (
     ("stream_resets", "counter", "Shard streams found re-created (positions reset)"),
     ("stream_gap_entries", "gauge", "Entries retention dropped before this node applied them (0: no gap)"),
     ("apply_blocked", "gauge", "1 while a stream waits for the database to accept writes"),
+    ("schema_table_fingerprint", "gauge", SCHEMA_FINGERPRINT_HELP),
 )
 
 
@@ -306,6 +311,7 @@ class NodeRuntime:
         for warning in getattr(report, "warnings", ()):
             log.warning("%s", warning)
         log.info("capturing %d table(s): %s", len(report.tables), ", ".join(report.tables) or "(none yet)")
+        await self._refresh_schema_fingerprints()
         await self.capture_db.run(self.capture.use_retire_connection)
         self.status.capture_installed = True
         self.applier = await self.apply_db.run(
@@ -573,11 +579,29 @@ class NodeRuntime:
         for warning in getattr(report, "warnings", ()):
             log.warning("%s", warning)
         log.info("schema changed: capture re-installed on %d table(s)", len(report.tables))
+        await self._refresh_schema_fingerprints()
         if self.publisher is not None:
             self.publisher.schema_changed()
         await waiting_rows.retry_parked(self.apply_db, self.applier)
         if self.wakeup is not None:
             self.wakeup.notify()
+
+    async def _refresh_schema_fingerprints(self) -> None:
+        """Per-table schema fingerprints on /health and /metrics (docs/schema.md, "Drift")."""
+        from marmot_appliance.schema.migrate import database_shape
+
+        try:
+            shape = await self.capture_db.run(database_shape, self.config.db_path)
+        except MarmotError as exc:
+            log.warning("cannot read the schema for its fingerprints: %s", exc)
+            return
+        tables = shape.table_fingerprints()
+        for table in (self.status.schema.get("tables") or {}):
+            if table not in tables:
+                self.metrics.remove("schema_table_fingerprint", table=table)
+        for table, fingerprint in tables.items():
+            self.metrics.set("schema_table_fingerprint", int(fingerprint[:12], 16), help=SCHEMA_FINGERPRINT_HELP, table=table)
+        self.status.schema = {"tables": tables, "views": shape.view_fingerprints()}
 
     async def _refresh_status(self) -> None:
         self.status.pending_rows = await self.capture_db.run(self.capture.pending_count)

@@ -43,6 +43,10 @@ class RuntimeStatus:
     # stream -> the last reset of its position (a re-created stream): {"at", "reason",
     # "previous_position", "republished_rows"}. Reported, not unhealthy: the node handled it.
     stream_resets: dict[str, dict] = field(default_factory=dict)
+    # The database's schema as this node sees it: {"tables": {table: fingerprint}, "views":
+    # {view: fingerprint}} (schema/shape.py). `status` and `plan` compare it across nodes and
+    # with the spec's declared schema; a difference is reported, not unhealthy (docs/schema.md).
+    schema: dict = field(default_factory=dict)
 
     @property
     def healthy(self) -> bool:
@@ -81,4 +85,5 @@ class RuntimeStatus:
             "apply_blocked": dict(self.apply_blocked),
             "diverged": dict(self.diverged),
             "verify": dict(self.verify),
+            "schema": dict(self.schema),
         }

@@ -60,6 +60,12 @@ class Metrics:
         key = tuple(sorted((k, str(v)) for k, v in labels.items()))
         family.samples[key] = float(value)
 
+    def remove(self, name: str, **labels: str) -> None:
+        """Drop one labelled series (e.g. a table that no longer exists)."""
+        family = self._families.get(f"{self.prefix}_{name}")
+        if family is not None:
+            family.samples.pop(tuple(sorted((k, str(v)) for k, v in labels.items())), None)
+
     def get(self, name: str, **labels: str) -> float:
         family = self._families.get(f"{self.prefix}_{name}")
         if family is None:
