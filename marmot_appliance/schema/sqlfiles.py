@@ -119,12 +119,27 @@ def _kind_problem(words: list[str]) -> str | None:
     return None
 
 
-def _error_mark(text: str, start: int, statement: str, message: str) -> Mark:
+def _syntax_error_offset(conn: sqlite3.Connection, statement: str, token: str) -> int | None:
+    """Which occurrence of `token` SQLite stopped at: the first one where the statement cut just
+    after it already fails with the same error (EXPLAIN compiles without running anything).
+    Python's sqlite3 does not expose sqlite3_error_offset()."""
+    found = statement.find(token)
+    while found >= 0:
+        try:
+            conn.execute("EXPLAIN " + statement[: found + len(token)])
+        except sqlite3.Error as exc:
+            if f'near "{token}": syntax error' in str(exc):
+                return found
+        found = statement.find(token, found + 1)
+    return None
+
+
+def _error_mark(conn: sqlite3.Connection, text: str, start: int, statement: str, message: str) -> Mark:
     """Where SQLite's error points: the token it names (`near "X"`), else the statement."""
     near = _NEAR.search(message)
     if near:
-        found = statement.find(near.group(1))
-        if found >= 0:
+        found = _syntax_error_offset(conn, statement, near.group(1))
+        if found is not None:
             return _line_column(text, start + found)
     return _line_column(text, start)
 
@@ -144,7 +159,7 @@ def check_sql_text(text: str, source: str, conn: sqlite3.Connection) -> tuple[li
         try:
             conn.execute(sql)
         except (sqlite3.Error, sqlite3.Warning) as exc:
-            problems.append(Problem(source, _error_mark(text, start, sql, str(exc)), None, str(exc)))
+            problems.append(Problem(source, _error_mark(conn, text, start, sql, str(exc)), None, str(exc)))
             continue
         created = {name for (name,) in conn.execute("SELECT name FROM sqlite_schema")} - before
         reserved = sorted(name for name in created if name.startswith(BOOKKEEPING_PREFIX))

@@ -1,0 +1,182 @@
+"""The spec's `schema:` files (docs/schema.md): checked by SQLite with located errors, compared
+with real database files, and migrated additively in one transaction. Real SQLite files, the
+real CLI; no NATS needed here (tests/test_schema_rollout.py runs the cluster)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from marmot_appliance.schema.migrate import (
+    SchemaMigrationError,
+    declared_schema,
+    migrate_database,
+    plan_database,
+)
+
+SPEC = """\
+apiVersion: marmot-appliance/v1
+kind: Cluster
+name: demo
+schema: [schema.sql, more.sql, missing.sql]
+nodes:
+  - {name: n1, id: 1, host: 127.0.0.1, db: data/n1.db}
+"""
+SCHEMA_SQL = """\
+-- tables
+CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT);
+CREATE TABLE orders (id TEXT PRIMARY KEY,, total REAL);
+INSERT INTO notes VALUES ('a', 'b');
+CREATE INDEX notes_body ON notes (body);
+"""
+MORE_SQL = """\
+CREATE TEMP TABLE scratch (x);
+CREATE TRIGGER notes_touch AFTER UPDATE ON notes BEGIN
+  UPDATE notes SET body = trim(NEW.body) WHERE id = NEW.id;
+END;
+CREATE TABLE _marmot_mine (id TEXT PRIMARY KEY);
+CREATE TABLE broken (id TEXT PRIMARY KEY, note 'unterminated);
+"""
+
+
+def _validate(workdir: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "marmot_appliance", "validate", "cluster.yaml"],
+        cwd=workdir, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_validate_locates_every_mistake_in_the_sql_files(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(SPEC)
+    (tmp_path / "schema.sql").write_text(SCHEMA_SQL)
+    (tmp_path / "more.sql").write_text(MORE_SQL)
+    result = _validate(tmp_path)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [
+        f"cluster.yaml:4:32: $.schema[2]: {tmp_path}/missing.sql: no such file",
+        "more.sql:1:1: CREATE TEMP not allowed: a temporary object lives in one connection only; declare it without TEMP",
+        "more.sql:5:1: '_marmot_mine': names starting with '_marmot_' are reserved for replication bookkeeping",
+        "more.sql:6:1: incomplete statement (unterminated string, comment or trigger body?)",
+        'schema.sql:3:42: near ",": syntax error',
+        "schema.sql:4:1: INSERT statement not allowed: schema files hold only CREATE TABLE, INDEX, VIEW and TRIGGER",
+    ]
+
+
+def test_validate_accepts_good_files_and_a_last_statement_without_semicolon(tmp_path):
+    (tmp_path / "cluster.yaml").write_text(SPEC.replace(", more.sql, missing.sql", ""))
+    (tmp_path / "schema.sql").write_text(
+        "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT DEFAULT 'a;b');\n"
+        "CREATE VIEW shown AS SELECT id FROM notes /* ; */;\n"
+        "CREATE UNIQUE INDEX notes_body ON notes (body)"
+    )
+    result = _validate(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "valid (cluster 'demo', 1 node)" in result.stdout
+
+
+def _db(path: Path, *statements: str) -> Path:
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    for statement in statements:
+        conn.execute(statement)
+    conn.commit()
+    conn.close()
+    return path
+
+
+def _declare(tmp_path: Path, sql: str):
+    path = tmp_path / "declared.sql"
+    path.write_text(sql)
+    return declared_schema((str(path),))
+
+
+def _schema_rows(path: Path) -> list[tuple]:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT type, name, sql FROM sqlite_schema ORDER BY name").fetchall()
+    finally:
+        conn.close()
+
+
+def test_plan_and_migrate_are_additive_and_keep_the_rows(tmp_path):
+    db = _db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)",
+             "INSERT INTO notes VALUES ('x', 'kept')")
+    declared = _declare(tmp_path, (
+        "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, tag TEXT NOT NULL DEFAULT 'none', n INTEGER);\n"
+        "CREATE TABLE orders (id TEXT PRIMARY KEY, total REAL);\n"
+        "CREATE INDEX notes_by_tag ON notes (tag);\n"
+        "CREATE VIEW tagged AS SELECT id, tag FROM notes;\n"
+    ))
+    assert [c.render() for c in plan_database(declared, db)] == [
+        "+ table orders", "+ column notes.tag", "+ column notes.n", "+ index notes_by_tag", "+ view tagged",
+    ]
+    result = migrate_database(db, declared)
+    assert len(result.applied) == 5 and not result.skipped
+    assert plan_database(declared, db) == []
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT * FROM notes").fetchall() == [("x", "kept", "none", None)]
+    conn.close()
+
+
+def test_incompatible_changes_are_refused_and_nothing_changes(tmp_path):
+    db = _db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, old TEXT)",
+             "INSERT INTO notes VALUES ('x', 'kept', 'o')")
+    declared = _declare(tmp_path, (
+        "CREATE TABLE notes (id TEXT PRIMARY KEY, body INTEGER, must TEXT NOT NULL);\n"
+        "CREATE TABLE orders (id TEXT PRIMARY KEY);\n"
+    ))
+    assert [c.render() for c in plan_database(declared, db)] == [
+        "+ table orders",
+        "! column notes.body: type change TEXT -> INTEGER not supported (needs a manual migration)",
+        "! column notes.must: a NOT NULL column needs a non-NULL DEFAULT to be added to an existing table "
+        "(needs a manual migration)",
+        "! column notes.old: in the database but not in the schema files: dropping or renaming a column is "
+        "not supported (needs a manual migration)",
+    ]
+    before = _schema_rows(db)
+    with pytest.raises(SchemaMigrationError, match="incompatible schema changes; nothing was changed"):
+        migrate_database(db, declared)
+    assert _schema_rows(db) == before
+    result = migrate_database(db, declared, skip_incompatible=True)
+    assert [c.render() for c in result.applied] == ["+ table orders"]
+    assert len(result.skipped) == 3
+    conn = sqlite3.connect(db)
+    assert conn.execute("SELECT * FROM notes").fetchall() == [("x", "kept", "o")]  # nothing dropped
+    conn.close()
+
+
+def test_a_failing_statement_rolls_back_the_whole_migration(tmp_path):
+    db = _db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)",
+             "INSERT INTO notes VALUES ('a', 'same')", "INSERT INTO notes VALUES ('b', 'same')")
+    declared = _declare(tmp_path, (
+        "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT);\n"
+        "CREATE TABLE orders (id TEXT PRIMARY KEY);\n"
+        "CREATE UNIQUE INDEX one_body ON notes (body);\n"
+    ))
+    before = _schema_rows(db)
+    with pytest.raises(SchemaMigrationError, match="index one_body failed, nothing was changed: UNIQUE constraint"):
+        migrate_database(db, declared)
+    assert _schema_rows(db) == before  # orders was not left behind
+
+
+def test_changed_index_is_recreated_and_undeclared_objects_are_kept(tmp_path):
+    db = _db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, tag TEXT)",
+             "CREATE INDEX notes_i ON notes (body)", "CREATE TABLE app_own (k PRIMARY KEY)",
+             "CREATE INDEX app_idx ON notes (tag)")
+    declared = _declare(tmp_path, (
+        "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, tag TEXT);\nCREATE INDEX notes_i ON notes (tag, body);\n"
+    ))
+    assert [c.render() for c in plan_database(declared, db)] == [
+        "~ index notes_i: definition changed: re-created",
+        "? table app_own: not in the schema files (kept)",
+        "? index app_idx: not in the schema files (kept)",
+    ]
+    migrate_database(db, declared)
+    rows = {name: sql for _type, name, sql in _schema_rows(db)}
+    assert rows["notes_i"] == "CREATE INDEX notes_i ON notes (tag, body)"
+    assert "app_own" in rows and "app_idx" in rows
