@@ -297,6 +297,20 @@ def summarize(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def runs_table(paths: list[Path]) -> str:
+    """One Markdown row per run (for docs/reliability.md): seed, settings, faults, outcome."""
+    runs = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    lines = ["| seed | s | settings | faults | txns | outcome |", "|---|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        settings = run["plan"].split(", faults:")[0].split(", ", 2)[-1].replace("shards 4, ", "")
+        kinds = _count(fault.split()[2] for fault in run["faults"])
+        faults = ", ".join(f"{k} {n}" if n > 1 else k for k, n in sorted(kinds.items()))
+        outcome = "pass" if run["ok"] else "FAIL: " + run["problems"][0][:120].replace("|", "/")
+        lines.append(f"| {run['seed']} | {run['duration_s']:g} | {settings} | {faults} | {run['transactions']} | "
+                     f"{outcome} |")
+    return "\n".join(lines)
+
+
 def _count(values) -> dict[str, int]:
     counts: dict[str, int] = {}
     for value in values:
@@ -325,9 +339,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="start no new run once this many minutes have passed (a run in progress finishes)")
     parser.add_argument("--summarize", type=Path, nargs="+", metavar="JSONL",
                         help="print the totals of earlier --json files and exit")
+    parser.add_argument("--markdown", action="store_true", help="with --summarize: also a Markdown table of the runs")
     args = parser.parse_args(argv)
     if args.summarize:
         print(summarize(args.summarize))
+        if args.markdown:
+            print(runs_table(args.summarize))
         return 0
     if args.runs < 1 or args.duration <= 0 or args.rate <= 0:
         parser.error("--runs, --duration and --rate must be positive")
