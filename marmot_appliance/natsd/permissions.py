@@ -72,12 +72,17 @@ def node_publish_allow(cluster: Cluster, origins: list[int]) -> list[str]:
     replication = cluster.replication
     shards = shard_numbers(replication.shards)
     allow = [origin_subject(replication, shard, origin) for origin in origins for shard in shards]
-    streams = [replication.stream_name(shard) for shard in shards] + snapshot_streams(cluster)
+    from marmot_appliance.node.tombstone_collector import horizon_bucket_name
+
+    horizon_bucket = horizon_bucket_name(replication.stream_prefix)
+    streams = [replication.stream_name(shard) for shard in shards] + snapshot_streams(cluster) + [f"KV_{horizon_bucket}"]
     allow += [f"$JS.API.STREAM.CREATE.{name}" for name in streams]
     allow += [f"$JS.API.STREAM.UPDATE.{name}" for name in streams]
     # Deleting an object (an old snapshot, a failed upload) purges its chunks: only that stream.
     allow.append(f"$JS.API.STREAM.PURGE.OBJ_{cluster.snapshot_bucket}")
     allow += snapshot_subjects(cluster)
+    # Tombstone collection: each node writes its horizon record (node/tombstone_collector.py).
+    allow.append(f"$KV.{horizon_bucket}.>")
     allow += READ_REQUESTS
     return allow
 

@@ -45,6 +45,7 @@ from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.node.restore_coordinator import RestoreCoordinator
 from marmot_appliance.node.seq_map import write_seq_map
 from marmot_appliance.node.status import RuntimeStatus
+from marmot_appliance.node.tombstone_collector import TombstoneCollector
 from marmot_appliance.node import waiting_rows
 from marmot_appliance.observability.http import ObservabilityServer
 from marmot_appliance.observability.metrics import Metrics
@@ -90,6 +91,11 @@ NODE_METRICS = (
     ("gaps", "gauge", GAPS_HELP),
     ("snapshot_restores", "counter", "Snapshots restored while the node was running"),
     ("snapshot_restore_in_progress", "gauge", "1 while a snapshot restore is pending or running on this node"),
+    ("tombstones_collected", "counter", "Tombstones removed below the horizon"),
+    ("tombstones", "gauge", "Tombstones kept in the versions tables"),
+    ("tombstone_horizon", "gauge", "Version at or below which this node collected its tombstones (0: never)"),
+    ("reseeds", "counter", "Re-seeds because this node came back past the tombstone horizon"),
+    ("bookkeeping_bytes", "gauge", "Bytes of every _marmot_* table and index (SQLite dbstat)"),
 )
 LABELLED_NODE_METRICS = (
     ("errors", "counter", "Errors by kind"),
@@ -98,6 +104,7 @@ LABELLED_NODE_METRICS = (
     ("stream_gap_entries", "gauge", "Entries retention dropped before this node applied them (0: no gap)"),
     ("apply_blocked", "gauge", "1 while a stream waits for the database to accept writes"),
     ("schema_table_fingerprint", "gauge", SCHEMA_FINGERPRINT_HELP),
+    ("bookkeeping_rows", "gauge", "Rows of each _marmot_* table"),
 )
 
 
@@ -136,6 +143,7 @@ class NodeRuntime:
         self.continuous_verify: Any = None  # verify.interval_s: compares with the others on a schedule
         self._verify_task: asyncio.Task | None = None
         self.restores = RestoreCoordinator(self)
+        self.tombstones = TombstoneCollector(self)
         self._db_lock = DatabaseLock(config.db_path, f"node {self.node.name}")
         # The consumers and the publisher run on _flow_stop, which a restore sets to pause them.
         self._flow_stop = asyncio.Event()
@@ -336,7 +344,12 @@ class NodeRuntime:
         # Changes committed while we were down go out first; then a lagging node may restore.
         if self.node.publish:
             await self._join_before_boot_restore()
+            # Back after the cluster collected tombstones past our unpublished writes: they are
+            # set aside (never published) and the node is re-seeded from a snapshot below.
+            reseed = await self.tombstones.guard_before_publish()
             await self.publisher.flush()
+            if reseed and self.node.replicate:
+                await self._reseed(stop)
         else:
             await self.capture_db.run(self.capture.discard_unpublished)
         if self.cluster.snapshots.enabled and self.node.replicate:
@@ -368,6 +381,26 @@ class NodeRuntime:
             self.wakeup.mode,
         )
         return tasks
+
+    async def _reseed(self, stop: asyncio.Event) -> None:
+        """Replace the database by the newest snapshot (the rows written below the horizon were
+        set aside): the node takes the cluster's state instead of resurrecting deleted rows."""
+        from marmot_appliance.snapshots.restore import restore_snapshot
+
+        try:
+            info = await retry_while_settling(
+                "the re-seed restore",
+                lambda: restore_snapshot(self.js, self.cluster, self.node, str(self.config.db_path)),
+                STREAM_SETUP_TIMEOUT_S, lambda exc: isinstance(exc, (nats.errors.Error, asyncio.TimeoutError)), stop,
+            )
+        except (MarmotError, nats.errors.Error, asyncio.TimeoutError) as exc:
+            # Fail closed: the node runs on, reported, until an operator re-seeds it.
+            self.status.reseed_error = f"re-seed failed: {exc}; restore a snapshot (docs/capture.md)"
+            log.error("cannot re-seed from a snapshot: %s", exc)
+            return
+        self.tombstones.state.reseeded["snapshot"] = getattr(info, "name", None)
+        log.warning("re-seeded from snapshot %s", getattr(info, "name", "?"))
+        await self.adopt_database()
 
     async def _join_before_boot_restore(self) -> None:
         """A database that was never replicated but holds rows nobody published, about to be
@@ -529,6 +562,7 @@ class NodeRuntime:
     async def _maintenance(self, stop: asyncio.Event) -> None:
         """Schema drift, parked rows, log purge, status, seq-map copy. One slow loop."""
         last_purge = last_parked = last_status = time.monotonic()
+        last_tombstones = 0.0  # a first round soon after start: the record tells the others we are back
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), SCHEMA_CHECK_S)
@@ -558,6 +592,9 @@ class NodeRuntime:
                         discarded = await self.capture_db.run(self.capture.discard_unpublished)
                         if discarded:
                             log.debug("publish: false: dropped %d captured row(s) from the log", discarded)
+                if now - last_tombstones >= self.replication.tombstone_interval_s:
+                    last_tombstones = now
+                    await self._tombstone_round()
                 if now - last_status >= STATUS_REFRESH_S:
                     last_status = now
                     await self._refresh_status()
@@ -570,6 +607,15 @@ class NodeRuntime:
                 self.status.database_error = f"{type(exc).__name__}: {exc}"
                 self.metrics.inc("errors", kind="database", help="Errors by kind")
                 log.warning("database maintenance failed: %s", exc)
+
+    async def _tombstone_round(self) -> None:
+        try:
+            await self.tombstones.run_round()
+            self.tombstones.state.error = None
+            await self._refresh_bookkeeping()
+        except (nats.errors.Error, asyncio.TimeoutError) as exc:
+            self.tombstones.state.error = f"horizon bucket unreachable: {exc}"
+            log.debug("tombstone round skipped: %s", exc)
 
     async def _check_schema(self) -> None:
         changed = await self.capture_db.run(self.capture.schema_changed)
@@ -608,7 +654,20 @@ class NodeRuntime:
         self.status.dead_letters = await self.apply_db.run(self.applier.dead_letter_count)
         self.waiting.publish(await self.apply_db.run(self.applier.waiting_report))
         self.metrics.set("pending_rows", self.status.pending_rows, help="Captured rows not yet acknowledged")
+        self.status.tombstones = self.tombstones.state.as_status()
         await self._write_seq_map()
+
+    async def _refresh_bookkeeping(self) -> None:
+        from marmot_appliance.replication.horizon import bookkeeping_size
+
+        size = await self.apply_db.run(bookkeeping_size, str(self.config.db_path))
+        for table, rows in size.rows.items():
+            self.metrics.set("bookkeeping_rows", rows, help="Rows of each _marmot_* table", table=table)
+        if size.bytes is not None:
+            self.metrics.set("bookkeeping_bytes", size.bytes, help="Bytes of every _marmot_* table and index (SQLite dbstat)")
+        self.metrics.set("tombstones", size.tombstones, help="Tombstones kept in the versions tables")
+        self.metrics.set("tombstone_horizon", size.horizon, help="Version at or below which this node collected its tombstones (0: never)")
+        self.status.bookkeeping = {"rows": sum(size.rows.values()), "bytes": size.bytes, "tombstones": size.tombstones}
 
     async def _write_seq_map(self) -> None:
         path = self.node.seq_map_path

@@ -47,6 +47,12 @@ class RuntimeStatus:
     # {view: fingerprint}} (schema/shape.py). `status` and `plan` compare it across nodes and
     # with the spec's declared schema; a difference is reported, not unhealthy (docs/schema.md).
     schema: dict = field(default_factory=dict)
+    # _marmot_* size: {"rows", "bytes", "tombstones"}; tombstone collection (node/tombstone_collector.py)
+    bookkeeping: dict = field(default_factory=dict)
+    tombstones: dict = field(default_factory=dict)
+    # The node came back past the tombstone horizon and could not be re-seeded: it must not be
+    # trusted to converge until an operator restores a snapshot.
+    reseed_error: str | None = None
 
     @property
     def healthy(self) -> bool:
@@ -57,7 +63,7 @@ class RuntimeStatus:
         return (
             self.nats_connected and self.database_ok and self.capture_installed and self.started
             and not self.failed_parts and not self.clock_skew.get("held") and not self.gaps and not self.apply_blocked
-            and not self.diverged
+            and not self.diverged and not self.reseed_error
         )
 
     def as_health(self) -> dict:
@@ -86,4 +92,7 @@ class RuntimeStatus:
             "diverged": dict(self.diverged),
             "verify": dict(self.verify),
             "schema": dict(self.schema),
+            "bookkeeping": dict(self.bookkeeping),
+            "tombstones": dict(self.tombstones),
+            "reseed_error": self.reseed_error,
         }

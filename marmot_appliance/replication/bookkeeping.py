@@ -64,6 +64,9 @@ META_SCHEMA_SEEN_CLOCK = "schema_seen_clock"
 # Changes whenever the file's contents are replaced (snapshot restore): the applier writes a
 # position only while the file still carries the epoch it adopted (see applier.py, the fence).
 META_DATABASE_EPOCH = "database_epoch"
+# Tombstones with a version at or below this were collected (replication/horizon.py): every
+# incoming row at or below it is stale here, whether or not its key still has a version record.
+META_TOMBSTONE_HORIZON = "tombstones_collected_through"
 
 # Columns of the versions table after the key columns k0..kN.
 _VERSION_COLUMNS = ("version", "origin", "deleted")
@@ -232,13 +235,25 @@ def ensure_versions_table(conn: sqlite3.Connection, layout: TableLayout) -> bool
     return True
 
 
+# The tombstone horizon as an SQL scalar (0 before the first collection). A row at or below it
+# is stale: every version at or below it was applied here before tombstones were collected, so
+# the key's newest such version is either still recorded or was a collected tombstone
+# (docs/capture.md, "Tombstone collection").
+TOMBSTONE_HORIZON_SQL = (
+    f"(SELECT coalesce(max(value), 0) FROM {quote_ident(META_TABLE)} "
+    f"WHERE key = {quote_text(META_TOMBSTONE_HORIZON)})"
+)
+
+
 def versions_upsert_sql(table: str, key_count: int) -> str:
-    """Record (version, origin, deleted) for a key unless a newer or equal version is known."""
+    """Record (version, origin, deleted) for a key unless a newer or equal version is known, or
+    the version lies at or below the tombstone horizon (stale: see TOMBSTONE_HORIZON_SQL)."""
     keys = ", ".join(quote_ident(key_column(i)) for i in range(key_count))
-    marks = ", ".join("?" * (key_count + 3))
+    marks = ", ".join(f"?{i + 1}" for i in range(key_count + 3))
     return (
         f"INSERT INTO {quote_ident(versions_table_name(table))} ({keys}, version, origin, deleted) "
-        f"VALUES ({marks}) ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version, "
+        f"SELECT {marks} WHERE ?{key_count + 1} > {TOMBSTONE_HORIZON_SQL} "
+        f"ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version, "
         "origin = excluded.origin, deleted = excluded.deleted "
         "WHERE (excluded.version, excluded.origin) > (version, origin)"
     )
@@ -256,7 +271,8 @@ def versions_upsert_numbered_sql(
     marks = ", ".join(f"?{p}" for p in key_params)
     return (
         f"INSERT INTO {quote_ident(versions_table_name(table))} ({keys}, version, origin, deleted) "
-        f"VALUES ({marks}, ?{version_param}, ?{origin_param}, {int(deleted)}) "
+        f"SELECT {marks}, ?{version_param}, ?{origin_param}, {int(deleted)} "
+        f"WHERE ?{version_param} > {TOMBSTONE_HORIZON_SQL} "
         f"ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version, "
         "origin = excluded.origin, deleted = excluded.deleted "
         "WHERE (excluded.version, excluded.origin) > (version, origin)"

@@ -140,6 +140,10 @@ class ReplicationSettings:
     # Rows whose version lies further ahead of the receiver's clock are held until it catches up.
     max_clock_skew_s: float = 60.0
     max_parked_rows: int = 100_000  # parked + held rows kept per node; beyond that, dead-lettered
+    # Tombstone collection (docs/capture.md): how often a node publishes its horizon record and
+    # collects; a node whose record is older than the timeout is left out (re-seeded on return).
+    tombstone_interval_s: float = 30.0
+    tombstone_node_timeout_s: float = 7 * 86400.0
 
     def stream_name(self, shard: int) -> str:
         return f"{self.stream_prefix}-{shard}"
