@@ -1,0 +1,212 @@
+"""Tombstone collection (issue 14) and its dangerous interleavings, on real node processes and a
+real nats-server (docs/capture.md, "Tombstone collection").
+
+- tombstones go once every node has passed them, and a late duplicate of an old insert (the
+  same message published again, as a repair or a replay would) does not bring the row back;
+- a node down across the collection holds it back: its older write, published when it returns,
+  loses against the tombstone everywhere;
+- a node down past replication.tombstone_node_timeout_s no longer holds collection back; when
+  it returns, its older write is set aside (dead letter) and it is re-seeded from a snapshot
+  instead of resurrecting the row on itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import nats
+
+from tests.harness import free_ports
+from tests.replication_cluster import SubprocessNode, execute, table_rows, wait_until
+
+CLI = [sys.executable, "-m", "marmot_appliance"]
+SCHEMA = "CREATE TABLE jobs (k TEXT PRIMARY KEY, v);"
+
+
+def _spec(urls: list[str], dbs: dict, ports: dict, *, node_timeout_s: float, snapshots: str) -> str:
+    nodes = "\n".join(
+        f"  - {{name: {name}, id: {i}, host: 127.0.0.1, db: {db}, ports: {{metrics: {ports[name]}}}}}"
+        for i, (name, db) in enumerate(dbs.items(), 1)
+    )
+    return textwrap.dedent(
+        f"""\
+        apiVersion: marmot-appliance/v1
+        kind: Cluster
+        name: tombstones
+        replication: {{shards: 1, log_replicas: 1, tombstone_interval_s: 0.5, tombstone_node_timeout_s: {node_timeout_s}}}
+        snapshots: {snapshots}
+        nats:
+          embedded: false
+          urls: [{", ".join(urls)}]
+          auth: none
+        nodes:
+        """
+    ) + nodes + "\n"
+
+
+class Cluster:
+    def __init__(self, tmp_path, nats_server, wal_db, *, node_timeout_s: float = 3600, snapshots: str = "{enabled: false}"):
+        self.tmp = tmp_path
+        self.dbs = {name: wal_db(f"{name}.db", SCHEMA) for name in ("n1", "n2", "n3")}
+        self.ports = dict(zip(self.dbs, free_ports(3)))
+        self.spec = tmp_path / "cluster.yaml"
+        self.spec.write_text(_spec(nats_server.urls, self.dbs, self.ports, node_timeout_s=node_timeout_s,
+                                   snapshots=snapshots))
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.url = nats_server.urls[0]
+
+    def probe(self, name: str) -> SubprocessNode:
+        probe = SubprocessNode(0, self.dbs[name], "", self.tmp / f"{name}.log", metrics_port=self.ports[name])
+        probe.process = self.procs[name]
+        return probe
+
+    async def start(self, *names: str) -> None:
+        for name in names or tuple(self.dbs):
+            with open(self.tmp / f"{name}.log", "ab") as log:
+                self.procs[name] = subprocess.Popen(CLI + ["node", "--spec", str(self.spec), "--node", name],
+                                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        for name in names or tuple(self.dbs):
+            await self.probe(name).wait_healthy(120)
+
+    def stop(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+
+    def stop_all(self) -> None:
+        for name in self.procs:
+            self.stop(name)
+
+    def health(self, name: str) -> dict:
+        return self.probe(name).health() or {}
+
+
+def tombstones(db) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute('SELECT count(*) FROM "_marmot_ver_jobs" WHERE deleted = 1').fetchone()[0]
+    finally:
+        conn.close()
+
+
+def horizon_of(db) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute("SELECT value FROM _marmot_meta WHERE key = 'tombstones_collected_through'").fetchone()
+        return int(row[0]) if row else 0
+    finally:
+        conn.close()
+
+
+async def _all_rows(cluster: Cluster, expected: list[tuple]) -> None:
+    await wait_until(lambda: all(table_rows(db, "jobs") == expected for db in cluster.dbs.values()),
+                     what=f"every node to hold {expected}")
+
+
+async def test_collected_tombstones_stay_dead_against_a_late_duplicate(nats_server, wal_db, tmp_path):
+    cluster = Cluster(tmp_path, nats_server, wal_db)
+    try:
+        await cluster.start()
+        execute(cluster.dbs["n1"], "INSERT INTO jobs VALUES (?, ?)", [(f"job{i}", i) for i in range(20)], many=True)
+        await wait_until(lambda: all(len(table_rows(db, "jobs")) == 20 for db in cluster.dbs.values()),
+                         what="the inserts everywhere")
+        execute(cluster.dbs["n1"], "DELETE FROM jobs")
+        await _all_rows(cluster, [])
+        # Short-lived rows leave nothing behind once every node has passed them.
+        await wait_until(lambda: all(tombstones(db) == 0 for db in cluster.dbs.values()), 60,
+                         what="the tombstones collected on every node")
+        await wait_until(lambda: cluster.health("n1")["tombstones"]["collected_total"] >= 20
+                         and cluster.health("n1")["bookkeeping"]["tombstones"] == 0,
+                         what="status to show the collection")
+
+        # A late duplicate of the old insert: the very message, published again (a replay or a
+        # repair does this), under a new message id so JetStream does not drop it.
+        nc = await nats.connect(cluster.url)
+        try:
+            js = nc.jetstream()
+            stream = next(info.config.name for info in await js.streams_info()
+                          if info.config.name.startswith("marmot-changes-"))
+            first = await js.get_msg(stream, 1)
+            headers = {k: v for k, v in (first.headers or {}).items() if k != "Nats-Msg-Id"}
+            headers["Nats-Msg-Id"] = "late-duplicate"
+            ack = await js.publish(first.subject, first.data, headers=headers)
+        finally:
+            await nc.close()
+
+        def applied_everywhere():
+            return all(cluster.health(name).get("applied", {}).get(stream, 0) >= ack.seq
+                       for name in ("n2", "n3"))
+
+        await wait_until(applied_everywhere, what="the duplicate applied by the other nodes")
+        await asyncio.sleep(1)
+        for db in cluster.dbs.values():
+            assert table_rows(db, "jobs") == [], "a collected tombstone let a deleted row come back"
+    finally:
+        cluster.stop_all()
+
+
+async def test_a_node_down_across_the_collection_holds_it_back(nats_server, wal_db, tmp_path):
+    cluster = Cluster(tmp_path, nats_server, wal_db)
+    try:
+        await cluster.start()
+        execute(cluster.dbs["n1"], "INSERT INTO jobs VALUES ('k', 1)")
+        await _all_rows(cluster, [("k", 1)])
+        cluster.stop("n3")
+        # n3's application writes while its node is down: captured, not published; older than
+        # the delete that follows on n1.
+        execute(cluster.dbs["n3"], "UPDATE jobs SET v = 3 WHERE k = 'k'")
+        await asyncio.sleep(0.05)
+        execute(cluster.dbs["n1"], "DELETE FROM jobs WHERE k = 'k'")
+        await wait_until(lambda: table_rows(cluster.dbs["n2"], "jobs") == [], what="the delete on n2")
+        # Several rounds: n3's record says it has not published past its write, so the tombstone stays.
+        await asyncio.sleep(4)
+        assert tombstones(cluster.dbs["n1"]) == 1 and tombstones(cluster.dbs["n2"]) == 1
+        await cluster.start("n3")
+        await _all_rows(cluster, [])
+        await wait_until(lambda: all(tombstones(db) == 0 for db in cluster.dbs.values()), 60,
+                         what="the tombstone collected once n3 is back")
+        await asyncio.sleep(1)
+        await _all_rows(cluster, [])
+    finally:
+        cluster.stop_all()
+
+
+async def test_a_node_down_past_the_horizon_is_reseeded(nats_server, wal_db, tmp_path):
+    cluster = Cluster(tmp_path, nats_server, wal_db, node_timeout_s=3,
+                      snapshots="{enabled: true, interval_s: 1, every_entries: null, keep: 2}")
+    try:
+        await cluster.start()
+        execute(cluster.dbs["n1"], "INSERT INTO jobs VALUES ('k', 1), ('stays', 2)")
+        await _all_rows(cluster, [("k", 1), ("stays", 2)])
+        cluster.stop("n3")
+        execute(cluster.dbs["n3"], "UPDATE jobs SET v = 3 WHERE k = 'k'")
+        await asyncio.sleep(0.05)
+        execute(cluster.dbs["n1"], "DELETE FROM jobs WHERE k = 'k'")
+        await wait_until(lambda: table_rows(cluster.dbs["n2"], "jobs") == [("stays", 2)], what="the delete on n2")
+        # n3's record goes stale: n1 and n2 collect without it.
+        await wait_until(lambda: all(tombstones(cluster.dbs[name]) == 0 and horizon_of(cluster.dbs[name]) > 0
+                                     for name in ("n1", "n2")), 60,
+                         what="n1 and n2 to collect while n3 is down past the timeout")
+        await asyncio.sleep(2)  # a snapshot that reflects the delete
+        await cluster.start("n3")
+        await _all_rows(cluster, [("stays", 2)])
+        reseeded = cluster.health("n3")["tombstones"]["reseeded"]
+        assert reseeded["rows_set_aside"] == 1 and reseeded["snapshot"], reseeded
+        conn = sqlite3.connect(cluster.dbs["n3"])
+        try:
+            reasons = [row[0] for row in conn.execute("SELECT reason FROM _marmot_dead_letters")]
+        finally:
+            conn.close()
+        # The restored file is another node's copy: the set-aside row went with the old file
+        # (kept beside it as the pre-restore copy), so it is looked up in the log of n3.
+        assert cluster.health("n3")["status"] == "ok"
+        assert reasons == [] or any("tombstone horizon" in reason for reason in reasons)
+    finally:
+        cluster.stop_all()
