@@ -185,6 +185,8 @@ async def test_a_node_down_past_the_horizon_is_reseeded(nats_server, wal_db, tmp
         await cluster.start()
         execute(cluster.dbs["n1"], "INSERT INTO jobs VALUES ('k', 1), ('stays', 2)")
         await _all_rows(cluster, [("k", 1), ("stays", 2)])
+        await wait_until(lambda: (cluster.health("n3").get("tombstones") or {}).get("last_round"),
+                         what="n3 to publish its horizon record")
         cluster.stop("n3")
         execute(cluster.dbs["n3"], "UPDATE jobs SET v = 3 WHERE k = 'k'")
         await asyncio.sleep(0.05)
@@ -197,6 +199,8 @@ async def test_a_node_down_past_the_horizon_is_reseeded(nats_server, wal_db, tmp
         await asyncio.sleep(2)  # a snapshot that reflects the delete
         await cluster.start("n3")
         await _all_rows(cluster, [("stays", 2)])
+        await wait_until(lambda: (cluster.health("n3").get("tombstones") or {}).get("reseeded"),
+                         what="n3 to report its re-seed")
         reseeded = cluster.health("n3")["tombstones"]["reseeded"]
         assert reseeded["rows_set_aside"] == 1 and reseeded["snapshot"], reseeded
         conn = sqlite3.connect(cluster.dbs["n3"])
