@@ -188,12 +188,20 @@ async def test_a_node_down_past_the_horizon_is_reseeded(nats_server, wal_db, tmp
         await wait_until(lambda: (cluster.health("n3").get("tombstones") or {}).get("last_round"),
                          what="n3 to publish its horizon record")
         cluster.stop("n3")
-        execute(cluster.dbs["n3"], "UPDATE jobs SET v = 3 WHERE k = 'k'")
-        await asyncio.sleep(0.05)
         execute(cluster.dbs["n1"], "DELETE FROM jobs WHERE k = 'k'")
         await wait_until(lambda: table_rows(cluster.dbs["n2"], "jobs") == [("stays", 2)], what="the delete on n2")
+        # n3, down, never saw the delete: its application updates the row, newer than the
+        # delete. Published on its return after n1 and n2 collected past it, the update would be
+        # stale there and live on n3: the copies would differ for good.
+        execute(cluster.dbs["n3"], "UPDATE jobs SET v = 3 WHERE k = 'k'")
+        await asyncio.sleep(1)
         # n3's record goes stale: n1 and n2 collect without it.
-        await wait_until(lambda: all(tombstones(cluster.dbs[name]) == 0 and horizon_of(cluster.dbs[name]) > 0
+        conn = sqlite3.connect(cluster.dbs["n3"])
+        try:
+            written = conn.execute('SELECT max(id) FROM "_marmot_log_jobs"').fetchone()[0]
+        finally:
+            conn.close()
+        await wait_until(lambda: all(tombstones(cluster.dbs[name]) == 0 and horizon_of(cluster.dbs[name]) >= written
                                      for name in ("n1", "n2")), 60,
                          what="n1 and n2 to collect while n3 is down past the timeout")
         await asyncio.sleep(2)  # a snapshot that reflects the delete

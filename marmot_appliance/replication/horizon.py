@@ -15,6 +15,7 @@ The cluster-wide part (who computes H from what) is node/tombstone_collector.py.
 from __future__ import annotations
 
 import sqlite3
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,13 +49,15 @@ def published_through(db_path: str | Path) -> int:
     """Every change this node originated with a version at or below the result is acknowledged
     by JetStream (no longer in its log), and every later write gets a higher version.
 
-    One read transaction: the clock and the oldest log row of the same moment. A write committed
-    after it has a version above that clock (the trigger takes max(now, clock + 1)).
+    Read inside a write transaction, so no writer is half-way (a transaction still open would
+    have taken its version from an earlier `now` and commit after this read). Every write after
+    it takes max(now << 16, clock + 1) (the capture trigger), so an idle node's horizon moves
+    with its wall clock, not only with its writes.
     """
     conn = connect(db_path)
     try:
-        with read_transaction(conn):
-            clock = bk.current_clock(conn)
+        with write_transaction(conn):
+            clock = max(bk.current_clock(conn), (int(time.time() * 1000) << 16) - 1)
             oldest = None
             for log_name in _log_tables(conn):
                 row = conn.execute(f"SELECT min(id) FROM {quote_ident(log_name)}").fetchone()
