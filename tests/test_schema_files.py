@@ -180,3 +180,55 @@ def test_changed_index_is_recreated_and_undeclared_objects_are_kept(tmp_path):
     rows = {name: sql for _type, name, sql in _schema_rows(db)}
     assert rows["notes_i"] == "CREATE INDEX notes_i ON notes (tag, body)"
     assert "app_own" in rows and "app_idx" in rows
+
+
+def _cli(workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "marmot_appliance", *args], cwd=workdir,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_schema_command_plans_and_applies_one_node_as_the_role_does(tmp_path):
+    """`schema plan|apply --db --schema` (what the Ansible role runs on each host), and the
+    spec form with --node."""
+    (tmp_path / "notes.sql").write_text("CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, tag TEXT DEFAULT 'x');\n")
+    (tmp_path / "cluster.yaml").write_text(SPEC.replace("[schema.sql, more.sql, missing.sql]", "[notes.sql]"))
+    (tmp_path / "data").mkdir()
+    db = _db(tmp_path / "data" / "n1.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)")
+    planned = _cli(tmp_path, "schema", "plan", "--detailed-exitcode", "--db", str(db), "--schema", "notes.sql",
+                   "--node", "n1")
+    assert planned.returncode == 2, planned.stderr
+    assert planned.stdout == "schema of node n1:\n  + column notes.tag\n"
+    applied = _cli(tmp_path, "schema", "apply", "cluster.yaml", "--node", "n1")
+    assert applied.returncode == 0, applied.stderr
+    assert applied.stdout == "schema of node n1: + column notes.tag\n"
+    again = _cli(tmp_path, "schema", "plan", "--detailed-exitcode", "cluster.yaml")
+    assert (again.returncode, again.stdout) == (0, "schema of node n1: no changes\n")
+    (tmp_path / "notes.sql").write_text("CREATE TABLE notes (id TEXT PRIMARY KEY, body BLOB, tag TEXT DEFAULT 'x');\n")
+    refused = _cli(tmp_path, "schema", "apply", "cluster.yaml")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "! column notes.body: type change TEXT -> BLOB not supported" in refused.stderr
+    missing = _cli(tmp_path, "schema", "apply", "--db", str(tmp_path / "nope.db"), "--schema", "notes.sql")
+    assert missing.returncode == 1 and "no database at" in missing.stderr
+    assert not (tmp_path / "nope.db").exists()
+
+
+def test_hosts_get_the_spec_with_their_copies_of_the_schema_files(tmp_path):
+    from marmot_appliance.deploy.inventory import inventory_for
+    from marmot_appliance.spec.loader import load_cluster
+
+    (tmp_path / "sql").mkdir()
+    (tmp_path / "sql" / "notes.sql").write_text("CREATE TABLE notes (id TEXT PRIMARY KEY);\n")
+    (tmp_path / "orders.sql").write_text("CREATE TABLE orders (id TEXT PRIMARY KEY);\n")
+    spec = tmp_path / "cluster.yaml"
+    spec.write_text(
+        "apiVersion: marmot-appliance/v1\nkind: Cluster\nname: lab\nschema: [sql/notes.sql, orders.sql]\n"
+        "nodes:\n  - {name: n1, id: 1, host: 10.77.0.11, db: /var/lib/app/app.db}\n"
+    )
+    variables = inventory_for(load_cluster(spec)).group_vars["all"]
+    assert variables["marmot_node_schema_files"] == [
+        {"src": str(tmp_path / "sql" / "notes.sql"), "dest": "/etc/marmot-appliance/schema/01-notes.sql"},
+        {"src": str(tmp_path / "orders.sql"), "dest": "/etc/marmot-appliance/schema/02-orders.sql"},
+    ]
+    assert variables["marmot_node_cluster_spec"]["schema"] == [
+        "/etc/marmot-appliance/schema/01-notes.sql", "/etc/marmot-appliance/schema/02-orders.sql",
+    ]

@@ -18,6 +18,7 @@ from . import (
     appliance_commands,
     lab_commands,
     node_command,
+    schema_command,
     snapshot_commands,
     spec_commands,
     verify_command,
@@ -27,6 +28,7 @@ from . import (
 COMMAND_MODULES = (
     spec_commands,
     appliance_commands,
+    schema_command,
     node_command,
     snapshot_commands,
     watch_command,

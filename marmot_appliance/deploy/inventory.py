@@ -23,6 +23,7 @@ NODE_GROUP = "marmot_nodes"
 REMOTE_STATE_DIR = "/var/lib/marmot-appliance/node"  # beside nats/ and data/, each owned by its user
 REMOTE_NATS_STORE_DIR = "/var/lib/marmot-appliance/nats"
 REMOTE_SPEC_PATH = "/etc/marmot-appliance/cluster.yaml"
+REMOTE_SCHEMA_DIR = "/etc/marmot-appliance/schema"  # the spec's schema files, copied beside it
 
 
 @dataclass
@@ -53,6 +54,22 @@ def wheelhouse_dir(cluster: Cluster) -> tuple[Path, bool]:
     return path, False
 
 
+def remote_schema_files(cluster: Cluster) -> list[dict[str, str]]:
+    """Where each declared schema file goes on the hosts: numbered, so two files of one name
+    in different directories stay apart and the order is visible."""
+    return [
+        {"src": path, "dest": f"{REMOTE_SCHEMA_DIR}/{index:02d}-{Path(path).name}"}
+        for index, path in enumerate(cluster.schema, start=1)
+    ]
+
+
+def host_spec(cluster: Cluster) -> dict[str, Any]:
+    """The fully defaulted spec as written on the hosts: schema files at their host paths."""
+    document = cluster_to_dict(cluster)
+    document["schema"] = [entry["dest"] for entry in remote_schema_files(cluster)]
+    return document
+
+
 def inventory_for(cluster: Cluster) -> Inventory:
     if cluster.source is None:
         raise ValueError("inventory_for needs a cluster loaded from a file (cluster.source)")
@@ -75,7 +92,8 @@ def inventory_for(cluster: Cluster) -> Inventory:
         "marmot_node_service_manager": manager,
         "marmot_node_state_dir": REMOTE_STATE_DIR,
         "marmot_node_spec_path": REMOTE_SPEC_PATH,
-        "marmot_node_cluster_spec": cluster_to_dict(cluster),
+        "marmot_node_cluster_spec": host_spec(cluster),
+        "marmot_node_schema_files": remote_schema_files(cluster),
         "marmot_node_auth_mode": cluster.nats.auth.mode,
     }
     inventory.groups[NODE_GROUP] = []

@@ -31,3 +31,9 @@ def client_credentials_json(spec_path: str, controller_state_dir: str, node_name
         return ""
     credentials = credentials_for_apply(cluster, StateDir(Path(controller_state_dir)))
     return json.dumps(node_credentials_document(credentials, cluster.node(node_name).name)) + "\n"
+
+
+def schema_files_for_host(spec_path: str) -> list[dict[str, str]]:
+    """The declared schema files, in order, as [{"name", "content"}] (checked by the loader)."""
+    cluster = load_cluster(spec_path)
+    return [{"name": Path(path).name, "content": Path(path).read_text(encoding="utf-8-sig")} for path in cluster.schema]

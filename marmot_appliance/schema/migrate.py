@@ -32,6 +32,10 @@ class SchemaMigrationError(MarmotError):
     """A database could not be brought to the declared schema (the message says which and why)."""
 
 
+class IncompatibleSchemaError(SchemaMigrationError):
+    """The declared schema needs changes apply never makes (nothing was changed)."""
+
+
 @dataclass(frozen=True)
 class MigrationResult:
     applied: tuple[SchemaChange, ...]
@@ -66,6 +70,9 @@ def describe_incompatible(changes: list[SchemaChange]) -> str:
 
 def migrate_database(path: str | Path, declared: SchemaShape, skip_incompatible: bool = False) -> MigrationResult:
     """Bring the database at `path` to the declared schema in one transaction (see module doc)."""
+    if not Path(path).is_file():
+        # Never create it here: apply (or the Ansible role) creates databases in WAL mode.
+        raise SchemaMigrationError(f"no database at {path}")
     try:
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
     except sqlite3.Error as exc:
@@ -80,7 +87,7 @@ def migrate_database(path: str | Path, declared: SchemaShape, skip_incompatible:
             changes = diff_schema(declared, read_shape(conn))
             incompatible = [change for change in changes if change.incompatible]
             if incompatible and not skip_incompatible:
-                raise SchemaMigrationError(
+                raise IncompatibleSchemaError(
                     f"{path}: incompatible schema changes; nothing was changed:\n{describe_incompatible(changes)}"
                 )
             applied = [change for change in changes if change.additive]

@@ -36,3 +36,13 @@ def schema_file_problems(document: SourceDocument, base_dir: Path) -> list[Probl
         else:
             located.append(problem)
     return located
+
+
+def check_schema_files(paths: list[str]) -> None:
+    """Raise SpecError with every located problem of these files (no spec involved)."""
+    from marmot_appliance.errors import SpecError
+    from marmot_appliance.schema.sqlfiles import read_schema_files
+
+    _declared, problems = read_schema_files([(path, Path(path)) for path in paths])
+    if problems:
+        raise SpecError([problem.format() for problem in problems])

@@ -27,9 +27,18 @@ def marmot_nats_client_credentials(spec_path, controller_state_dir, node_name):
     return _render("client_credentials_json", str(spec_path), str(controller_state_dir), str(node_name))
 
 
+def marmot_schema_files(spec_path):
+    """The spec's declared schema files as the controller has them: [{name, content}] (unsafe:
+    SQL text is never templated)."""
+    from ansible.utils.unsafe_proxy import wrap_var
+
+    return wrap_var(_render("schema_files_for_host", str(spec_path)))
+
+
 class FilterModule:
     def filters(self):
         return {
             "marmot_nats_server_config": marmot_nats_server_config,
             "marmot_nats_client_credentials": marmot_nats_client_credentials,
+            "marmot_schema_files": marmot_schema_files,
         }
