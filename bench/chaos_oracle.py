@@ -11,6 +11,9 @@ database files. The checks, each independent of the replication code under test:
    starting state).
 4. **Private keys are exact**: a key only one writer ever touched holds that writer's last image,
    or is absent if its last operation removed it.
+4b. **Last writer wins, exactly**: every key holds the image of the write with the largest
+   (version, origin) any writer committed for it (absent if that write was a delete). Writers
+   record each change's version (the capture clock their statement advanced).
 5. **No stray bookkeeping**: no dead letters other than injected poison, no held or parked rows.
 """
 
@@ -33,6 +36,7 @@ SAMPLES = 5  # problems listed per check; the count is always complete
 @dataclass
 class KeyHistory:
     images: set = field(default_factory=set)  # every row image committed for the key
+    newest: tuple | None = None  # ((version, origin), row image or None for a delete): what LWW must keep
     removed: bool = False  # some writer deleted it or moved it away
     writers: set = field(default_factory=set)
     last: dict = field(default_factory=dict)  # writer -> its last record for the key
@@ -50,7 +54,9 @@ def load_history(logs: list[Path], initial: dict[str, list[tuple]], primary_keys
     for table, rows in initial.items():
         width = len(primary_keys[table])
         for row in rows:
-            history.keys[(table, _key(row, table, primary_keys, width))].images.add(tuple(row))
+            entry = history.keys[(table, _key(row, table, primary_keys, width))]
+            entry.images.add(tuple(row))
+            entry.newest = ((0, 0), tuple(row))  # rows that predate capture have version (0, 0)
     for log in logs:
         if not log.exists():
             continue
@@ -68,6 +74,10 @@ def load_history(logs: list[Path], initial: dict[str, list[tuple]], primary_keys
                     entry.removed = True
                 else:
                     entry.images.add(tuple(op["row"]))
+                if "version" in op:
+                    stamp = (op["version"], record["writer"])
+                    if entry.newest is None or stamp > entry.newest[0]:
+                        entry.newest = (stamp, None if op["op"] == "delete" else tuple(op["row"]))
     return history
 
 
@@ -137,7 +147,7 @@ def check_files_equal(dbs: dict[int, Path], primary_keys: dict[str, tuple]) -> l
 
 def check_history(db: Path, history: History, primary_keys: dict[str, tuple]) -> list[str]:
     """Checks 2-4 on one (converged) database."""
-    missing, invented, private_wrong = [], [], []
+    missing, invented, private_wrong, not_newest = [], [], [], []
     final = {table: read_rows(db, table, columns) for table, columns in primary_keys.items()}
     for (table, key), entry in history.keys.items():
         row = final[table].get(key)
@@ -145,6 +155,10 @@ def check_history(db: Path, history: History, primary_keys: dict[str, tuple]) ->
             missing.append(f"{table} {key!r}")
         if row is not None and row not in entry.images:
             invented.append(f"{table} {key!r} = {row!r}")
+        if entry.newest is not None and row != entry.newest[1]:
+            (version, origin), expected = entry.newest
+            not_newest.append(f"{table} {key!r}: newest write ({version}, node {origin}) left {expected!r}, "
+                              f"found {row!r}")
         if len(entry.writers) == 1 and table != "accounts":
             (writer,) = entry.writers
             last = entry.last[writer]
@@ -158,7 +172,8 @@ def check_history(db: Path, history: History, primary_keys: dict[str, tuple]) ->
     problems = []
     for label, items in (("acknowledged writes missing (never deleted)", missing),
                          ("rows no writer wrote", invented),
-                         ("single-writer keys not at their writer's last value", private_wrong)):
+                         ("single-writer keys not at their writer's last value", private_wrong),
+                         ("keys not at their newest write (last-writer-wins by (version, origin))", not_newest)):
         if items:
             problems.append(f"{label}: {len(items)}, e.g. " + "; ".join(items[:SAMPLES]))
     return problems

@@ -4,7 +4,7 @@
 
 Every operation a writer commits is appended to its log as one JSON line *after* COMMIT
 returned (a transaction that failed, e.g. on a lock held by a paused node, is not recorded).
-Each record carries the row images the transaction left behind, read back inside the same
+Each record carries the row images the transaction left behind and their versions, read back inside the same
 transaction, so the oracle knows exactly which values some writer wrote.
 
 Key spaces (see docs/reliability.md, "The chaos harness"):
@@ -33,6 +33,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script by the harness: the repository is the import root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from marmot_appliance.replication.bookkeeping import CLOCK_TABLE  # noqa: E402
 from marmot_appliance.replication.sqlite_util import quote_ident  # noqa: E402
 
 SCHEMA = """
@@ -94,8 +95,24 @@ class Writer:
         row = self.conn.execute(f"SELECT * FROM {quote_ident(table)} WHERE {where}", key).fetchone()
         return list(row) if row is not None else None
 
+    def _version(self) -> int:
+        """The version the capture trigger gave the row change just made: the clock it advanced.
+        Every statement here changes at most one row, inside this writer's own write transaction."""
+        return self.conn.execute(f"SELECT hlc FROM {quote_ident(CLOCK_TABLE)}").fetchone()[0]
+
     def _upserted(self, table: str, key: tuple) -> dict:
-        return {"op": "upsert", "table": table, "key": list(key), "row": self._row(table, key)}
+        return {"op": "upsert", "table": table, "key": list(key), "row": self._row(table, key),
+                "version": self._version()}
+
+    def _deleted(self, table: str, key: tuple) -> dict:
+        return {"op": "delete", "table": table, "key": list(key), "version": self._version()}
+
+    def _moved(self, table: str, old: tuple, new: tuple) -> list[dict]:
+        """A primary-key change is captured as delete(old key) then upsert(new key), each with its
+        own version: the delete's is one below the clock the statement left behind."""
+        upsert = self._upserted(table, new)
+        return [{"op": "delete", "table": table, "key": list(old), "version": upsert["version"] - 1,
+                 "moved_to": list(new)}, upsert]
 
     def _fresh_private(self) -> str:
         self.next_private += 1
@@ -122,7 +139,7 @@ class Writer:
             return []
         key = self.private_items.pop(self.rng.randrange(len(self.private_items)))
         cursor = self.conn.execute("DELETE FROM items WHERE id = ?", (key,))
-        return [{"op": "delete", "table": "items", "key": [key]}] if cursor.rowcount else []
+        return [self._deleted("items", (key,))] if cursor.rowcount else []
 
     def move_private(self) -> list[dict]:
         """A primary-key change: the row keeps its other values under a new key."""
@@ -134,7 +151,7 @@ class Writer:
         if not cursor.rowcount:
             return []
         self.private_items[index] = new
-        return [{"op": "delete", "table": "items", "key": [old], "moved_to": [new]}, self._upserted("items", (new,))]
+        return self._moved("items", (old,), (new,))
 
     def upsert_contested(self) -> list[dict]:
         key = f"c{self.rng.randrange(CONTESTED_ITEMS)}"
@@ -146,7 +163,7 @@ class Writer:
     def delete_contested(self) -> list[dict]:
         key = f"c{self.rng.randrange(CONTESTED_ITEMS)}"
         cursor = self.conn.execute("DELETE FROM items WHERE id = ?", (key,))
-        return [{"op": "delete", "table": "items", "key": [key]}] if cursor.rowcount else []
+        return [self._deleted("items", (key,))] if cursor.rowcount else []
 
     def move_contested(self) -> list[dict]:
         """A contested primary-key change: several nodes may move the same row at once."""
@@ -156,30 +173,32 @@ class Writer:
         cursor = self.conn.execute("UPDATE items SET id = ?, token = ? WHERE id = ?", (new, self._token(), old))
         if not cursor.rowcount:
             return []
-        return [{"op": "delete", "table": "items", "key": [old], "moved_to": [new]}, self._upserted("items", (new,))]
+        return self._moved("items", (old,), (new,))
 
     def transfer(self) -> list[dict]:
         """One transaction over three tables: two contested accounts, a private ledger row, a tag."""
         source, target = self.rng.sample(range(ACCOUNTS), 2)
         amount = self.rng.randrange(1, 50)
-        self.conn.execute("UPDATE accounts SET balance = balance - ?, token = ? WHERE id = ?",
-                          (amount, self._token(0), source))
-        self.conn.execute("UPDATE accounts SET balance = balance + ?, token = ? WHERE id = ?",
-                          (amount, self._token(1), target))
+        records = []
+        for account, delta, index in ((source, -amount, 0), (target, amount, 1)):
+            cursor = self.conn.execute("UPDATE accounts SET balance = balance + ?, token = ? WHERE id = ?",
+                                       (delta, self._token(index), account))
+            if cursor.rowcount:
+                records.append(self._upserted("accounts", (account,)))
         self.next_private += 1
         ledger_key = f"l{self.node_id}-{self.next_private}"
         self.conn.execute("INSERT INTO ledger VALUES (?, ?, ?, ?)", (ledger_key, source, amount, self._token(2)))
+        records.append(self._upserted("ledger", (ledger_key,)))
         tag = (self.rng.choice(TAG_KINDS), self.rng.randrange(TAG_SLOTS))
         self.conn.execute("INSERT INTO tags VALUES (?, ?, ?) ON CONFLICT (kind, slot) DO UPDATE SET note = excluded.note",
                           (*tag, self._token(3)))
-        records = [self._upserted("accounts", (source,)), self._upserted("accounts", (target,)),
-                   self._upserted("ledger", (ledger_key,)), self._upserted("tags", tag)]
-        return [r for r in records if r["row"] is not None]
+        records.append(self._upserted("tags", tag))
+        return records
 
     def delete_tag(self) -> list[dict]:
         tag = (self.rng.choice(TAG_KINDS), self.rng.randrange(TAG_SLOTS))
         cursor = self.conn.execute("DELETE FROM tags WHERE kind = ? AND slot = ?", tag)
-        return [{"op": "delete", "table": "tags", "key": list(tag)}] if cursor.rowcount else []
+        return [self._deleted("tags", tag)] if cursor.rowcount else []
 
     OPERATIONS = (
         (insert_private, 4), (update_private, 3), (delete_private, 1), (move_private, 1),

@@ -133,3 +133,25 @@ def test_summarize_totals_a_campaign(tmp_path):
     assert "runs with log-roll: 1; with a shifted clock: 1" in text
     assert "verify: converged 1, diverged 1" in text
     assert "FAILED seed 8: files differ: table items" in text
+
+
+def test_oracle_knows_which_write_must_win(tmp_path):
+    """Two writers wrote the same key: the copy must hold the image of the larger (version, origin),
+    even where the older image is also "a value some writer wrote"."""
+    db = create_database(tmp_path / "node.db")
+    older = {"op": "upsert", "table": "items", "key": ["c1"], "row": ["c1", "from 2", 0, "2:5:0"], "version": 900}
+    newer = {"op": "upsert", "table": "items", "key": ["c1"], "row": ["c1", "from 1", 0, "1:3:0"], "version": 901}
+    tie = {"op": "delete", "table": "items", "key": ["c1"], "version": 901}  # same version, larger origin: wins
+    logs = [_history_log(tmp_path / "ops-1.jsonl", [{"writer": 1, "txn": 3, "ops": [newer]}]),
+            _history_log(tmp_path / "ops-2.jsonl", [{"writer": 2, "txn": 5, "ops": [older]}])]
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.execute("INSERT INTO items VALUES ('c1', 'from 2', 0, '2:5:0')")
+    conn.close()
+    problems = oracle.check_history(db, oracle.load_history(logs, initial_rows(), PRIMARY_KEYS), PRIMARY_KEYS)
+    assert problems == ["keys not at their newest write (last-writer-wins by (version, origin)): 1, e.g. items "
+                        "('c1',): newest write (901, node 1) left ('c1', 'from 1', 0, '1:3:0'), "
+                        "found ('c1', 'from 2', 0, '2:5:0')"]
+    logs.append(_history_log(tmp_path / "ops-3.jsonl", [{"writer": 3, "txn": 1, "ops": [tie]}]))
+    problems = oracle.check_history(db, oracle.load_history(logs, initial_rows(), PRIMARY_KEYS), PRIMARY_KEYS)
+    assert any("newest write (901, node 3) left None" in p for p in problems), problems
