@@ -4,8 +4,9 @@
 
 Every operation a writer commits is appended to its log as one JSON line *after* COMMIT
 returned (a transaction that failed, e.g. on a lock held by a paused node, is not recorded).
-Each record carries the row images the transaction left behind and their versions, read back inside the same
-transaction, so the oracle knows exactly which values some writer wrote.
+Each record carries the row images the transaction left behind and their versions (the capture
+clock each statement advanced), read back inside the same transaction, so the oracle knows which
+values some writer wrote and which of them last-writer-wins must keep.
 
 Key spaces (see docs/reliability.md, "The chaos harness"):
 
