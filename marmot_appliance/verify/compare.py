@@ -101,7 +101,8 @@ class TableComparison:
             if not candidates:
                 if self.deadline.passed:
                     return TableResult(self.table, CATCHING_UP, self.names, rows, detail="rows kept changing")
-                continue  # the rows moved between the digest and the listing: look again
+                await asyncio.sleep(POLL_S)  # the rows moved between the digest and the listing: look again
+                continue
             return await self._judge(candidates, rows)
 
     # -- steps -------------------------------------------------------------------------------
