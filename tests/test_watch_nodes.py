@@ -60,6 +60,13 @@ async def test_changes_on_two_nodes_appear_in_watch_in_stream_order(nats_cluster
         for node in nodes:
             await node.wait_healthy()
         js = nc.jetstream(timeout=30)
+        # A node reports healthy before its shard consumer has subscribed (it first checks the
+        # stream instance): wait for both, or the watch's consumer is mistaken for a node's and
+        # the rows are written before the watch listens.
+        for _ in range(600):
+            if (await js.stream_info("marmot-changes-1")).state.consumer_count >= len(nodes):
+                break
+            await asyncio.sleep(0.1)
         baseline = (await js.stream_info("marmot-changes-1")).state.consumer_count
         live = WatchProcess("--nats-url", nats_cluster.url, "--table", "kinds")  # from now
         for _ in range(600):
