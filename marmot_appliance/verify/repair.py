@@ -76,6 +76,23 @@ def choose_source(finding: KeyFinding, ids: dict[str, int]) -> str | None:
     return None
 
 
+def needs_fresh_version(finding: KeyFinding, floor: int) -> bool:
+    """Must the key travel as a new write? Yes when some node has to record its newest version
+    (it holds an older one, or none) and that version lies at or below a node's tombstone
+    horizon: the applier drops such rows as stale (docs/capture.md). Nodes that already record
+    the newest version only need the image rewritten, which the original version does."""
+    version = finding.newest[0]
+    behind = any((s.version, s.origin) != finding.newest for s in finding.states.values())
+    # Version 0 means "no version recorded" (rows written around capture): no receiver records
+    # it, so the image can only travel as a new write.
+    return version == 0 or (behind and version <= floor)
+
+
+async def _highest_horizon(client: VerifyClient, nodes: list[NodeInfo]) -> int:
+    answers = await asyncio.gather(*(client.request(node.id, {"op": protocol.OP_PROGRESS}) for node in nodes))
+    return max((int(a.get("horizon") or 0) for a in answers), default=0)
+
+
 async def repair_cluster(client: VerifyClient, expected: list[tuple[str, int]] | None, tables: list[str] | None,
                          timeout_s: float, buckets: int, discover_s: float = 2.0,
                          expect_count: int | None = None) -> RepairOutcome:
@@ -105,12 +122,14 @@ async def repair_cluster(client: VerifyClient, expected: list[tuple[str, int]] |
                                            f"{finding.newest}")
                 continue
             by_source.setdefault(source, []).append(finding)
+        floor = await _highest_horizon(client, [n for n in before.nodes if n.replicate])
         for source, findings in sorted(by_source.items()):
             for start in range(0, len(findings), KEYS_PER_REPUBLISH):
                 chunk = findings[start:start + KEYS_PER_REPUBLISH]
                 answer = await client.request(ids[source], {
                     "op": protocol.OP_REPUBLISH, "table": result.table, "keys": [list(f.key) for f in chunk],
                     "expected": [list(f.newest) for f in chunk],
+                    "fresh": [needs_fresh_version(f, floor) for f in chunk], "floor": floor,
                 })
                 repair.published += int(answer.get("published", 0))
                 repair.moved_on += int(answer.get("moved_on", 0))

@@ -11,6 +11,9 @@ origin is the re-publishing node. So:
   image (the applier applies a row whose (version, origin) its versions table names, equal
   included), which settles "same version, different rows"; a node with a newer version
   ignores it. Idempotent, safe to run twice, safe under writes.
+- a key whose version lies at or below a receiver's tombstone horizon (the applier drops such
+  rows as stale once tombstones are collected, docs/capture.md) is sent as a new write of the
+  same image instead: a fresh version of this node, above every horizon;
 - the original writer is not the batch's origin (unless it re-publishes itself), so its
   applier does not skip the rows as its own (applier.py, own-origin horizon).
 """
@@ -18,6 +21,7 @@ origin is the re-publishing node. So:
 from __future__ import annotations
 
 import hashlib
+import time
 from typing import Any
 
 from marmot_appliance.natsd.permissions import origin_subject
@@ -31,23 +35,37 @@ ROWS_PER_MESSAGE = 200
 PUBLISH_TIMEOUT_S = 10.0
 
 
+def fresh_version(clock: int, floor: int) -> int:
+    """A version above this node's clock, the wall clock and every receiver's tombstone horizon."""
+    return max(int(time.time() * 1000) << 16, clock + 1, floor + 1)
+
+
 def repair_rows(table: str, columns: list[str], primary_key: list[str], states: list[KeyState],
-                expected: list[tuple[int, int]]) -> tuple[list[RowChange], int, int]:
-    """(rows to publish, keys skipped because their version moved on, keys with no image to send)."""
+                expected: list[tuple[int, int]], fresh: list[bool] | None = None,
+                fresh_as: tuple[int, int] | None = None) -> tuple[list[RowChange], int, int]:
+    """(rows to publish, keys skipped because their version moved on, keys with no image to send).
+
+    A key flagged in `fresh` is sent as (fresh_as = (version, this node's id)) instead of its
+    original version: its original version lies at or below a receiver's tombstone horizon,
+    where the applier drops it as stale (docs/capture.md), so only a new write of the same image
+    can reach that receiver.
+    """
     rows: list[RowChange] = []
     moved = missing = 0
-    for state, want in zip(states, expected):
+    flags = fresh or [False] * len(states)
+    for state, want, renew in zip(states, expected, flags):
         if (state.version, state.origin) != tuple(want):
             moved += 1
             continue
+        version, origin = fresh_as if (renew and fresh_as) else (state.version, state.origin)
         if state.deleted:
             if state.row is not None:
                 missing += 1  # deleted by its version yet present here: not a clean tombstone to send
                 continue
-            rows.append(RowChange(table, "delete", state.key, tuple(primary_key), state.key, state.version, state.origin))
+            rows.append(RowChange(table, "delete", state.key, tuple(primary_key), state.key, version, origin))
         elif state.row is not None:
             values = tuple(state.row[col] for col in columns)
-            rows.append(RowChange(table, "upsert", state.key, tuple(columns), values, state.version, state.origin))
+            rows.append(RowChange(table, "upsert", state.key, tuple(columns), values, version, origin))
         else:
             missing += 1
     return rows, moved, missing

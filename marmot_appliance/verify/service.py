@@ -16,7 +16,7 @@ from typing import Any, Callable
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.verify import protocol
-from marmot_appliance.verify.republish import publish_repair, repair_rows
+from marmot_appliance.verify.republish import fresh_version, publish_repair, repair_rows
 from marmot_appliance.verify.table_state import KeyState, TableNotReplicated, TableStateReader
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,13 @@ class VerifyService:
         found = await self.db.run(self.reader.lookup, table, keys, True)
         states = [KeyState.from_wire(item) for item in found["keys"]]
         shape = await self.db.run(self.reader.table_shape, table)
-        rows, moved, missing = repair_rows(table, shape["columns"], shape["key"], states, expected)
+        fresh = request.get("fresh")
+        fresh_as = None
+        if isinstance(fresh, list) and any(fresh):
+            clock = await self.db.run(self.reader.clock)
+            fresh_as = (fresh_version(clock, int(request.get("floor") or 0)), self.node.id)
+        rows, moved, missing = repair_rows(table, shape["columns"], shape["key"], states, expected,
+                                           fresh if isinstance(fresh, list) else None, fresh_as)
         messages = await publish_repair(self.js, self.replication, self.node.id, self.nc.max_payload,
                                         shape["fingerprint"], table, shape["key"], rows)
         if rows:

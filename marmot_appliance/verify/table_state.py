@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from marmot_appliance.replication import bookkeeping as bk
+from marmot_appliance.replication.bookkeeping import META_TOMBSTONE_HORIZON
 from marmot_appliance.replication.canonical import encode_value
 from marmot_appliance.replication.introspect import TableLayout, table_layout, user_tables
 from marmot_appliance.replication.sqlite_util import connect, quote_ident, read_transaction
@@ -147,7 +148,16 @@ class TableStateReader:
             if bk.object_exists(conn, holding):
                 for tbl, count in conn.execute(f"SELECT tbl, count(*) FROM {quote_ident(holding)} GROUP BY tbl"):
                     waiting[str(tbl)] = waiting.get(str(tbl), 0) + int(count)
-        return {"positions": positions, "unpublished_from": oldest, "waiting": waiting}
+        # Rows at or below this version are stale to this node's applier (tombstone collection,
+        # docs/capture.md): repair must send such rows with a fresh version (verify/repair.py).
+        horizon = int(bk.get_meta(conn, META_TOMBSTONE_HORIZON, 0) or 0) if bk.object_exists(conn, bk.META_TABLE) else 0
+        return {"positions": positions, "unpublished_from": oldest, "waiting": waiting, "horizon": horizon}
+
+    def clock(self) -> int:
+        """This node's hybrid clock (what its next local write will outrank)."""
+        conn = self._connection()
+        with read_transaction(conn):
+            return bk.current_clock(conn) if bk.object_exists(conn, bk.CLOCK_TABLE) else 0
 
     def table_shape(self, table: str) -> dict:
         """Columns (table order), primary key and layout fingerprint, as capture records them."""
