@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBIAN_PACKAGES=(sqlite3 faketime systemd-container debootstrap openssh-server openssh-client nftables iproute2 vagrant vagrant-libvirt)
+DEBIAN_PACKAGES=(sqlite3 faketime prometheus systemd-container debootstrap openssh-server openssh-client nftables iproute2 vagrant vagrant-libvirt)
 
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
   missing=()

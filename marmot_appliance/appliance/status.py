@@ -146,6 +146,43 @@ def _restore_lines(body: dict) -> list[str]:
     return lines
 
 
+def _size(value: object) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return "-"
+
+
+def _bookkeeping_lines(body: dict) -> list[str]:
+    """Size of the `_marmot_*` tables and tombstone collection (docs/capture.md, "Bookkeeping size")."""
+    lines = []
+    size = body.get("bookkeeping")
+    if isinstance(size, dict) and size:
+        lines.append(f"    bookkeeping: {size.get('rows', '-')} row(s), {_size(size.get('bytes'))}; "
+                     f"tombstones kept: {size.get('tombstones', '-')}")
+    collector = body.get("tombstones")
+    if isinstance(collector, dict) and collector:
+        line = (f"    tombstones collected: {collector.get('collected_total', 0)}; horizon: {collector.get('horizon', 0)}; "
+                f"last round: {_ago(collector.get('last_round'))}")
+        if collector.get("waiting_for"):
+            line += f"; waiting for a horizon record of: {', '.join(map(str, collector['waiting_for']))}"
+        if collector.get("stale_nodes"):
+            line += f"; left out (down past the timeout): {', '.join(map(str, collector['stale_nodes']))}"
+        lines.append(line)
+        reseeded = collector.get("reseeded") or {}
+        if isinstance(reseeded, dict) and reseeded:
+            lines.append(f"    re-seeded {_ago(reseeded.get('at'))} from {reseeded.get('snapshot') or '-'}: "
+                         f"{reseeded.get('rows_set_aside', 0)} local row(s) set aside as dead letters")
+        if collector.get("error"):
+            lines.append(f"    tombstone collection: {collector['error']}")
+    if body.get("reseed_error"):
+        lines.append(f"    {body['reseed_error']}")
+    return lines
+
+
 def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
     lines = [f"Cluster {cluster.name!r}:"]
     for status in statuses:
@@ -169,6 +206,7 @@ def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
             )
             lines.extend(_waiting_rows_lines(body))
             lines.extend(_restore_lines(body))
+            lines.extend(_bookkeeping_lines(body))
             for table, found in sorted((body.get("diverged") or {}).items()):
                 found = found if isinstance(found, dict) else {}
                 keys = ", ".join(repr(k.get("key")) for k in found.get("sample") or [] if isinstance(k, dict))

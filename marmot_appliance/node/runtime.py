@@ -45,7 +45,9 @@ from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.node.restore_coordinator import RestoreCoordinator
 from marmot_appliance.node.seq_map import write_seq_map
 from marmot_appliance.node.status import RuntimeStatus
+from marmot_appliance.node.backlog_alarm import change_log_alarm
 from marmot_appliance.node.tombstone_collector import TombstoneCollector
+from marmot_appliance.replication.backlog import change_log_backlog, trim_dead_letters
 from marmot_appliance.node import waiting_rows
 from marmot_appliance.observability.http import ObservabilityServer
 from marmot_appliance.observability.metrics import Metrics
@@ -96,6 +98,10 @@ NODE_METRICS = (
     ("tombstone_horizon", "gauge", "Version at or below which this node collected its tombstones (0: never)"),
     ("reseeds", "counter", "Re-seeds because this node came back past the tombstone horizon"),
     ("bookkeeping_bytes", "gauge", "Bytes of every _marmot_* table and index (SQLite dbstat)"),
+    ("change_log_oldest_age_seconds", "gauge", "Age of the oldest captured row not yet acknowledged (0: drained)"),
+    ("change_log_alarm", "gauge", "1 while the change log is not draining (replication.change_log_alarm_*)"),
+    ("dead_letters_dropped", "counter", "Oldest dead letters deleted past replication.max_dead_letters"),
+    ("healthy", "gauge", "1 while /health answers 200 (status ok), 0 while it answers 503"),
 )
 LABELLED_NODE_METRICS = (
     ("errors", "counter", "Errors by kind"),
@@ -650,12 +656,39 @@ class NodeRuntime:
         self.status.schema = {"tables": tables, "views": shape.view_fingerprints()}
 
     async def _refresh_status(self) -> None:
-        self.status.pending_rows = await self.capture_db.run(self.capture.pending_count)
+        await self._refresh_change_log()
+        await self._trim_dead_letters()
         self.status.dead_letters = await self.apply_db.run(self.applier.dead_letter_count)
         self.waiting.publish(await self.apply_db.run(self.applier.waiting_report))
         self.metrics.set("pending_rows", self.status.pending_rows, help="Captured rows not yet acknowledged")
         self.status.tombstones = self.tombstones.state.as_status()
+        self.metrics.set("healthy", 1 if self.status.healthy else 0)
         await self._write_seq_map()
+
+    async def _refresh_change_log(self) -> None:
+        """Pending rows, the oldest one's age, and the alarm when publishing does not keep up
+        (docs/capture.md, "Bounded bookkeeping")."""
+        backlog = await self.capture_db.run(change_log_backlog, str(self.config.db_path))
+        age = backlog.oldest_age_s(time.time())
+        alarm = change_log_alarm(backlog.rows, age, self.replication)
+        if alarm and not self.status.change_log.get("alarm"):
+            log.warning("change log not draining: %s", alarm)
+        self.status.pending_rows = backlog.rows
+        self.status.change_log = {"pending_rows": backlog.rows, "oldest_age_s": round(age, 3), "alarm": alarm}
+        self.metrics.set("pending_rows", backlog.rows, help="Captured rows not yet acknowledged")
+        self.metrics.set("change_log_oldest_age_seconds", age)
+        self.metrics.set("change_log_alarm", 1 if alarm else 0)
+
+    async def _trim_dead_letters(self) -> None:
+        """Keep at most replication.max_dead_letters; the oldest go, counted and logged."""
+        trimmed = await self.apply_db.run(trim_dead_letters, str(self.config.db_path), self.replication.max_dead_letters)
+        if trimmed.dropped:
+            self.status.dead_letters_dropped += trimmed.dropped
+            self.metrics.inc("dead_letters_dropped", trimmed.dropped)
+            log.warning(
+                "dropped the %d oldest dead letter(s) past replication.max_dead_letters=%d (%d dropped since start)",
+                trimmed.dropped, self.replication.max_dead_letters, self.status.dead_letters_dropped,
+            )
 
     async def _refresh_bookkeeping(self) -> None:
         from marmot_appliance.replication.horizon import bookkeeping_size

@@ -53,6 +53,11 @@ class RuntimeStatus:
     # The node came back past the tombstone horizon and could not be re-seeded: it must not be
     # trusted to converge until an operator restores a snapshot.
     reseed_error: str | None = None
+    # The change log: {"pending_rows", "oldest_age_s", "alarm"}. An alarm (publishing does not
+    # keep up, replication.change_log_alarm_*) makes the node unhealthy: its writes are not
+    # reaching the others (node/backlog_alarm.py).
+    change_log: dict = field(default_factory=dict)
+    dead_letters_dropped: int = 0  # oldest dead letters deleted past replication.max_dead_letters
 
     @property
     def healthy(self) -> bool:
@@ -63,7 +68,7 @@ class RuntimeStatus:
         return (
             self.nats_connected and self.database_ok and self.capture_installed and self.started
             and not self.failed_parts and not self.clock_skew.get("held") and not self.gaps and not self.apply_blocked
-            and not self.diverged and not self.reseed_error
+            and not self.diverged and not self.reseed_error and not self.change_log.get("alarm")
         )
 
     def as_health(self) -> dict:
@@ -95,4 +100,6 @@ class RuntimeStatus:
             "bookkeeping": dict(self.bookkeeping),
             "tombstones": dict(self.tombstones),
             "reseed_error": self.reseed_error,
+            "change_log": dict(self.change_log),
+            "dead_letters_dropped": self.dead_letters_dropped,
         }

@@ -336,11 +336,24 @@ class OwnPublishes:
     normally: after a snapshot restore they may hold rows the database no longer has.
     """
 
-    def __init__(self) -> None:
+    # Bounded: a consumer that stopped (a gap, a blocked database) or jumped past them (a
+    # restore) never takes its own sequences. Past the cap the lowest half is forgotten; a
+    # forgotten one is merely decoded and applied like any message (its versions are already
+    # recorded here, so it changes nothing), never lost.
+    MAX_PER_STREAM = 65_536
+
+    def __init__(self, max_per_stream: int = MAX_PER_STREAM) -> None:
         self._seqs: dict[str, set[int]] = {}
+        self.max_per_stream = max_per_stream
 
     def add(self, stream: str, seq: int) -> None:
-        self._seqs.setdefault(stream, set()).add(seq)
+        seqs = self._seqs.setdefault(stream, set())
+        seqs.add(seq)
+        if len(seqs) > self.max_per_stream:
+            self._seqs[stream] = set(sorted(seqs)[len(seqs) - self.max_per_stream // 2:])
+
+    def tracked(self) -> int:
+        return sum(len(seqs) for seqs in self._seqs.values())
 
     def take(self, stream: str, seq: int) -> bool:
         """True (and forget it) if `seq` on `stream` was published by this process."""

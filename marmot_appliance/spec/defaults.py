@@ -67,7 +67,8 @@ def _nats(section: dict, base_dir: Path, local: bool) -> NatsSettings:
 
 def _replication(section: dict) -> ReplicationSettings:
     values = _floats(
-        dict(section), "cleanup_interval_s", "max_clock_skew_s", "tombstone_interval_s", "tombstone_node_timeout_s"
+        dict(section), "cleanup_interval_s", "max_clock_skew_s", "tombstone_interval_s", "tombstone_node_timeout_s",
+        "change_log_alarm_age_s",
     )
     batch = BatchLimits(**values.pop("batch", {}))
     compression = CompressionSettings(**values.pop("compression", {}))

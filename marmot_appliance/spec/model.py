@@ -144,6 +144,11 @@ class ReplicationSettings:
     # collects; a node whose record is older than the timeout is left out (re-seeded on return).
     tombstone_interval_s: float = 30.0
     tombstone_node_timeout_s: float = 7 * 86400.0
+    # Bounded bookkeeping (docs/capture.md): dead letters kept (the oldest go beyond, counted),
+    # and when the change log counts as not draining (an alarm; its rows are never dropped).
+    max_dead_letters: int = 100_000
+    change_log_alarm_rows: int = 1_000_000
+    change_log_alarm_age_s: float = 600.0
 
     def stream_name(self, shard: int) -> str:
         return f"{self.stream_prefix}-{shard}"
