@@ -19,7 +19,10 @@ import urllib.request
 
 import nats
 
+from marmot_appliance.appliance.health import NodeHealth
+from marmot_appliance.appliance.status import NodeStatus, ProcessStatus, render_status_text
 from marmot_appliance.replication.publisher import OwnPublishes
+from marmot_appliance.spec.loader import load_cluster
 from tests.harness import free_ports
 from tests.replication_cluster import SubprocessNode, execute, wait_until
 
@@ -103,6 +106,9 @@ async def test_dead_letters_past_the_cap_drop_the_oldest_counted_and_logged(nats
         assert "\nmarmot_dead_letters_dropped_total 4.0" in node.metrics()
         assert "dropped the" in node.log.read_text() and "max_dead_letters=3" in node.log.read_text()
         assert node.health()["status"] == "ok"  # a cap at work is not a failure
+        text = render_status_text(load_cluster(node.spec), [NodeStatus(
+            "n1", ProcessStatus("node/n1", node.proc.pid, True), None, NodeHealth(200, node.health()), [])])
+        assert "dead letters dropped past replication.max_dead_letters: 4" in text, text
     finally:
         node.stop()
 
@@ -129,6 +135,9 @@ async def test_a_change_log_that_does_not_drain_raises_the_alarm_and_keeps_every
         age = float(metrics.split("\nmarmot_change_log_oldest_age_seconds ")[1].split()[0])
         assert age > 2, metrics
         assert "change log not draining" in node.log.read_text()
+        text = render_status_text(load_cluster(node.spec), [NodeStatus(
+            "n1", ProcessStatus("node/n1", node.proc.pid, True), None, NodeHealth(503, node.health()), ["unhealthy"])])
+        assert "change log not draining: 100 captured rows pending" in text, text
 
         nats_server.processes[0].start()
         nats_server.processes[0].wait_listening("127.0.0.1", nats_server.configs[0].client_port)

@@ -114,3 +114,23 @@ async def test_tables_a_node_does_not_replicate_keep_their_local_rows(nats_clust
         assert conn.execute("SELECT count(*) FROM items").fetchone() == (100,)
     finally:
         conn.close()
+
+
+async def test_orphan_objects_of_an_interrupted_save_are_collected_by_the_next_save(nats_cluster, wal_db):
+    """The object store keeps only the kept snapshots (issue 14): an object the manifest does
+    not name (a saver that died between upload and manifest) goes with the next save."""
+    db = wal_db("n1.db", SCHEMA)
+    cluster = make_cluster(nats_cluster.urls, {"n1": db}, keep=2)
+    nc, js = await connect(nats_cluster.urls)
+    try:
+        fill(db, 0, 100, positions={"marmot-changes-1": 10})
+        first = await save_snapshot(js, cluster, cluster.node("n1"), db)
+        store = await open_store(js, cluster, create=False)
+        objects = await js.object_store(store.bucket)
+        await objects.put("snapshot-orphan-of-a-crashed-save", b"x" * 4096)
+        assert sorted(await store.object_names()) == sorted([first.name, "snapshot-orphan-of-a-crashed-save"])
+        fill(db, 100, 100, positions={"marmot-changes-1": 20})
+        second = await save_snapshot(js, cluster, cluster.node("n1"), db)
+        assert sorted(await store.object_names()) == sorted([first.name, second.name])
+    finally:
+        await nc.close()

@@ -180,6 +180,11 @@ def _bookkeeping_lines(body: dict) -> list[str]:
             lines.append(f"    tombstone collection: {collector['error']}")
     if body.get("reseed_error"):
         lines.append(f"    {body['reseed_error']}")
+    change_log = body.get("change_log")
+    if isinstance(change_log, dict) and change_log.get("alarm"):
+        lines.append(f"    change log not draining: {change_log['alarm']}")
+    if body.get("dead_letters_dropped"):
+        lines.append(f"    dead letters dropped past replication.max_dead_letters: {body['dead_letters_dropped']}")
     return lines
 
 
