@@ -90,15 +90,10 @@ def collect_status(cluster: Cluster) -> list[NodeStatus]:
 
 
 def _add_schema_drift(cluster: Cluster, statuses: list[NodeStatus]) -> None:
-    from marmot_appliance.schema.drift import schema_drift
-    from marmot_appliance.schema.migrate import declared_schema
+    from marmot_appliance.schema.drift import declared_fingerprints, schema_drift
 
-    declared = None
-    if cluster.schema:
-        shape = declared_schema(cluster.schema)
-        declared = {"tables": shape.table_fingerprints(), "views": shape.view_fingerprints()}
     reported = {status.name: (status.health.body or {}).get("schema") or None for status in statuses}
-    for node, lines in schema_drift(reported, declared).items():
+    for node, lines in schema_drift(reported, declared_fingerprints(cluster.schema)).items():
         next(status for status in statuses if status.name == node).schema_drift = lines
 
 

@@ -225,12 +225,21 @@ def render_remote_status(statuses: list[RemoteNodeStatus]) -> str:
 def status_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list[str] | None = None,
                   output: str = "text") -> int:
     """Print every node's health; 0 when all are healthy, 1 otherwise."""
+    from marmot_appliance.schema.drift import declared_fingerprints, schema_drift
+
     statuses = collect_remote_status(cluster, Path(spec_path or cluster.source or ""), extra_args)
+    # Tables/views differing from the spec or between nodes: reported, not unhealthy (docs/schema.md).
+    drift = schema_drift({s.node: (s.health or {}).get("schema") or None for s in statuses},
+                         declared_fingerprints(cluster.schema))
     if output == "json":
         print(json.dumps([{"node": s.node, "healthy": s.healthy, "reached": s.reached, "http_status": s.http_status,
-                           "health": s.health, "error": s.error} for s in statuses], indent=2, sort_keys=True))
+                           "health": s.health, "error": s.error, "schema_drift": drift.get(s.node, [])}
+                          for s in statuses], indent=2, sort_keys=True))
     else:
         print(render_remote_status(statuses))
+        for node, lines in drift.items():
+            for line in lines:
+                print(f"schema drift on {node}: {line}")
     return 0 if all(s.healthy for s in statuses) else 1
 
 

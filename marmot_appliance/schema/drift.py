@@ -19,6 +19,16 @@ def _lower(names: dict[str, str]) -> dict[str, tuple[str, str]]:
     return {name.lower(): (name, fingerprint) for name, fingerprint in names.items()}
 
 
+def declared_fingerprints(schema_files: tuple[str, ...]) -> Fingerprints | None:
+    """The fingerprints of the spec's declared schema, as nodes report theirs (None: no `schema:`)."""
+    if not schema_files:
+        return None
+    from .migrate import declared_schema
+
+    shape = declared_schema(schema_files)
+    return {"tables": shape.table_fingerprints(), "views": shape.view_fingerprints()}
+
+
 def schema_drift(nodes: dict[str, Fingerprints | None], declared: Fingerprints | None = None) -> dict[str, list[str]]:
     """Node -> one line per object that differs. Nodes whose schema is unknown (None) are skipped."""
     known = {node: fingerprints for node, fingerprints in nodes.items() if isinstance(fingerprints, dict)}
