@@ -232,3 +232,27 @@ def test_hosts_get_the_spec_with_their_copies_of_the_schema_files(tmp_path):
     assert variables["marmot_node_cluster_spec"]["schema"] == [
         "/etc/marmot-appliance/schema/01-notes.sql", "/etc/marmot-appliance/schema/02-orders.sql",
     ]
+
+
+def test_without_a_declared_schema_plan_names_tables_that_differ_between_nodes(tmp_path):
+    """Applications that manage their own schema: nothing is planned for it, but a table one
+    node lacks, or has in another shape (DDL run by hand), is named per node."""
+    from marmot_appliance.appliance.schema_rollout import database_drift, plan_schema
+    from marmot_appliance.spec.loader import load_cluster
+
+    (tmp_path / "cluster.yaml").write_text(
+        "apiVersion: marmot-appliance/v1\nkind: Cluster\nname: own\nnodes:\n" + "".join(
+            f"  - {{name: n{i}, id: {i}, host: 127.0.0.1, db: n{i}.db, ports: {{client: {4400 + i}, "
+            f"cluster: {4410 + i}, monitor: {4420 + i}, metrics: {4430 + i}}}}}\n" for i in (1, 2, 3)
+        )
+    )
+    app = "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)"
+    _db(tmp_path / "n1.db", app, "CREATE TABLE legacy (k TEXT PRIMARY KEY)")
+    _db(tmp_path / "n2.db", app)
+    _db(tmp_path / "n3.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, extra INTEGER)")
+    cluster = load_cluster(tmp_path / "cluster.yaml")
+    assert plan_schema(cluster) == {}
+    assert database_drift(cluster) == {
+        "n1": ["table legacy: only here (missing on n2, n3)"],
+        "n3": ["table notes: differs from the other nodes"],
+    }
