@@ -50,7 +50,8 @@ def register(subparsers) -> None:
         help="check cluster specs against the schema and the semantic rules",
         description=(
             "Check cluster spec files: JSON Schema, duplicate keys, YAML 1.1 pitfalls, and semantic "
-            "rules (unique names, ids and ports, replicas, paths). Every mistake is printed as "
+            "rules (unique names, ids and ports, replicas, paths), and the `schema:` SQL files (run through "
+            "SQLite: CREATE TABLE/INDEX/VIEW/TRIGGER only). Every mistake is printed as "
             "file:line:col: $.json.path: message. Exit 0 when all files are valid, 1 otherwise."
         ),
     )
