@@ -55,7 +55,7 @@ def _add_column_problem(column: Column) -> str | None:
     if column.hidden in (2, 3):
         return "a generated column cannot be added from the schema files"
     default = (column.default or "").strip()
-    if column.notnull and not default or default.upper() == "NULL" and column.notnull:
+    if column.notnull and default.upper() in ("", "NULL"):
         return "a NOT NULL column needs a non-NULL DEFAULT to be added to an existing table"
     if default.upper() in _NON_CONSTANT_DEFAULTS or default.startswith("("):
         return f"a column with the non-constant default {default} cannot be added to an existing table"
@@ -108,8 +108,6 @@ def _table_changes(declared: Table, actual: Table) -> list[SchemaChange]:
             else:
                 changes.append(SchemaChange("+", "column", name, "", (add_column_sql(actual.name, column),)))
             continue
-        if existing.pk and column.pk:
-            pass  # key changes are reported once, on the table
         for difference in _column_differences(column, existing):
             changes.append(SchemaChange("!", "column", name, f"{difference} ({MANUAL})"))
     for column in actual.columns:
