@@ -141,7 +141,8 @@ class Lab:
             "           for s in a.get('stream_detail', []) if s['name'] == sys.argv[1]]\n"
             "print(json.dumps(leaders))\n"
         )
-        leaders = json.loads(self.python(host, script, stream, self.topology.host(host).address))
+        # The monitor listens on loopback only (nats.monitor_address): ask it on the host itself.
+        leaders = json.loads(self.python(host, script, stream, "127.0.0.1"))
         assert len(leaders) == 1 and leaders[0], f"no leader for {stream} seen from {host}: {leaders}"
         server_prefix = f"{yaml.safe_load(SPEC.read_text())['name']}-"  # server_name is <cluster>-<node>
         assert leaders[0].startswith(server_prefix), leaders
@@ -159,7 +160,7 @@ class Lab:
             try:
                 journal = self.ssh(host, "journalctl -u marmot-node -u nats-server --no-pager -n 80 -o short-precise")
                 parts.append(f"--- {host}: journal\n{journal[-8000:]}")
-                parts.append(f"--- {host}: jsz\n{self.python(host, jsz, self.topology.host(host).address)[-6000:]}")
+                parts.append(f"--- {host}: jsz\n{self.python(host, jsz, '127.0.0.1')[-6000:]}")
             except (AssertionError, subprocess.TimeoutExpired) as exc:
                 parts.append(f"--- {host}: diagnostics failed: {exc}")
         return "\n".join(parts)
@@ -218,6 +219,15 @@ def test_site_yml_deploys_services_and_replicates_both_ways(lab):
         modes = lab.ssh(host, "stat -c '%a %U' /etc/nats-server/nats-server.conf "
                               "/var/lib/marmot-appliance/node/secrets/nats-credentials.json").split("\n")
         assert modes[0].split()[0] == "640" and modes[1].split() == ["600", "marmot"]
+        # The monitor (plain HTTP, lists every connection) answers on loopback, not on the network.
+        probe = ("import socket, sys\n"
+                 "for address in sys.argv[1:]:\n"
+                 "    try:\n"
+                 "        socket.create_connection((address, 8222), timeout=5).close(); print(address, 'open')\n"
+                 "    except OSError:\n"
+                 "        print(address, 'refused')\n")
+        reach = lab.python(host, probe, "127.0.0.1", lab.topology.host(host).address).split("\n")
+        assert reach == ["127.0.0.1 open", f"{lab.topology.host(host).address} refused"], reach
         # A node host holds its own identity only; never another node's, the reader's or the route secret.
         held = json.loads(lab.ssh(host, "cat /var/lib/marmot-appliance/node/secrets/nats-credentials.json"))
         assert list(held) == ["nodes"] and list(held["nodes"]) == [host]
