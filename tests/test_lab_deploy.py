@@ -226,7 +226,7 @@ def test_site_yml_deploys_services_and_replicates_both_ways(lab):
                  "        socket.create_connection((address, 8222), timeout=5).close(); print(address, 'open')\n"
                  "    except OSError:\n"
                  "        print(address, 'refused')\n")
-        reach = lab.python(host, probe, "127.0.0.1", lab.topology.host(host).address).split("\n")
+        reach = lab.python(host, probe, "127.0.0.1", lab.topology.host(host).address).strip().split("\n")
         assert reach == ["127.0.0.1 open", f"{lab.topology.host(host).address} refused"], reach
         # A node host holds its own identity only; never another node's, the reader's or the route secret.
         held = json.loads(lab.ssh(host, "cat /var/lib/marmot-appliance/node/secrets/nats-credentials.json"))
