@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     wheels.add_argument("--target-arg", action="append", default=[], help="extra pip target option")
     wheels.add_argument("--extra", action="append", default=[], help="additional requirement")
     wheels.add_argument("--pack-only", action="store_true", help="use the wheels as they are (no build)")
+    wheels.add_argument("--checkout", help="source tree the playbook lives in (built from when possible)")
     creds = commands.add_parser("credentials")
     creds.add_argument("spec")
     creds.add_argument("state_dir")
@@ -58,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.pack_only:
                 print(json.dumps({"changed": pack_wheelhouse(Path(args.directory))}))
                 return 0
-            result = build_wheelhouse(Path(args.directory), target_args=args.target_arg, extra_requirements=args.extra)
+            result = build_wheelhouse(Path(args.directory), target_args=args.target_arg, extra_requirements=args.extra,
+                                      checkout=Path(args.checkout) if args.checkout else None)
             print(json.dumps({"changed": result.changed, "project_wheel": result.project_wheel,
-                              "downloaded": result.downloaded}))
+                              "origin": result.origin, "downloaded": result.downloaded}))
         else:
             print(json.dumps({"changed": ensure_controller_credentials(args.spec, args.state_dir)}))
     except MarmotError as exc:

@@ -1,7 +1,8 @@
 """The controller's wheelhouse: the project wheel plus every wheel it needs, for offline hosts.
 
-Hosts have no internet. The controller builds the project wheel (offline: hatchling from the
-controller's environment, no build isolation) and downloads the dependency wheels once (the only
+Hosts have no internet. The controller gets the project wheel (built offline from a source
+tree with hatchling, or re-zipped from the installed package, or from the index: see
+`obtain_project_wheel`) and downloads the dependency wheels once (the only
 step that needs a package index); the role copies the directory and installs it with
 `pip install --no-index --find-links`. `SHA256SUMS` lists every wheel with its digest, so a host
 reinstalls exactly when the set changed. Builds are reproducible (hatchling's fixed timestamps),
@@ -33,6 +34,7 @@ class WheelhouseResult:
     project_wheel: str
     changed: bool
     downloaded: bool
+    origin: str = ""  # where the project wheel came from
 
 
 def project_source_dir() -> Path | None:
@@ -122,29 +124,81 @@ def pack_wheelhouse(directory: Path) -> bool:
     return write_archive(directory) or changed
 
 
+def _is_project_checkout(directory: Path) -> bool:
+    pyproject = directory / "pyproject.toml"
+    return pyproject.is_file() and (directory / "marmot_appliance").is_dir() and (
+        'name = "marmot-appliance"' in pyproject.read_text()
+    )
+
+
+def _download_project_wheel(into: Path, target_args: list[str]) -> Path:
+    """The published wheel of this very version, from the package index."""
+    from marmot_appliance import __version__
+
+    result = _pip(["download", "--no-deps", "--only-binary=:all:", "-d", str(into), *target_args,
+                   f"marmot-appliance=={__version__}"], timeout_s=300)
+    wheels = sorted(into.glob("marmot_appliance-*.whl"))
+    if result.returncode != 0 or not wheels:
+        raise DeployError(
+            f"could not obtain a marmot-appliance {__version__} wheel from the package index:\n"
+            + (result.stderr or result.stdout)[-1500:]
+        )
+    return wheels[-1]
+
+
+def obtain_project_wheel(into: Path, source: Path | None = None, checkout: Path | None = None,
+                         target_args: list[str] | None = None) -> tuple[Path, str]:
+    """The project wheel and where it came from, in this order:
+
+    1. `source`, or the source tree of an editable install: built (hatchling, offline first);
+    2. `checkout`, the source tree the playbook lives in: built offline when hatchling is here;
+    3. the installed package itself, re-zipped from its RECORD (a plain `pip install`);
+    4. the package index (this version, published).
+    """
+    from marmot_appliance.deploy.installed_wheel import build_installed_wheel, installed_dist_info, is_editable
+
+    source = source or project_source_dir()
+    if source is not None:
+        return build_project_wheel(source, into), f"built from {source}"
+    problems = []
+    if checkout is not None and _is_project_checkout(checkout):
+        result = _pip(["wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(into), str(checkout)])
+        wheels = sorted(into.glob("marmot_appliance-*.whl"))
+        if result.returncode == 0 and wheels:
+            return wheels[-1], f"built from {checkout.resolve()}"
+        problems.append(f"{checkout.resolve()}: no offline build (hatchling not installed here)")
+    dist_info = installed_dist_info()
+    if dist_info is not None and not is_editable(dist_info):
+        try:
+            return build_installed_wheel(into), "the installed package"
+        except DeployError as exc:
+            problems.append(str(exc))
+    try:
+        return _download_project_wheel(into, list(target_args or [])), "the package index"
+    except DeployError as exc:
+        raise DeployError("no marmot-appliance wheel for the hosts:\n  "
+                          + "\n  ".join([*problems, str(exc)])) from exc
+
+
 def build_wheelhouse(
     directory: Path,
     source: Path | None = None,
     target_args: list[str] | None = None,
     extra_requirements: list[str] | None = None,
+    checkout: Path | None = None,
 ) -> WheelhouseResult:
     """Bring `directory` up to date; only touches files whose content changed.
 
     `target_args` (e.g. `--python-version 3.11 --platform manylinux2014_x86_64`) select wheels
-    for hosts unlike the controller; `extra_requirements` adds wheels such as `supervisor`.
+    for hosts unlike the controller; `extra_requirements` adds wheels such as `supervisor`;
+    `checkout` is the source tree the playbook lives in (see `obtain_project_wheel`).
     """
-    source = source or project_source_dir()
-    if source is None:
-        raise DeployError(
-            "this installation is not a source checkout, so it cannot build its own wheel; "
-            "set deploy.package_source to a directory of wheels"
-        )
     target_args = list(target_args or [])
     extra = list(extra_requirements or [])
     directory.mkdir(parents=True, exist_ok=True)
     changed = False
     with tempfile.TemporaryDirectory(prefix="marmot-wheel-") as scratch:
-        built = build_project_wheel(source, Path(scratch))
+        built, origin = obtain_project_wheel(Path(scratch), source, checkout, target_args)
         destination = directory / built.name
         if not destination.is_file() or _digest(destination) != _digest(built):
             for stale in directory.glob("marmot_appliance-*.whl"):
@@ -168,4 +222,5 @@ def build_wheelhouse(
         downloaded = changed = True
     changed = write_manifest(directory) or changed
     changed = write_archive(directory) or changed
-    return WheelhouseResult(directory=directory, project_wheel=destination.name, changed=changed, downloaded=downloaded)
+    return WheelhouseResult(directory=directory, project_wheel=destination.name, changed=changed,
+                            downloaded=downloaded, origin=origin)
