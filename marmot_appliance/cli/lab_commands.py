@@ -4,7 +4,7 @@
     lab down SPEC                remove every namespace, mount, route and process of the lab
     lab exec SPEC HOST -- CMD    run CMD on a lab host over ssh from the controller namespace
     lab link SPEC HOST up|down   reconnect / cut a host off the lab switch
-    lab env SPEC                 shell exports for running ansible-playbook against the lab
+    lab env SPEC                 everything a hand-run ansible-playbook against the lab needs
 """
 
 from __future__ import annotations
@@ -67,12 +67,36 @@ def cmd_link(args) -> int:
 
 
 def cmd_env(args) -> int:
-    from marmot_appliance.lab.ssh import ansible_environment
+    """Everything a hand-run ansible-playbook against the lab needs, as shell lines."""
+    from pathlib import Path
 
-    topology = _topology(args.spec)
-    for key, value in ansible_environment(topology).items():
+    from marmot_appliance.deploy.inventory import wheelhouse_dir
+    from marmot_appliance.deploy.remote import ansible_dir
+    from marmot_appliance.lab.ssh import ansible_environment
+    from marmot_appliance.lab.topology import topology_for
+    from marmot_appliance.spec.loader import load_cluster
+
+    cluster = load_cluster(args.spec)
+    topology = topology_for(cluster)
+    playbooks = ansible_dir()
+    spec = Path(args.spec).resolve()
+    bin_dir = Path(sys.executable).parent
+    environment = {"ANSIBLE_CONFIG": str(playbooks / "ansible.cfg"), **ansible_environment(topology)}
+    print(f"# lab {topology.lab}: hosts reachable only from the namespace {topology.controller_namespace}; as root:")
+    for key, value in environment.items():
         print(f"export {key}={shlex.quote(value)}")
-    print(f"# then: ip netns exec {topology.controller_namespace} ansible-playbook -i {args.spec} ansible/site.yml")
+    wheels, build = wheelhouse_dir(cluster)
+    extra = ""
+    if build:
+        print("# 1. the wheelhouse, here (the package index is reachable only outside the lab):")
+        print(f"{shlex.quote(sys.executable)} -m marmot_appliance.deploy.controller wheelhouse "
+              f"{shlex.quote(str(wheels))} --checkout {shlex.quote(str(playbooks.parent))}"
+              + (" --extra supervisor" if cluster.deploy.service_manager == "supervisor" else ""))
+        extra = " -e marmot_packages_build_wheelhouse=false"
+    print("# 2. the playbook, from the lab's controller namespace:")
+    print(f"ip netns exec {topology.controller_namespace} {shlex.quote(str(bin_dir / 'ansible-playbook'))} "
+          f"-i {shlex.quote(str(spec))} {shlex.quote(str(playbooks / 'site.yml'))}{extra}")
+    print(f"# (marmot-appliance plan|apply|status|destroy {args.spec} do all of this by themselves, as root)")
     return 0
 
 

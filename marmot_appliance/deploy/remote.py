@@ -7,6 +7,8 @@ apply    shows that plan, then runs site.yml for real; with nothing to change it
 status   runs status.yml: every node's /health read on its host, shown per node.
 destroy  runs destroy.yml: services stopped and disabled; --purge also removes the node state
          and the JetStream store. Databases are never touched.
+
+Hosts of a running lab are reached from its controller namespace (deploy.lab_launch).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from marmot_appliance.deploy.errors import DeployError
+from marmot_appliance.deploy.lab_launch import Launch, launch_for, unreachable_hint
 from marmot_appliance.spec.model import Cluster
 
 PLAYBOOK_TIMEOUT_S = 3600.0
@@ -53,9 +56,11 @@ class RemotePlan:
 
 
 def run_playbook(spec_path: Path, check: bool, extra_args: list[str] | None = None,
-                 live_output: bool = False, playbook: str = "site.yml") -> tuple[int, dict, str]:
+                 live_output: bool = False, playbook: str = "site.yml",
+                 launch: Launch | None = None) -> tuple[int, dict, str]:
     """Run a playbook of ansible/ against the spec; (exit code, recorded plan JSON, output)."""
     directory = ansible_dir()
+    launch = launch or Launch()
     with tempfile.TemporaryDirectory(prefix="marmot-plan-") as scratch:
         plan_file = Path(scratch) / "plan.json"
         env = dict(os.environ)
@@ -66,9 +71,11 @@ def run_playbook(spec_path: Path, check: bool, extra_args: list[str] | None = No
                 "ANSIBLE_CALLBACKS_ENABLED": ",".join([*enabled, "marmot_plan"]),
                 "ANSIBLE_INVENTORY_UNPARSED_FAILED": "1",
                 "MARMOT_PLAN_FILE": str(plan_file),
+                **launch.env,
             }
         )
-        command = [_ansible_playbook(), "-i", str(spec_path), str(directory / playbook), *(extra_args or [])]
+        command = [*launch.prefix, _ansible_playbook(), "-i", str(spec_path.resolve()), str(directory / playbook),
+                   *launch.extra_args, *(extra_args or [])]
         if check:
             command += ["--check", "--diff"]
         try:
@@ -83,14 +90,24 @@ def run_playbook(spec_path: Path, check: bool, extra_args: list[str] | None = No
         return result.returncode, recorded, result.stdout or ""
 
 
-def compute_plan(spec_path: Path, extra_args: list[str] | None = None) -> RemotePlan:
-    code, recorded, output = run_playbook(spec_path, check=True, extra_args=extra_args)
+def _failure_detail(cluster: Cluster | None, spec_path: Path, recorded: dict, output: str) -> str:
+    failures = recorded.get("failures", [])
+    detail = "\n".join(f"  {f['host']}: {f['task']}: {f['msg']}" for f in failures) or output[-3000:]
+    unreachable = sorted({f["host"] for f in failures if f.get("unreachable")})
+    if cluster is not None:
+        detail += unreachable_hint(cluster, spec_path, unreachable)
+    return detail
+
+
+def compute_plan(spec_path: Path, extra_args: list[str] | None = None, launch: Launch | None = None,
+                 cluster: Cluster | None = None) -> RemotePlan:
+    code, recorded, output = run_playbook(spec_path, check=True, extra_args=extra_args, launch=launch)
     plan = RemotePlan(
         changes={host: [t for t in tasks if t["status"] == "changed"] for host, tasks in recorded.get("hosts", {}).items()},
         failures=recorded.get("failures", []),
     )
     if code != 0 or plan.failures:
-        detail = "\n".join(f"  {f['host']}: {f['task']}: {f['msg']}" for f in plan.failures) or output[-3000:]
+        detail = _failure_detail(cluster, spec_path, recorded, output)
         raise DeployError(f"the check-mode run failed (ansible-playbook exit {code}):\n{detail}")
     return plan
 
@@ -135,7 +152,7 @@ def plan_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list
     """Print the plan; with `detailed_exitcode` return 2 when changes are pending."""
     require_deployable(cluster)
     path = Path(spec_path or cluster.source or "")
-    plan = compute_plan(path, extra_args)
+    plan = compute_plan(path, extra_args, launch_for(cluster, path), cluster)
     print(render_plan_json(plan) if output == "json" else render_plan(plan))
     return EXIT_CHANGES_PENDING if detailed_exitcode and plan.has_changes else 0
 
@@ -143,15 +160,15 @@ def plan_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list
 def apply_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: list[str] | None = None) -> int:
     require_deployable(cluster)
     path = Path(spec_path or cluster.source or "")
-    plan = compute_plan(path, extra_args)
+    launch = launch_for(cluster, path)
+    plan = compute_plan(path, extra_args, launch, cluster)
     print(render_plan(plan))
     if not plan.has_changes:
         return 0
     print("\nApplying with ansible-playbook (site.yml) ...", flush=True)
-    code, recorded, _ = run_playbook(path, check=False, extra_args=extra_args, live_output=True)
+    code, recorded, _ = run_playbook(path, check=False, extra_args=extra_args, live_output=True, launch=launch)
     if code != 0:
-        failures = recorded.get("failures", [])
-        detail = "\n".join(f"  {f['host']}: {f['task']}: {f['msg']}" for f in failures)
+        detail = _failure_detail(cluster, path, recorded, "") if recorded.get("failures") else ""
         raise DeployError(f"ansible-playbook failed (exit {code})" + (f":\n{detail}" if detail else ""))
     print("Apply complete.")
     return 0
@@ -175,7 +192,7 @@ def collect_remote_status(cluster: Cluster, spec_path: Path, extra_args: list[st
     with tempfile.TemporaryDirectory(prefix="marmot-status-") as scratch:
         code, recorded, output = run_playbook(
             spec_path, check=False, extra_args=[*(extra_args or []), "-e", f"marmot_status_dir={scratch}"],
-            playbook="status.yml",
+            playbook="status.yml", launch=launch_for(cluster, spec_path, prepare=False),
         )
         if code not in (0, 4) and not any(Path(scratch).iterdir()):  # 4: some hosts unreachable
             raise DeployError(f"the status run failed (ansible-playbook exit {code}):\n{output[-3000:]}")
@@ -240,6 +257,9 @@ def status_remote(cluster: Cluster, spec_path: Path | str | None, extra_args: li
         for node, lines in drift.items():
             for line in lines:
                 print(f"schema drift on {node}: {line}")
+    hint = unreachable_hint(cluster, Path(spec_path or cluster.source or ""), [s.node for s in statuses if not s.reached])
+    if hint:
+        print(hint.strip(), file=sys.stderr)
     return 0 if all(s.healthy for s in statuses) else 1
 
 
@@ -249,10 +269,10 @@ def destroy_remote(cluster: Cluster, spec_path: Path | str | None, purge: bool =
     path = Path(spec_path or cluster.source or "")
     args = [*(extra_args or []), "-e", f"marmot_destroy_purge={'true' if purge else 'false'}"]
     print(f"Stopping marmot-node and nats-server on {len(cluster.nodes)} host(s) ...", flush=True)
-    code, recorded, output = run_playbook(path, check=False, extra_args=args, playbook="destroy.yml")
+    code, recorded, output = run_playbook(path, check=False, extra_args=args, playbook="destroy.yml",
+                                          launch=launch_for(cluster, path, prepare=False))
     if code != 0:
-        failures = recorded.get("failures", [])
-        detail = "\n".join(f"  {f['host']}: {f['task']}: {f['msg']}" for f in failures) or output[-3000:]
+        detail = _failure_detail(cluster, path, recorded, output)
         raise DeployError(f"destroy failed (ansible-playbook exit {code}):\n{detail}")
     databases = ", ".join(sorted({f"{n.name}:{n.db}" for n in cluster.nodes}))
     print(("Destroyed; node state and JetStream stores removed." if purge else "Destroyed; data kept.")

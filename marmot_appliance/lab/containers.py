@@ -136,6 +136,33 @@ def stop_container(record: dict) -> None:
     raise LabError(f"systemd-nspawn (pid {pid}) did not exit after SIGKILL")
 
 
+def find_containers(machine: str) -> list[dict]:
+    """{pid, start_time} of every systemd-nspawn booting `machine`, found by name in /proc:
+    how `lab down` stops a lab whose state file is gone (or was written elsewhere)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and Path(argv[0].decode(errors="replace")).name == "systemd-nspawn" and (
+            f"--machine={machine}".encode() in argv
+        ):
+            pid = int(entry.name)
+            found.append({"pid": pid, "start_time": process_start_time(pid)})
+    return found
+
+
+def find_rootfs_mounts(lab: str, host_name: str) -> list[Path]:
+    """Overlay roots of a lab host wherever a state directory put them (by path pattern)."""
+    suffix = ("labs", lab, "hosts", host_name, "rootfs")
+    with open("/proc/self/mounts") as mounts:
+        targets = [Path(line.split()[1]) for line in mounts if line.split()[0] == "overlay"]
+    return [target for target in targets if target.parts[-len(suffix):] == suffix]
+
+
 def container_init_pid(record: dict) -> int:
     """PID (in this namespace) of the container's systemd: the nspawn process's child."""
     pid = record["pid"]

@@ -2,7 +2,8 @@
 
 Each step records what it created in `<state_dir>/state.json` before moving on, so a crash or
 a failed `up` is always undone by `down` (which `up` itself calls when it fails). `down` is
-safe to run any number of times, also without a state file.
+safe to run any number of times, also without a state file: the containers are then found by
+their machine name and the overlays by their mount path.
 """
 
 from __future__ import annotations
@@ -108,6 +109,11 @@ def lab_down(topology: LabTopology, progress=print) -> None:
     require_root()
     state = LabState(topology)
     problems = []
+    for host in topology.hosts:
+        # State lost or kept elsewhere: the hosts are still found by their machine name.
+        for index, record in enumerate(containers.find_containers(host.machine)):
+            if record not in state.data["containers"].values():
+                state.data["containers"][f"{host.name}#found{index}"] = record
     for name, record in list(state.data["containers"].items()):
         try:
             containers.stop_container(record)
@@ -117,7 +123,7 @@ def lab_down(topology: LabTopology, progress=print) -> None:
             problems.append(str(exc))
     mounts = set(state.data["mounts"]) | {
         str(containers.host_dir(topology, h) / "rootfs") for h in topology.hosts
-    }
+    } | {str(path) for h in topology.hosts for path in containers.find_rootfs_mounts(topology.lab, h.name)}
     for mount in sorted(mounts):
         try:
             containers.unmount(Path(mount))

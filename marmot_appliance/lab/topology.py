@@ -17,15 +17,15 @@ BRIDGE = "br0"
 HOST_INTERFACE = "eth0"  # inside each host's namespace
 
 
+DEFAULT_CACHE_DIR = Path("/var/lib/marmot-appliance-lab")
+
+
 def default_cache_dir() -> Path:
-    """`.lab-cache` at the repository root (gitignored), or MARMOT_LAB_CACHE."""
+    """Where every lab keeps its image, state and ssh keys: MARMOT_LAB_CACHE, else one fixed
+    place for the machine. Never derived from the install (editable or not) nor from the
+    user's home, so `lab down` from any install finds what `lab up` from another one built."""
     override = os.environ.get("MARMOT_LAB_CACHE")
-    if override:
-        return Path(override)
-    repo_root = Path(__file__).resolve().parents[2]
-    if (repo_root / "pyproject.toml").is_file():
-        return repo_root / ".lab-cache"
-    return Path.home() / ".cache" / "marmot-appliance" / "lab"
+    return Path(override) if override else DEFAULT_CACHE_DIR
 
 
 @dataclass(frozen=True)

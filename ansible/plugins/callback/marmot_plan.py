@@ -55,9 +55,10 @@ class CallbackModule(CallbackBase):
                             "after": diff.get("after", "") if isinstance(diff.get("after", ""), str) else json.dumps(diff.get("after")),
                         }
                     )
-        if status == "failed":
+        if status in ("failed", "unreachable"):
             message = result._result.get("msg") or result._result.get("stderr") or ""
-            self.failures.append({"host": host, "task": entry["task"], "msg": str(message)[:2000]})
+            self.failures.append({"host": host, "task": entry["task"], "msg": str(message)[:2000],
+                                  "unreachable": status == "unreachable"})
         self.hosts.setdefault(host, []).append(entry)
 
     def v2_runner_on_ok(self, result):
