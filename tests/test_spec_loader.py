@@ -137,6 +137,23 @@ def test_yaml11_numbers_are_refused_even_where_a_number_is_expected(text, number
     assert f"ambiguous YAML 1.1 value '{text}'" in problem and str(number) in problem
 
 
+def test_octal_port_advice_is_one_that_validates():
+    """The message's suggestion for `client_port: 04222` is accepted when followed."""
+    problem = single_problem(MINIMAL + "nats: {client_port: 04222}\n")
+    assert "write 4222 for the decimal number" in problem
+    assert load_cluster_text(MINIMAL + "nats: {client_port: 4222}\n").nats.client_port == 4222
+
+
+@pytest.mark.parametrize("written", ["name: no", "name: 2024-01-01", "name: 123"])
+def test_spec_doc_messages_are_the_loader_s(written):
+    """docs/spec.md's table of YAML 1.1 surprises quotes each message as the loader prints it."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text()
+    row = next(line for line in doc.splitlines() if line.startswith(f"| `{written}`"))
+    documented = row.rstrip(" |").rsplit("| `", 1)[1].rstrip("`")
+    problem = single_problem(MINIMAL.replace("name: shop", written))
+    assert problem.endswith(f"$.name: {documented}"), problem
+
+
 def test_yaml11_octal_where_a_string_is_expected():
     problem = single_problem(MINIMAL + "deploy: {ssh_user: 0640}\n")
     assert "$.deploy.ssh_user: ambiguous YAML 1.1 value '0640'" in problem

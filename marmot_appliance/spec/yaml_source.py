@@ -171,12 +171,15 @@ class _Builder:
             kind = "binary number"
         else:
             return
-        self._flag(
-            path,
-            node,
-            f"ambiguous YAML 1.1 value {text!r} (read as the {kind} {value!r}) — quote it, "
-            f"or write {value!r} if you mean the number",
-        )
+        if kind == "octal number":
+            # Most often a decimal number with a leading zero (a port, a count): say how to
+            # write that. Quoting only helps where the field takes a string.
+            decimal = text.lstrip("+-").lstrip("0") or "0"
+            advice = (f"write {decimal} for the decimal number (or {value!r} for the octal one); "
+                      "quote it only where a string is expected")
+        else:
+            advice = f"write {value!r} if you mean that number; quote it only where a string is expected"
+        self._flag(path, node, f"ambiguous YAML 1.1 value {text!r} (read as the {kind} {value!r}) — {advice}")
 
     def _mapping(self, node: MappingNode, path: JsonPath, depth: int) -> dict:
         if node.tag != _MAP_TAG:

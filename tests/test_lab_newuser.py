@@ -1,0 +1,97 @@
+"""The documented lab sequence, as a new user runs it: a plain `pip install .`, then the
+commands docs/deploy.md prints, verbatim, in their order (read from the page).
+
+`lab up` -> `apply` -> a row written on node1 read on node2 -> `status` -> a second `apply`
+with no changes -> `destroy` -> `lab down`. The spec is vagrant/cluster.yaml under another
+cluster name (its own lab, so it never meets the lab of tests/test_lab_deploy.py); the commands
+run from a directory holding it as `vagrant/cluster.yaml`, exactly as the page spells them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import skip_or_fail
+from tests.lab_sequence import kind, lab_sequence
+from tests.test_lab_deploy import _missing_capability
+
+REPO = Path(__file__).resolve().parents[1]
+LAB_NAME = "newuser"
+COMMAND_TIMEOUT_S = 900
+ROW_TIMEOUT_S = 120
+
+pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(2400)]
+
+
+def _plain_install(directory: Path) -> Path:
+    """`python3 -m venv .venv && .venv/bin/pip install .`, the README's install, not editable."""
+    venv = directory / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    result = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--disable-pip-version-check", str(REPO)],
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return venv / "bin"
+
+
+def test_documented_lab_sequence_from_a_plain_install(tmp_path):
+    reason = _missing_capability()
+    if reason:
+        skip_or_fail(reason)
+    bin_dir = _plain_install(tmp_path)
+    workdir = tmp_path / "checkout"
+    (workdir / "vagrant").mkdir(parents=True)
+    spec = yaml.safe_load((REPO / "vagrant" / "cluster.yaml").read_text())
+    spec["name"] = LAB_NAME
+    (workdir / "vagrant" / "cluster.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+
+    def run(argv: list[str]) -> subprocess.CompletedProcess:
+        assert argv[0] == "marmot-appliance", argv
+        return subprocess.run([str(bin_dir / "marmot-appliance"), *argv[1:]], cwd=workdir, env=env,
+                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+
+    commands = lab_sequence()
+    applies = 0
+    try:
+        for argv in commands:
+            what = kind(argv)
+            if what == "lab exec" and "SELECT" in argv[-1]:
+                # The row written on node1 arrives on node2 (bounded wait).
+                deadline = time.monotonic() + ROW_TIMEOUT_S
+                while True:
+                    result = run(argv)
+                    if "written on node1" in result.stdout or time.monotonic() > deadline:
+                        break
+                    time.sleep(1)
+                assert "written on node1" in result.stdout, result.stdout + result.stderr
+                continue
+            result = run(argv)
+            output = result.stdout + result.stderr
+            assert result.returncode == 0, f"{' '.join(argv)} exited {result.returncode}:\n{output[-6000:]}"
+            if what == "apply":
+                applies += 1
+                if applies == 1:
+                    assert "Apply complete." in result.stdout, output[-3000:]
+                else:
+                    assert "No changes. The hosts match the spec." in result.stdout, output[-3000:]
+            elif what == "status":
+                states = dict(re.findall(r"^(node\d)\s+(\S+)", result.stdout, re.M))
+                assert states == {"node1": "healthy", "node2": "healthy", "node3": "healthy"}, result.stdout
+            elif what == "destroy":
+                assert "Destroyed; data kept." in result.stdout, output
+    finally:
+        down = run(["marmot-appliance", "lab", "down", "vagrant/cluster.yaml"])  # safe to run twice
+        assert down.returncode == 0, down.stdout + down.stderr
+    assert [kind(argv) for argv in commands][-1] == "lab down"
+    assert applies == 2
+    leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
+    assert f"mlab-{LAB_NAME}-" not in leftovers, leftovers
