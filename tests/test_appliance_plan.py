@@ -269,6 +269,7 @@ def test_apply_refuses_a_rollback_journal_database_and_starts_nothing(spec: Path
     with pytest.raises(ApplianceError, match="n2.*journal mode.*PRAGMA journal_mode=WAL"):
         apply_local(cluster, ApplyOptions(health_timeout_s=5), quiet())
     assert not state_dir_of(cluster).state_file.exists()
+    assert not state_dir_of(cluster).root.exists()  # refused before anything was created
     conn = sqlite3.connect(victim)
     assert conn.execute("SELECT v FROM t").fetchall() == [("kept",)]  # untouched
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"

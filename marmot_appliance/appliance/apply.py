@@ -225,6 +225,7 @@ def apply_local(cluster: Cluster, options: ApplyOptions | None = None, progress:
     progress = progress or Progress()
     state = state_dir_of(cluster)
     spec_path = spec_path_of(cluster)
+    prepare_databases(cluster, create=False)  # a database apply refuses: refused before anything is written
     state.create(cluster.name)
     with state.locked():
         for path in prepare_databases(cluster):

@@ -50,14 +50,17 @@ def create_wal_database(path: Path) -> None:
         conn.close()
 
 
-def prepare_databases(cluster: Cluster) -> list[Path]:
-    """Check every node's database; create the missing ones. Returns the paths created."""
+def prepare_databases(cluster: Cluster, create: bool = True) -> list[Path]:
+    """Check every node's database; create the missing ones. Returns the paths created.
+    With `create=False` only the existing ones are checked (nothing is written)."""
     created: list[Path] = []
     problems: list[str] = []
     for node in sorted(cluster.nodes, key=lambda n: n.id):
         path = Path(node.db)
         try:
             if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+                if not create:
+                    continue
                 create_wal_database(path)
                 created.append(path)
                 continue
