@@ -24,7 +24,8 @@ from pathlib import Path
 from marmot_appliance.deploy.errors import DeployError
 
 MANIFEST = "SHA256SUMS"
-ARCHIVE = "wheelhouse.tar"  # what the role copies: one file, one checksum round trip per host
+ARCHIVE = "wheelhouse.tar"
+RESOLVED_STAMP = ".resolved"  # the wheel set that last resolved offline, and for which targets  # what the role copies: one file, one checksum round trip per host
 PIP_TIMEOUT_S = 900.0
 
 
@@ -83,6 +84,12 @@ def dependencies_complete(directory: Path, project_wheel: Path, target_args: lis
         timeout_s=300,
     )
     return result.returncode == 0
+
+
+def _resolution_key(directory: Path, target_args: list[str], extra: list[str]) -> str:
+    """What a successful offline resolution depended on: every wheel's digest and the targets."""
+    wheels = [f"{_digest(path)}  {path.name}" for path in sorted(directory.glob("*.whl"))]
+    return "\n".join([*wheels, "targets: " + " ".join(target_args), "extra: " + " ".join(extra)]) + "\n"
 
 
 def write_manifest(directory: Path) -> bool:
@@ -206,8 +213,12 @@ def build_wheelhouse(
             shutil.copy2(built, destination)
             changed = True
     downloaded = False
-    complete = dependencies_complete(directory, destination, target_args)
-    if extra and complete:
+    stamp = directory / RESOLVED_STAMP
+    resolved_key = _resolution_key(directory, target_args, extra)
+    # The same wheels resolved for the same targets before: skip pip's dry run (seconds).
+    known_good = stamp.is_file() and stamp.read_text() == resolved_key
+    complete = known_good or dependencies_complete(directory, destination, target_args)
+    if extra and complete and not known_good:
         result = _pip(["install", "--dry-run", "--ignore-installed", "--no-index", "--find-links",
                        str(directory), *target_args, *extra], timeout_s=300)
         complete = result.returncode == 0
@@ -220,6 +231,7 @@ def build_wheelhouse(
                 + (result.stderr or result.stdout)[-2000:]
             )
         downloaded = changed = True
+    stamp.write_text(_resolution_key(directory, target_args, extra))
     changed = write_manifest(directory) or changed
     changed = write_archive(directory) or changed
     return WheelhouseResult(directory=directory, project_wheel=destination.name, changed=changed,

@@ -17,7 +17,7 @@ from pathlib import Path
 from marmot_appliance.lab import containers, network
 from marmot_appliance.lab.image import ensure_image
 from marmot_appliance.lab.shell import LabError, run
-from marmot_appliance.lab.ssh import generate_client_key, ssh_command, write_client_files
+from marmot_appliance.lab.ssh import generate_client_key, ssh_command, stop_ssh_masters, write_client_files
 from marmot_appliance.lab.topology import LabTopology
 
 SSH_READY_TIMEOUT_S = 120.0
@@ -109,6 +109,8 @@ def lab_down(topology: LabTopology, progress=print) -> None:
     require_root()
     state = LabState(topology)
     problems = []
+    if network.namespace_exists(topology.controller_namespace):
+        stop_ssh_masters(topology)  # multiplexed connections live in the controller namespace
     for host in topology.hosts:
         # State lost or kept elsewhere: the hosts are still found by their machine name.
         for index, record in enumerate(containers.find_containers(host.machine)):

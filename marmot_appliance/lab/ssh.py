@@ -12,6 +12,8 @@ from pathlib import Path
 from marmot_appliance.lab.shell import run
 from marmot_appliance.lab.topology import LabTopology
 
+CONTROL_PERSIST_S = 30
+
 
 def ssh_dir(topology: LabTopology) -> Path:
     return topology.state_dir / "ssh"
@@ -64,12 +66,32 @@ def write_client_files(topology: LabTopology, host_keys: dict[str, str]) -> None
         "  StrictHostKeyChecking yes",
         "  BatchMode yes",
         "  ConnectTimeout 5",
-        # No multiplexing: a ControlMaster would outlive the command and pin the namespace.
-        "  ControlMaster no",
-        "  ControlPath none",
+        # One ssh connection per host, reused by every task of a playbook (a new connection per
+        # task dominated a no-op run). The master exits 30 s after its last use, and `lab down`
+        # stops it at once (`stop_ssh_masters`), so none outlives the lab or pins a namespace.
+        "  ControlMaster auto",
+        f"  ControlPersist {CONTROL_PERSIST_S}s",
+        f"  ControlPath {control_path(topology)}",
         "",
     ]
     ssh_config_path(topology).write_text("\n".join(lines))
+
+
+def control_path(topology: LabTopology) -> str:
+    """The multiplexing socket per host (%C: a hash of the connection), short enough for a
+    unix socket path."""
+    path = str(ssh_dir(topology) / "cm-%C")
+    return path if len(path) < 64 else f"/tmp/marmot-lab-{topology.lab[:20]}-%C"
+
+
+def stop_ssh_masters(topology: LabTopology) -> None:
+    """Ask every host's ssh master (if any) to exit, from the controller namespace."""
+    config = ssh_config_path(topology)
+    if not config.is_file():
+        return
+    for host in topology.hosts:
+        run(["ip", "netns", "exec", topology.controller_namespace, "ssh", "-F", str(config),
+             "-o", f"ControlPath={control_path(topology)}", "-O", "exit", host.name], check=False, timeout_s=15)
 
 
 def ssh_command(topology: LabTopology, host_name: str, command: list[str] | str) -> list[str]:
@@ -85,7 +107,8 @@ def ssh_command(topology: LabTopology, host_name: str, command: list[str] | str)
 def ansible_environment(topology: LabTopology) -> dict[str, str]:
     """Environment for ansible-playbook run in the controller namespace against the lab."""
     return {
-        "ANSIBLE_SSH_ARGS": f"-F {ssh_config_path(topology)} -o ControlMaster=no -o ControlPath=none",
+        "ANSIBLE_SSH_ARGS": (f"-F {ssh_config_path(topology)} -o ControlMaster=auto "
+                             f"-o ControlPersist={CONTROL_PERSIST_S}s -o ControlPath={control_path(topology)}"),
         "ANSIBLE_PRIVATE_KEY_FILE": str(client_key(topology)),
         "ANSIBLE_HOST_KEY_CHECKING": "True",
         "ANSIBLE_REMOTE_USER": "root",
