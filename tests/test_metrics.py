@@ -39,3 +39,29 @@ def test_declared_families_render_before_any_event_and_parse():
     assert error.labels == {"kind": "publish_timeout"} and error.value == 1.0
     (lag,) = families["marmot_stream_lag"].samples
     assert lag.labels == {"stream": "marmot-changes-1"} and lag.value == 3.0
+
+
+def test_every_metric_docs_replication_md_names_exists_from_start_up():
+    """The `GET /metrics` list in docs/replication.md: each family is on /metrics before its
+    first event (declared by the node runtime), not only after it happened once."""
+    import re
+    from pathlib import Path
+
+    from marmot_appliance.node import waiting_rows
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "replication.md").read_text()
+    paragraph = doc[doc.index("`GET /metrics`:"):]
+    paragraph = paragraph[:paragraph.index("\n\n")]
+    documented = set(re.findall(r"`(marmot_[a-z_]+)", paragraph))
+    metrics = Metrics()
+    for name, kind, help_text in NODE_METRICS:
+        metrics.declare(name, kind, help_text)
+    for name, kind, help_text in LABELLED_NODE_METRICS:
+        metrics.declare(name, kind, help_text, labelled=True)
+    waiting_rows.declare_metrics(metrics)
+    from marmot_appliance.verify.continuous import METRICS as VERIFY_METRICS  # declared when it runs
+
+    for name, kind, help_text in VERIFY_METRICS:
+        metrics.declare(name, kind, help_text, labelled=True)
+    rendered = set(re.findall(r"^# TYPE (\S+)", metrics.render(), re.M))
+    assert documented and documented - rendered == set()
