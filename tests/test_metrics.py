@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from marmot_appliance.node.runtime import LABELLED_NODE_METRICS, NODE_METRICS
+from marmot_appliance.node.runtime import LABELLED_NODE_METRICS, NODE_METRICS, UNSAMPLED_NODE_METRICS
 from marmot_appliance.observability.metrics import Metrics
 
 # The families the /metrics contract promises (docs/appliance.md, issue 5).
@@ -57,6 +57,8 @@ def test_every_metric_docs_replication_md_names_exists_from_start_up():
     for name, kind, help_text in NODE_METRICS:
         metrics.declare(name, kind, help_text)
     for name, kind, help_text in LABELLED_NODE_METRICS:
+        metrics.declare(name, kind, help_text, labelled=True)
+    for name, kind, help_text in UNSAMPLED_NODE_METRICS:
         metrics.declare(name, kind, help_text, labelled=True)
     waiting_rows.declare_metrics(metrics)
     from marmot_appliance.verify.continuous import METRICS as VERIFY_METRICS  # declared when it runs

@@ -112,6 +112,11 @@ LABELLED_NODE_METRICS = (
     ("schema_table_fingerprint", "gauge", SCHEMA_FINGERPRINT_HELP),
     ("bookkeeping_rows", "gauge", "Rows of each _marmot_* table"),
 )
+# Listed from start-up, but without a sample until there is something to measure (an age of 0
+# would claim a fresh snapshot).
+UNSAMPLED_NODE_METRICS = (
+    ("snapshot_age_seconds", "gauge", "Seconds since the newest snapshot this node knows of"),
+)
 
 
 class NodeRuntime:
@@ -128,6 +133,8 @@ class NodeRuntime:
         for name, kind, help_text in LABELLED_NODE_METRICS:
             self.metrics.declare(name, kind, help_text, labelled=True)
         waiting_rows.declare_metrics(self.metrics)
+        for name, kind, help_text in UNSAMPLED_NODE_METRICS:
+            self.metrics.declare(name, kind, help_text, labelled=True)
         self.status = RuntimeStatus(node=self.node.name, db_path=str(config.db_path))
         self.waiting = waiting_rows.WaitingRowsReporter(self.status, self.metrics, self.replication.max_clock_skew_s)
         self.http: ObservabilityServer | None = None
