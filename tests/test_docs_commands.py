@@ -96,6 +96,55 @@ def test_readme_quick_start_runs_verbatim(quick_start_dir):
         assert outputs[-1].strip() == "hello|from n1", outputs  # the README's "-> hello|from n1"
         status = _shell(status_line, quick_start_dir, bin_dir)
         assert status.returncode == 0, status.stdout + status.stderr
+        # docs/appliance.md's block on the same running cluster: plan, apply, status, destroy.
+        for line in _sh_blocks(REPO / "docs" / "appliance.md")[0].splitlines():
+            result = _shell(line, quick_start_dir, bin_dir)
+            assert result.returncode == 0, f"{line}\n{result.stdout}{result.stderr}"
+            if " plan " in line or " apply " in line:
+                assert "No changes." in result.stdout, f"{line}\n{result.stdout}"
+        assert not (quick_start_dir / "examples" / ".marmot-appliance" / "local").exists()  # destroy --purge
     finally:
         destroyed = _shell(destroy_line, quick_start_dir, bin_dir)
     assert destroyed.returncode == 0, destroyed.stdout + destroyed.stderr
+
+
+DOCUMENTED = [README, *sorted((REPO / "docs").glob("*.md"))]
+
+
+def _documented_command_lines() -> list[tuple[str, str]]:
+    lines = []
+    for path in DOCUMENTED:
+        for block in _sh_blocks(path):
+            for line in block.splitlines():
+                text = line.strip()
+                if text.startswith("sudo "):
+                    text = text[len("sudo "):]
+                if text.startswith("marmot-appliance "):
+                    lines.append((path.name, text))
+    return lines
+
+
+@pytest.mark.parametrize("where, line", _documented_command_lines())
+def test_every_documented_marmot_appliance_line_is_accepted_by_the_cli(where, line):
+    """Flags and sub-commands in the docs exist: each line parses (placeholders `[...]` aside)."""
+    import shlex
+
+    argv = shlex.split(re.sub(r"\[[^\]]*\]", "", line), comments=True)
+    build_parser().parse_args(argv[1:])
+
+
+def test_spec_md_validate_examples_print_what_the_page_shows():
+    """docs/spec.md shows `validate` runs with their output as comments: run them in the checkout."""
+    block = next(b for b in _sh_blocks(REPO / "docs" / "spec.md") if "validate examples/invalid.yaml" in b)
+    runs: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        if line.startswith("marmot-appliance "):
+            runs.append((line.split("#")[0].strip(), []))
+        elif line.startswith("# ") and runs:
+            runs[-1][1].append(line[2:])
+    assert sum(1 for _, expected in runs if expected) >= 2
+    for command, expected in runs:
+        result = subprocess.run([sys.executable, "-m", "marmot_appliance", *command.split()[1:]], cwd=REPO,
+                                capture_output=True, text=True, timeout=120, check=False)
+        printed = (result.stdout + result.stderr).splitlines()
+        assert printed[:len(expected)] == expected, f"{command}:\n" + "\n".join(printed)
