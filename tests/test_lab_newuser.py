@@ -95,3 +95,37 @@ def test_documented_lab_sequence_from_a_plain_install(tmp_path):
     assert applies == 2
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     assert f"mlab-{LAB_NAME}-" not in leftovers, leftovers
+
+
+def test_lab_down_from_another_install_finds_the_hosts_by_name(tmp_path):
+    """`lab up` from one install, `lab down` from another whose state location differs (or after
+    the state is gone): the hosts are still found (machine name, overlay mount path) and stopped."""
+    reason = _missing_capability()
+    if reason:
+        skip_or_fail(reason)
+    spec_path = tmp_path / "cluster.yaml"
+    spec = yaml.safe_load((REPO / "tests" / "specs" / "lab-supervisor.yaml").read_text())
+    spec["name"] = "elsewhere"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+        run_env = dict(env, MARMOT_LAB_CACHE=str(cache)) if cache else env
+        return subprocess.run([sys.executable, "-m", "marmot_appliance", "lab", *args, str(spec_path)], env=run_env,
+                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+
+    up = cli("up")
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        pids = subprocess.run(["pgrep", "-f", "--machine=mlab-elsewhere-solo"], capture_output=True, text=True,
+                              check=False).stdout.split()
+        assert pids, "the lab host is not running"
+        # Another install: another state location, which holds nothing about this lab.
+        down = cli("down", cache=tmp_path / "other-install-cache")
+        assert down.returncode == 0, down.stdout + down.stderr
+        assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+        assert "mlab-elsewhere-" not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                                                       check=True).stdout
+        assert "/labs/elsewhere/hosts/" not in Path("/proc/self/mounts").read_text()
+    finally:
+        cli("down")  # the lab's own state location: safe to run twice
