@@ -117,7 +117,7 @@ def test_lab_down_from_another_install_finds_the_hosts_by_name(tmp_path):
     up = cli("up")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        pids = subprocess.run(["pgrep", "-f", "--machine=mlab-elsewhere-solo"], capture_output=True, text=True,
+        pids = subprocess.run(["pgrep", "-f", "--", "--machine=mlab-elsewhere-solo"], capture_output=True, text=True,
                               check=False).stdout.split()
         assert pids, "the lab host is not running"
         # Another install: another state location, which holds nothing about this lab.

@@ -12,7 +12,7 @@ from pathlib import Path
 from marmot_appliance.lab.shell import run
 from marmot_appliance.lab.topology import LabTopology
 
-CONTROL_PERSIST_S = 30
+CONTROL_PERSIST_S = 15  # below lab down's 20 s wait for an empty namespace
 
 
 def ssh_dir(topology: LabTopology) -> Path:
@@ -66,12 +66,10 @@ def write_client_files(topology: LabTopology, host_keys: dict[str, str]) -> None
         "  StrictHostKeyChecking yes",
         "  BatchMode yes",
         "  ConnectTimeout 5",
-        # One ssh connection per host, reused by every task of a playbook (a new connection per
-        # task dominated a no-op run). The master exits 30 s after its last use, and `lab down`
-        # stops it at once (`stop_ssh_masters`), so none outlives the lab or pins a namespace.
-        "  ControlMaster auto",
-        f"  ControlPersist {CONTROL_PERSIST_S}s",
-        f"  ControlPath {control_path(topology)}",
+        # No multiplexing for `lab exec` and one-off ssh: a master would outlive the command
+        # and pin the namespace. Ansible turns it on for its runs (ansible_environment).
+        "  ControlMaster no",
+        "  ControlPath none",
         "",
     ]
     ssh_config_path(topology).write_text("\n".join(lines))
@@ -105,7 +103,12 @@ def ssh_command(topology: LabTopology, host_name: str, command: list[str] | str)
 
 
 def ansible_environment(topology: LabTopology) -> dict[str, str]:
-    """Environment for ansible-playbook run in the controller namespace against the lab."""
+    """Environment for ansible-playbook run in the controller namespace against the lab.
+
+    One ssh connection per host, reused by every task of the run (a new connection per task
+    dominated a no-op run, docs/performance.md). The master exits CONTROL_PERSIST_S after its
+    last use — within `lab down`'s wait for an empty namespace — and `lab down` asks it to exit
+    at once (`stop_ssh_masters`), so none outlives the lab or pins a namespace."""
     return {
         "ANSIBLE_SSH_ARGS": (f"-F {ssh_config_path(topology)} -o ControlMaster=auto "
                              f"-o ControlPersist={CONTROL_PERSIST_S}s -o ControlPath={control_path(topology)}"),
