@@ -97,9 +97,11 @@ def test_documented_lab_sequence_from_a_plain_install(tmp_path):
     assert f"mlab-{LAB_NAME}-" not in leftovers, leftovers
 
 
-def test_lab_down_from_another_install_finds_the_hosts_by_name(tmp_path):
-    """`lab up` from one install, `lab down` from another whose state location differs (or after
-    the state is gone): the hosts are still found (machine name, overlay mount path) and stopped."""
+def test_unreachable_lab_host_and_lab_down_from_another_install(tmp_path):
+    """A cut-off lab host: `status` from the ordinary shell says what to do about it. Then
+    `lab down` from another install, whose state location holds nothing about this lab (as
+    when the state is gone): the hosts are still found (machine name, overlay mount path) and
+    stopped."""
     reason = _missing_capability()
     if reason:
         skip_or_fail(reason)
@@ -109,10 +111,11 @@ def test_lab_down_from_another_install_finds_the_hosts_by_name(tmp_path):
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     env = dict(os.environ, PYTHONPATH=str(REPO))
 
-    def cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    def cli(command: str, *args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+        """`marmot-appliance lab COMMAND SPEC ARGS...`"""
         run_env = dict(env, MARMOT_LAB_CACHE=str(cache)) if cache else env
-        return subprocess.run([sys.executable, "-m", "marmot_appliance", "lab", *args, str(spec_path)], env=run_env,
-                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+        return subprocess.run([sys.executable, "-m", "marmot_appliance", "lab", command, str(spec_path), *args],
+                              env=run_env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
 
     up = cli("up")
     try:
@@ -120,6 +123,14 @@ def test_lab_down_from_another_install_finds_the_hosts_by_name(tmp_path):
         pids = subprocess.run(["pgrep", "-f", "--", "--machine=mlab-elsewhere-solo"], capture_output=True, text=True,
                               check=False).stdout.split()
         assert pids, "the lab host is not running"
+        # From the ordinary shell, a lab host that does not answer gets what to do about it.
+        assert cli("link", "solo", "down").returncode == 0
+        status = subprocess.run([sys.executable, "-m", "marmot_appliance", "status", str(spec_path)], env=env,
+                                capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+        assert status.returncode == 1 and re.search(r"^solo\s+unreachable", status.stdout, re.M), status.stdout
+        assert f"lab link {spec_path} HOST up" in status.stderr, status.stderr
+        assert "Traceback" not in status.stderr
+        assert cli("link", "solo", "up").returncode == 0
         # Another install: another state location, which holds nothing about this lab.
         down = cli("down", cache=tmp_path / "other-install-cache")
         assert down.returncode == 0, down.stdout + down.stderr
