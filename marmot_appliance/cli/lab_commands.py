@@ -32,6 +32,8 @@ def cmd_up(args) -> int:
     from marmot_appliance.lab.lifecycle import lab_up
 
     lab_up(_topology(args.spec), progress=_progress)
+    _progress(f"next, as root: marmot-appliance apply {args.spec} "
+              f"(or `marmot-appliance lab env {args.spec}` for a hand-run ansible-playbook)")
     return 0
 
 
