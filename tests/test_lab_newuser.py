@@ -45,7 +45,9 @@ def test_documented_lab_sequence_from_a_plain_install(tmp_path):
     reason = _missing_capability()
     if reason:
         skip_or_fail(reason)
+    install_started = time.monotonic()
     bin_dir = _plain_install(tmp_path)
+    install_s = time.monotonic() - install_started
     workdir = tmp_path / "checkout"
     (workdir / "vagrant").mkdir(parents=True)
     spec = yaml.safe_load((REPO / "vagrant" / "cluster.yaml").read_text())
@@ -54,10 +56,15 @@ def test_documented_lab_sequence_from_a_plain_install(tmp_path):
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
 
+    timings: list[tuple[str, float]] = []  # printed at the end (pytest -s): where the minutes go
+
     def run(argv: list[str]) -> subprocess.CompletedProcess:
         assert argv[0] == "marmot-appliance", argv
-        return subprocess.run([str(bin_dir / "marmot-appliance"), *argv[1:]], cwd=workdir, env=env,
-                              capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+        started = time.monotonic()
+        result = subprocess.run([str(bin_dir / "marmot-appliance"), *argv[1:]], cwd=workdir, env=env,
+                                capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S, check=False)
+        timings.append((kind(argv), time.monotonic() - started))
+        return result
 
     commands = lab_sequence()
     applies = 0
@@ -91,6 +98,7 @@ def test_documented_lab_sequence_from_a_plain_install(tmp_path):
     finally:
         down = run(["marmot-appliance", "lab", "down", "vagrant/cluster.yaml"])  # safe to run twice
         assert down.returncode == 0, down.stdout + down.stderr
+    print(f"\npip install . {install_s:.0f}s; " + "; ".join(f"{what} {seconds:.0f}s" for what, seconds in timings))
     assert [kind(argv) for argv in commands][-1] == "lab down"
     assert applies == 2
     leftovers = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
