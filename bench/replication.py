@@ -184,20 +184,22 @@ def print_cpu_per_row(cpu: dict[str, list[float]]) -> None:
     receivers = cpu["receivers"]
     nats_total = sum(cpu["nats"])
     replication = cpu["publisher"][0] + sum(receivers) + nats_total
+
+    def line(label: str, us_per_row: float, note: str = "") -> None:
+        print(f"  {label + ':':<46}{us_per_row:6.1f} us/row{note}")
+
     print("\n## 2b. CPU per replicated row, whole processes (utime+stime from /proc/<pid>/stat,"
           " first commit until visible everywhere)")
-    print(f"  writer (node-1 application, write loop only): {writer:6.1f} us/row")
-    print(f"  node 1 runtime (publishes):                   {cpu['publisher'][0]:6.1f} us/row"
-          f"  -> {cpu['publisher'][0] / writer:.2f}x the writer")
+    line("writer (node-1 application, write loop only)", writer)
+    line("node 1 runtime (publishes)", cpu["publisher"][0], f"  -> {cpu['publisher'][0] / writer:.2f}x the writer")
     for number, value in enumerate(receivers, 2):
-        print(f"  node {number} runtime (receives):                   {value:6.1f} us/row"
-              f"  -> {value / writer:.2f}x the writer")
-    print(f"  receivers: mean {statistics.mean(receivers):.1f}, min {min(receivers):.1f},"
-          f" max {max(receivers):.1f} us/row")
-    print(f"  nats-servers ({len(cpu['nats'])}, together):                  {nats_total:6.1f} us/row"
-          f"  ({', '.join(f'{v:.1f}' for v in cpu['nats'])})")
-    print(f"  replication total (nodes + nats-servers):     {replication:6.1f} us/row"
-          f"  -> {replication / writer:.2f}x the writer")
+        line(f"node {number} runtime (receives)", value, f"  -> {value / writer:.2f}x the writer")
+    if len(receivers) > 1:
+        print(f"  receivers: mean {statistics.mean(receivers):.1f}, min {min(receivers):.1f},"
+              f" max {max(receivers):.1f} us/row")
+    line(f"nats-servers ({len(cpu['nats'])}, together)", nats_total,
+         f"  ({', '.join(f'{v:.1f}' for v in cpu['nats'])})")
+    line("replication total (nodes + nats-servers)", replication, f"  -> {replication / writer:.2f}x the writer")
 
 
 async def raw_jetstream_rate(urls: list[str], rows_per_msg: int = 100, seconds: float = PHASE_SECONDS) -> float:
