@@ -15,14 +15,16 @@ Printed, all measured in this run (docs/performance.md records a run):
   ratio to what the live keys need (measured after the initial load, before any delete), at the
   end of each quarter of the workload and after quiescence; and the growth of the last quarter;
 - RSS of each node process: mean of the last quarter / mean of the first quarter;
-- apply rate of the same burst of updates with each database at `--small-mb` and at `--large-mb`
-  (a local ballast table without a primary key, so it is not replicated), and their ratio.
+- apply rate of a burst of updates on node 1 until nodes 2 and 3 hold it, with each database at
+  `--small-mb` and at `--large-mb` (a local ballast table without a primary key, so it is not
+  replicated): the median of 3 bursts after a warm-up at each size, and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sqlite3
 import statistics
@@ -117,6 +119,16 @@ def bookkeeping_bytes(db: Path) -> int:
         conn.close()
 
 
+def versions(db: Path) -> tuple[int, int]:
+    """(live version rows, tombstones) of the items table on this node."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        rows = dict(conn.execute('SELECT deleted, count(*) FROM "_marmot_ver_items" GROUP BY deleted').fetchall())
+        return rows.get(0, 0), rows.get(1, 0)
+    finally:
+        conn.close()
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -179,41 +191,48 @@ def workload(dbs: list[Path], keys: int, updates: int, deletes: int, short_lived
     conns = [sqlite3.connect(db, isolation_level=None, timeout=30) for db in dbs]
     for conn in conns:
         conn.execute("PRAGMA synchronous=NORMAL")
-    deleted: list[int] = []
-    pending_short: list[str] = []
+    # Keys each node deleted in its previous transaction: they come back in its next one, so
+    # the table keeps about its size (and the delete is on a node that has the row).
+    deleted: list[list[int]] = [[] for _ in conns]
+    # Short-lived rows wait for the next transaction on the node that inserted them (another
+    # node may not have the row yet: its delete would find nothing and leave the row alive).
+    pending_short: list[list[str]] = [[] for _ in conns]
     short_seq = 0
     txns = (len(ops) + OPS_PER_TXN - 1) // OPS_PER_TXN
     quarter_marks = {txns * q // 4: q for q in (1, 2, 3, 4)}
     try:
         for t in range(txns):
-            conn = conns[t % len(conns)]
+            conn, mine = conns[t % len(conns)], pending_short[t % len(conns)]
             conn.execute("BEGIN IMMEDIATE")
-            for name in pending_short:  # short-lived rows of the previous transaction go
+            for name in mine:  # this node's short-lived rows of its previous transaction go
                 conn.execute("DELETE FROM items WHERE id = ?", (name,))
-            pending_short = []
-            if deleted and rng.random() < 0.5:  # a deleted key comes back
-                i = deleted.pop(rng.randrange(len(deleted)))
+            mine.clear()
+            for i in deleted[t % len(conns)]:  # this node's deleted keys come back
                 conn.execute("INSERT OR REPLACE INTO items VALUES (?, 0, 'back')", (key(i),))
+            deleted[t % len(conns)].clear()
             for op in ops[t * OPS_PER_TXN:(t + 1) * OPS_PER_TXN]:
                 if op == "u":
                     conn.execute("UPDATE items SET n = n + 1 WHERE id = ?", (key(rng.randrange(keys)),))
                 elif op == "d":
                     i = rng.randrange(keys)
                     conn.execute("DELETE FROM items WHERE id = ?", (key(i),))
-                    deleted.append(i)
+                    deleted[t % len(conns)].append(i)
                 else:
                     short_seq += 1
                     name = f"tmp{short_seq:09d}"
                     conn.execute("INSERT INTO items VALUES (?, 0, 'short-lived')", (name,))
-                    pending_short.append(name)
+                    mine.append(name)
             conn.execute("COMMIT")
             if t + 1 in quarter_marks:
                 on_quarter(quarter_marks[t + 1])
+        for conn, mine in zip(conns, pending_short):
+            conn.execute("BEGIN IMMEDIATE")
+            for name in mine:
+                conn.execute("DELETE FROM items WHERE id = ?", (name,))
+            conn.execute("COMMIT")
         conn = conns[0]
         conn.execute("BEGIN IMMEDIATE")
-        for name in pending_short:
-            conn.execute("DELETE FROM items WHERE id = ?", (name,))
-        for i in deleted:  # the table ends with its keys, as it started
+        for i in (i for mine in deleted for i in mine):  # the table ends with its keys, as it started
             conn.execute("INSERT OR REPLACE INTO items VALUES (?, 0, 'back')", (key(i),))
         conn.execute("COMMIT")
     finally:
@@ -309,10 +328,12 @@ def main() -> int:
         sampler.start()
         quarters: dict[int, list[int]] = {}
         marks: dict[int, float] = {}
+        tombstones: dict[int, list[int]] = {}
 
         def on_quarter(q: int) -> None:
             marks[q] = time.monotonic()
             quarters[q] = [bookkeeping_bytes(db) for db in dbs]
+            tombstones[q] = [versions(db)[1] for db in dbs]
 
         began = time.monotonic()
         workload(dbs, args.keys, args.updates, args.deletes, args.short_lived, args.seed, on_quarter)
@@ -328,7 +349,8 @@ def main() -> int:
               f"every tombstone collected {collected_s:.1f}s after that")
         for q in sorted(quarters):
             print(f"bookkeeping after quarter {q}: " + ", ".join(
-                f"n{i} {b / 1024:.0f} KiB ({b / base:.2f}x)" for i, (b, base) in enumerate(zip(quarters[q], baseline), 1)))
+                f"n{i} {b / 1024:.0f} KiB ({b / base:.2f}x, {t} tombstones)"
+                for i, (b, base, t) in enumerate(zip(quarters[q], baseline, tombstones[q]), 1)))
         print("bookkeeping after quiescence: " + ", ".join(
             f"n{i} {b / 1024:.0f} KiB ({b / base:.2f}x)" for i, (b, base) in enumerate(zip(final, baseline), 1)))
         worst = max(max(b / base for b, base in zip(row, baseline)) for row in [*quarters.values(), final])
@@ -344,13 +366,18 @@ def main() -> int:
             print(f"RSS n{i + 1}: first quarter {a / 1024:.1f} MiB, last quarter {b / 1024:.1f} MiB "
                   f"({b / a if a else float('nan'):.3f}x; bound 1.10x)")
 
-        sizes = [pad(db, args.small_mb) for db in dbs]
-        apply_rate(dbs, args.keys, args.burst, args.seed)  # warm-up, not measured
-        small = apply_rate(dbs, args.keys, args.burst, args.seed + 1)
-        sizes_large = [pad(db, args.large_mb) for db in dbs]
-        large = apply_rate(dbs, args.keys, args.burst, args.seed + 2)
-        print(f"apply rate, databases of {min(sizes) / 1e6:.0f} MB: {small:,.0f} rows/s; "
-              f"of {min(sizes_large) / 1e6:.0f} MB: {large:,.0f} rows/s ({large / small:.2f}x; bound 0.8x)")
+        rates = {}
+        for megabytes in (args.small_mb, args.large_mb):
+            size = min(pad(db, megabytes) for db in dbs)
+            os.sync()  # the padding's dirty pages reach the disk before, not during, the bursts
+            time.sleep(2)
+            apply_rate(dbs, args.keys, args.burst, args.seed * 100 + megabytes)  # warm-up, not measured
+            runs = [apply_rate(dbs, args.keys, args.burst, args.seed * 100 + megabytes + k) for k in (1, 2, 3)]
+            rates[megabytes] = statistics.median(runs)
+            print(f"apply rate, databases of {size / 1e6:.0f} MB: median {rates[megabytes]:,.0f} rows/s "
+                  f"(runs {', '.join(f'{r:,.0f}' for r in runs)})")
+        print(f"apply rate ratio, {args.large_mb} MB / {args.small_mb} MB: "
+              f"{rates[args.large_mb] / rates[args.small_mb]:.2f}x (bound 0.8x)")
         return 0
     finally:
         for proc in procs:

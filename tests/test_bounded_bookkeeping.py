@@ -117,7 +117,8 @@ async def test_a_change_log_that_does_not_drain_raises_the_alarm_and_keeps_every
     node = OneNode(tmp_path, nats_server, wal_db, "change_log_alarm_age_s: 2, change_log_alarm_rows: 50")
     try:
         await node.start()
-        assert "\nmarmot_change_log_alarm 0.0" in node.metrics()
+        metrics = node.metrics()
+        assert "\nmarmot_change_log_alarm 0.0" in metrics and "\nmarmot_healthy 1.0" in metrics, metrics
         nats_server.processes[0].stop()
         execute(node.db, "INSERT INTO notes VALUES (?, ?)", [(f"k{i}", i) for i in range(100)], many=True)
 
@@ -131,7 +132,7 @@ async def test_a_change_log_that_does_not_drain_raises_the_alarm_and_keeps_every
         await wait_until(lambda: "oldest pending row" in (node.health().get("change_log") or {}).get("alarm", ""), 60,
                          what="the age part of the alarm")
         metrics = node.metrics()
-        assert "\nmarmot_change_log_alarm 1.0" in metrics, metrics
+        assert "\nmarmot_change_log_alarm 1.0" in metrics and "\nmarmot_healthy 0.0" in metrics, metrics
         age = float(metrics.split("\nmarmot_change_log_oldest_age_seconds ")[1].split()[0])
         assert age > 2, metrics
         assert "change log not draining" in node.log.read_text()

@@ -179,6 +179,10 @@ class NodeRuntime:
 
     def _refresh_gauges(self) -> None:
         self.metrics.set("gaps", len(self.status.gaps), help=GAPS_HELP)
+        # What /health answers at this moment (its "status" is RuntimeStatus.healthy; the alert
+        # MarmotNodeUnhealthy reads this).
+        self.status.nats_connected = bool(self.nc is not None and self.nc.is_connected)
+        self.metrics.set("healthy", 1 if self.status.healthy else 0)
         if self.snapshot_scheduler is not None:
             self.status.last_snapshot = getattr(self.snapshot_scheduler, "last_snapshot", None)
         if self.status.last_snapshot:
@@ -669,7 +673,6 @@ class NodeRuntime:
         self.waiting.publish(await self.apply_db.run(self.applier.waiting_report))
         self.metrics.set("pending_rows", self.status.pending_rows, help="Captured rows not yet acknowledged")
         self.status.tombstones = self.tombstones.state.as_status()
-        self.metrics.set("healthy", 1 if self.status.healthy else 0)
         await self._write_seq_map()
 
     async def _refresh_change_log(self) -> None:
@@ -688,13 +691,13 @@ class NodeRuntime:
 
     async def _trim_dead_letters(self) -> None:
         """Keep at most replication.max_dead_letters; the oldest go, counted and logged."""
-        trimmed = await self.apply_db.run(trim_dead_letters, str(self.config.db_path), self.replication.max_dead_letters)
-        if trimmed.dropped:
-            self.status.dead_letters_dropped += trimmed.dropped
-            self.metrics.inc("dead_letters_dropped", trimmed.dropped)
+        dropped = await self.apply_db.run(trim_dead_letters, str(self.config.db_path), self.replication.max_dead_letters)
+        if dropped:
+            self.status.dead_letters_dropped += dropped
+            self.metrics.inc("dead_letters_dropped", dropped)
             log.warning(
                 "dropped the %d oldest dead letter(s) past replication.max_dead_letters=%d (%d dropped since start)",
-                trimmed.dropped, self.replication.max_dead_letters, self.status.dead_letters_dropped,
+                dropped, self.replication.max_dead_letters, self.status.dead_letters_dropped,
             )
 
     async def _refresh_bookkeeping(self) -> None:

@@ -46,30 +46,26 @@ def change_log_backlog(db_path: str | Path) -> ChangeLogBacklog:
         conn.close()
 
 
-@dataclass(frozen=True)
-class TrimOutcome:
-    dropped: int  # dead letters deleted by this call
-    oldest_kept_at: float | None  # received_at of the oldest dead letter left
+def trim_dead_letters(db_path: str | Path, keep: int) -> int:
+    """Delete the oldest dead letters beyond `keep` (by id: the order they were written);
+    returns how many went.
 
-
-def trim_dead_letters(db_path: str | Path, keep: int) -> TrimOutcome:
-    """Delete the oldest dead letters beyond `keep` (by id: the order they were written)."""
+    Called every status refresh: the write lock is taken only when there is something to trim."""
     conn = connect(db_path, synchronous_normal=True)
+    table = quote_ident(DEAD_LETTER_TABLE)
     try:
-        with write_transaction(conn):
-            table = quote_ident(DEAD_LETTER_TABLE)
+        with read_transaction(conn):
             exists = conn.execute("SELECT 1 FROM main.sqlite_schema WHERE type = 'table' AND name = ?",
                                   (DEAD_LETTER_TABLE,)).fetchone()
-            if not exists:
-                return TrimOutcome(0, None)
+            if not exists or int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]) <= keep:
+                return 0
+        with write_transaction(conn):
             count = int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-            dropped = 0
-            if count > keep:
-                cursor = conn.execute(
-                    f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT ?)", (count - keep,)
-                )
-                dropped = max(cursor.rowcount, 0)
-            oldest = conn.execute(f"SELECT min(received_at) FROM {table}").fetchone()[0]
-            return TrimOutcome(dropped, float(oldest) if oldest is not None else None)
+            if count <= keep:
+                return 0
+            cursor = conn.execute(
+                f"DELETE FROM {table} WHERE id IN (SELECT id FROM {table} ORDER BY id LIMIT ?)", (count - keep,)
+            )
+            return max(cursor.rowcount, 0)
     finally:
         conn.close()
