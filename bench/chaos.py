@@ -396,6 +396,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  problem: {problem}")
         print(f"  work directory kept: {work}")
         print(f"  replay: {replay_command(args, plan.seed)}", flush=True)
+        if result.transactions == 0 and any(p.startswith("harness error") for p in result.problems):
+            # The cluster never ran (a missing binary, a broken environment): the next seeds would
+            # fail the same way and bury the real results under failures that say nothing.
+            print("chaos: the harness could not run a cluster at all; stopping", flush=True)
+            break
     print(f"chaos: {done - len(failed)}/{done} runs passed" +
           (f"; failed seeds: {' '.join(map(str, failed))}" if failed else ""))
     if not failed and not args.keep and args.work_dir is None:
