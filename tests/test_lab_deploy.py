@@ -181,7 +181,7 @@ def lab_for(spec: Path, tmp_path_factory, extra_requirements: list[str] | None =
     from marmot_appliance.deploy.wheelhouse import build_wheelhouse
     from marmot_appliance.lab.lifecycle import is_up, lab_down, lab_up
     from marmot_appliance.lab.ssh import ansible_environment
-    from marmot_appliance.lab.topology import default_cache_dir, topology_for
+    from marmot_appliance.lab.topology import topology_for
     from marmot_appliance.spec.loader import load_cluster
 
     topology = topology_for(load_cluster(spec))
@@ -189,7 +189,9 @@ def lab_for(spec: Path, tmp_path_factory, extra_requirements: list[str] | None =
         lab_down(topology)  # left over by an interrupted run: start clean
     # The dependency wheels are fetched here, in the root namespace (package index reachable);
     # inside the controller namespace the role only rebuilds the project wheel, offline.
-    wheelhouse = default_cache_dir() / "wheelhouse"
+    # Per checkout (gitignored): the lab's state location is shared by every checkout on the
+    # machine, and two checkouts' tests must not swap each other's project wheel.
+    wheelhouse = REPO / ".lab-cache" / "wheelhouse"
     build_wheelhouse(wheelhouse, extra_requirements=extra_requirements)
     env = dict(os.environ)
     env.update(ansible_environment(topology))
