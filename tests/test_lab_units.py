@@ -86,3 +86,22 @@ def test_lab_cli_reports_missing_spec_and_lab_not_up(tmp_path):
     assert not_up.returncode == 1 and "not up" in not_up.stderr
     no_command = _cli("lab", "exec", str(spec), "node1")
     assert no_command.returncode == 1 and "give a command" in no_command.stderr
+
+
+@pytest.mark.parametrize("name", ["vagrant", "mhdeploy", "schemalab", "x" * 63])
+def test_ssh_control_socket_fits_a_unix_socket_path_for_any_lab_name(name):
+    """ssh binds `<ControlPath with %C expanded>.<16 random characters>`; a path over 107
+    characters made every host unreachable for labs with longer names."""
+    from marmot_appliance.lab.ssh import MAX_SOCKET_PATH, control_path
+
+    path = control_path(topology_for(_cluster("10.77.0.11", "10.77.0.12", name=name)))
+    assert len(path.replace("%C", "c" * 40) + "." + "r" * 16) <= MAX_SOCKET_PATH
+    assert path.endswith("%C") and name[:20] in path  # one socket per lab: the same %C in two labs differs here
+
+
+def test_two_labs_on_the_same_addresses_never_share_a_control_socket():
+    from marmot_appliance.lab.ssh import control_path
+
+    first = control_path(topology_for(_cluster("10.77.0.11", name="vagrant")))
+    second = control_path(topology_for(_cluster("10.77.0.11", name="newuser")))
+    assert first != second

@@ -75,11 +75,21 @@ def write_client_files(topology: LabTopology, host_keys: dict[str, str]) -> None
     ssh_config_path(topology).write_text("\n".join(lines))
 
 
+CONTROL_DIR = Path("/tmp/marmot-lab-ssh")
+# sun_path holds 107 characters; ssh adds "." + 16 random characters to %C (40) while binding.
+MAX_SOCKET_PATH = 107
+
+
 def control_path(topology: LabTopology) -> str:
-    """The multiplexing socket per host (%C: a hash of the connection), short enough for a
-    unix socket path."""
-    path = str(ssh_dir(topology) / "cm-%C")
-    return path if len(path) < 64 else f"/tmp/marmot-lab-{topology.lab[:20]}-%C"
+    """The multiplexing socket per lab and host connection. Named after the lab (%C, a hash of
+    the connection, is the same for two labs using the same addresses) and kept short: a unix
+    socket path, with what ssh appends, must fit in 107 characters whatever the lab is called."""
+    CONTROL_DIR.mkdir(mode=0o700, exist_ok=True)
+    prefix = f"{CONTROL_DIR}/{topology.lab}-"
+    room = MAX_SOCKET_PATH - len(f"{CONTROL_DIR}/-") - 40 - 17  # what is left for the lab's name
+    if len(topology.lab) > room:
+        prefix = f"{CONTROL_DIR}/{topology.lab[:room]}-"
+    return prefix + "%C"
 
 
 def stop_ssh_masters(topology: LabTopology) -> None:
