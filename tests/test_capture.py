@@ -394,3 +394,26 @@ def test_install_waits_for_then_reports_a_locked_database(wal_db):
     finally:
         if holder.in_transaction:
             holder.execute("ROLLBACK")
+
+
+def test_incremental_blob_writes_are_not_captured_and_the_documented_update_is(wal_db):
+    """docs/capture.md, limits: `blobopen` writes fire no trigger (nothing is logged), and the
+    documented remedy, `UPDATE t SET data = data` on that row, logs the row with the new bytes."""
+    db = wal_db(schema="CREATE TABLE files (k TEXT PRIMARY KEY, data BLOB)")
+    with ChangeCapture(db, node_id=1) as capture:
+        capture.install()
+        conn = connect(db)
+        conn.execute("INSERT INTO files VALUES ('a', zeroblob(4))")
+        capture.mark_published([p.log_id for p in capture.read_pending()])
+        assert changes(capture) == []
+
+        with conn.blobopen("files", "data", 1) as blob:  # rowid 1 is 'a'
+            blob.write(b"\x01\x02\x03\x04")
+        assert conn.execute("SELECT data FROM files WHERE k = 'a'").fetchone()[0] == b"\x01\x02\x03\x04"
+        assert changes(capture) == [], "incremental BLOB I/O is documented as not captured"
+
+        conn.execute("UPDATE files SET data = data WHERE k = 'a'")
+        captured = changes(capture)
+        assert len(captured) == 1
+        assert captured[0].values[captured[0].columns.index("data")] == b"\x01\x02\x03\x04"
+        conn.close()
