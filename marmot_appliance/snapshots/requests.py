@@ -16,6 +16,7 @@ closed. The key is written with compare-and-set, so concurrent requesters never 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -57,15 +58,18 @@ async def _write(store: SnapshotStore, requests: dict[str, dict], revision: int)
 
 async def _change(store: SnapshotStore, change) -> bool:
     """Apply `change(requests) -> bool (changed?)` with compare-and-set; True when written."""
-    for _attempt in range(CAS_ATTEMPTS):
+    for attempt in range(CAS_ATTEMPTS):
         requests, revision = await read_requests(store)
         if not change(requests):
             return False
         try:
             await _write(store, requests, revision)
             return True
-        except nats.js.errors.KeyWrongLastSequenceError:
-            continue  # someone else wrote in between: read again
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.KeyNotFoundError):
+            # Someone else wrote in between (nats-py's `create` reports a conflict whose re-read
+            # misses the key as KeyNotFoundError): read again.
+            await asyncio.sleep(0.05 * (attempt + 1))
+            continue
     raise nats.js.errors.KeyWrongLastSequenceError()
 
 

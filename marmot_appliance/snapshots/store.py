@@ -84,6 +84,16 @@ async def _wait_for_leader(js: JetStreamContext, stream: str, timeout_s: float =
         raise SnapshotError(f"stream {stream} has no leader after {timeout_s:g}s")
 
 
+def _reads_from_leader(kv: KeyValue) -> KeyValue:
+    """Every read of these buckets backs a compare-and-set (manifest, lease, snapshot requests),
+    so it must see the newest revision. nats-py reads a KV with direct gets when the stream allows
+    them, and any replica may answer those: a follower that has not caught up yet returns an old
+    revision or "key not found" (CI saw nats-py's `create` turn such a read into KeyNotFoundError).
+    Reads through the stream leader are consistent; these buckets are read seldom."""
+    kv._direct = False  # nats-py has no public switch for this (2.x); tests/test_snapshot_requests.py checks it
+    return kv
+
+
 def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).decode()
 
@@ -145,7 +155,7 @@ class SnapshotStore:
         js: JetStreamContext, name: str, replicas: int, create: bool, history: int, ttl: float | None
     ) -> KeyValue:
         try:
-            return await js.key_value(name)
+            return _reads_from_leader(await js.key_value(name))
         except nats.js.errors.BucketNotFoundError:
             if not create:
                 raise NoSnapshotError(f"snapshot index {name!r} does not exist: no snapshot was ever saved") from None
@@ -154,7 +164,7 @@ class SnapshotStore:
             params["ttl"] = ttl
         kv = await js.create_key_value(**params)
         await _wait_for_leader(js, f"KV_{name}")
-        return kv
+        return _reads_from_leader(kv)
 
     # ---- manifest ----------------------------------------------------------------------------
 
