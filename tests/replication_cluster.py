@@ -47,6 +47,25 @@ def table_rows(db: Path, table: str) -> list[tuple]:
     return sorted(rows, key=repr)
 
 
+def positions(db: Path) -> dict[str, int]:
+    """The node's stored position per stream (its `_marmot_positions` table)."""
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        return dict(conn.execute("SELECT stream, seq FROM _marmot_positions").fetchall())
+    finally:
+        conn.close()
+
+
+def log_rows(db: Path, table: str) -> int:
+    """Captured rows of `table` not yet published (its `_marmot_log_<table>`)."""
+    conn = sqlite3.connect(db, timeout=30)
+    try:
+        quoted = '"' + f"_marmot_log_{table}".replace('"', '""') + '"'
+        return conn.execute(f"SELECT count(*) FROM {quoted}").fetchone()[0]
+    finally:
+        conn.close()
+
+
 def digest(db: Path) -> str:
     """Order-independent digest of every user table; repr keeps 1, 1.0, '1', b'1' and -0.0 apart."""
     h = hashlib.blake2b(digest_size=16)
@@ -156,11 +175,13 @@ class SubprocessNode:
     replicas: int = 3
     metrics_port: int = 0
     process: subprocess.Popen | None = None
+    extra: list[str] = field(default_factory=list)  # more flags, e.g. ["-enable-snapshot=true"]
 
     def start(self) -> "SubprocessNode":
         if not self.metrics_port:
             self.metrics_port = free_ports(1)[0]
-        argv = node_command(self.node_id, self.db, self.nats_url, self.shards, self.replicas, self.metrics_port)
+        argv = node_command(self.node_id, self.db, self.nats_url, self.shards, self.replicas, self.metrics_port,
+                            extra=list(self.extra))
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -170,13 +191,28 @@ class SubprocessNode:
         return self
 
     def health(self) -> dict | None:
+        return self.health_reply()[1]
+
+    def health_reply(self) -> tuple[int | None, dict | None]:
+        """(HTTP status, JSON body) of /health; (None, None) while nothing answers."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/health", timeout=5) as r:
-                return json.loads(r.read())
+                return r.status, json.loads(r.read())
         except urllib.error.HTTPError as exc:
-            return json.loads(exc.read())
+            return exc.code, json.loads(exc.read())
         except (OSError, ValueError):
-            return None
+            return None, None
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            return response.read().decode()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.process.pid, sig)
 
     async def wait_healthy(self, timeout_s: float = 60) -> None:
         def ok():

@@ -348,12 +348,15 @@ def test_remote_status_names_each_node_state():
         RemoteNodeStatus("n2", True, 503, broken),
         RemoteNodeStatus("n3", True, None, None, "Connection refused"),
         RemoteNodeStatus("n4", False, None, None, "host not reached"),
+        RemoteNodeStatus("n5", True, 503, {**ok, "status": "restoring",
+                                           "reason": "snapshot restore running: stream s-1: entries 3..9 are gone"}),
     ]).splitlines()
     assert lines[0].split()[:3] == ["NODE", "STATE", "NATS"]
     assert lines[1].split()[:6] == ["n1", "healthy", "yes", "2", "0", "0"]
     assert lines[2].split()[:2] == ["n2", "unhealthy"] and "publish: RuntimeError: boom" in lines[2]
     assert lines[3].split()[:2] == ["n3", "down"] and "Connection refused" in lines[3]
     assert lines[4].split()[:2] == ["n4", "unreachable"]
+    assert lines[5].split()[:2] == ["n5", "restoring"] and "snapshot restore running: stream s-1" in lines[5]
     assert [RemoteNodeStatus("n", True, 200, ok).healthy, RemoteNodeStatus("n", True, 503, broken).healthy] == [True, False]
 
 

@@ -55,7 +55,19 @@ class NodeHealth:
             return f"/health unreachable ({self.error})"
         if self.body is None:
             return f"/health answered {self.http_status} without JSON"
+        if self.body.get("reason"):
+            # "starting" / "restoring" / "unhealthy" and why, in the node's own words.
+            return f"/health answered {self.http_status}: {self.body.get('status')}: {self.body['reason']}"
         return f"/health answered {self.http_status}: {json.dumps(self.body, sort_keys=True)}"
+
+    @property
+    def state(self) -> str:
+        """What the node says it is doing ("ok", "starting", "restoring", "unhealthy"), or
+        "unreachable"."""
+        if self.http_status is None:
+            return "unreachable"
+        status = (self.body or {}).get("status")
+        return status if isinstance(status, str) and status else ("ok" if self.healthy else "unhealthy")
 
 
 def node_health_url(cluster: Cluster, node: Node) -> str:

@@ -187,7 +187,9 @@ def render_status_text(cluster: Cluster, statuses: list[NodeStatus]) -> str:
     lines = [f"Cluster {cluster.name!r}:"]
     for status in statuses:
         body = status.health.body or {}
-        verdict = "healthy" if status.healthy else "UNHEALTHY"
+        # A node starting or restoring a snapshot is not healthy yet, but says what it is doing.
+        state = status.health.state
+        verdict = "healthy" if status.healthy else (state.upper() if state in ("starting", "restoring") else "UNHEALTHY")
         lines.append(f"  {status.name}: {verdict}")
         runtime = f"pid {status.runtime.pid}" if status.runtime.running else "not running"
         line = f"    runtime: {runtime}"

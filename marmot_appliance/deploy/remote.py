@@ -220,14 +220,17 @@ def render_remote_status(statuses: list[RemoteNodeStatus]) -> str:
         elif status.http_status is None:
             state, detail = "down", f"/health does not answer: {status.error}"
         else:
-            state = "healthy" if status.healthy else "unhealthy"
+            said = health.get("status")
+            # "starting" / "restoring" (a snapshot restore inside the node) are shown as such.
+            state = "healthy" if status.healthy else (said if said in ("starting", "restoring") else "unhealthy")
             failed = health.get("failed_parts") or {}
             database = health.get("database") or {}
             detail = "; ".join(filter(None, [
                 status.error,
-                database.get("error") or "",
+                # The node's own reason names every problem; older nodes lack it.
+                health.get("reason") or database.get("error") or "",
                 ", ".join(f"{part}: {why}" for part, why in failed.items()),
-                "" if health.get("started", True) else "starting",
+                "" if health.get("started", True) or health.get("reason") else "starting",
             ]))
         nats_ok = (health.get("nats") or {}).get("connected")
         lag = sum((health.get("lag") or {}).values()) if health else ""

@@ -177,6 +177,11 @@ class RestoreCoordinator:
             self._failed_at.pop(stream, None)
 
     def _report(self) -> None:
+        # /health says "restoring" (503) from the request on: the consumers hold or are paused.
+        running = "running" if self.state.state == "restoring" else "pending"
+        self.runtime.status.restoring = (
+            None if self.state.state == "idle" else f"snapshot restore {running}: {self.state.reason or '-'}"
+        )
         self.runtime.metrics.set(
             "snapshot_restore_in_progress", 0 if self.state.state == "idle" else 1,
             help="1 while a snapshot restore is pending or running on this node",

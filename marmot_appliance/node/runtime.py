@@ -172,7 +172,6 @@ class NodeRuntime:
 
     def health(self) -> dict:
         self._refresh_gauges()
-        self.status.nats_connected = bool(self.nc is not None and self.nc.is_connected)
         health = self.status.as_health()
         health["restore"] = self.restores.state.as_health()
         return health
@@ -182,6 +181,7 @@ class NodeRuntime:
         # What /health answers at this moment (its "status" is RuntimeStatus.healthy; the alert
         # MarmotNodeUnhealthy reads this).
         self.status.nats_connected = bool(self.nc is not None and self.nc.is_connected)
+        self.status.unsubscribed = [consumer.stream for consumer in self.consumers if not consumer.subscribed]
         self.metrics.set("healthy", 1 if self.status.healthy else 0)
         if self.snapshot_scheduler is not None:
             self.status.last_snapshot = getattr(self.snapshot_scheduler, "last_snapshot", None)

@@ -58,22 +58,65 @@ class RuntimeStatus:
     # reaching the others (node/backlog_alarm.py).
     change_log: dict = field(default_factory=dict)
     dead_letters_dropped: int = 0  # oldest dead letters deleted past replication.max_dead_letters
+    # What a snapshot restore inside the running node is doing, or None: every consumer and
+    # the publisher are paused meanwhile (node/restore_coordinator.py).
+    restoring: str | None = None
+    # Shard streams whose consumer has not subscribed since start (or since the last restore).
+    unsubscribed: list[str] = field(default_factory=list)
+
+    def problems(self) -> list[str]:
+        """What is wrong (the node cannot converge or replicate until it is fixed); [] if nothing."""
+        problems = []
+        if not self.nats_connected:
+            problems.append("NATS not connected")
+        if not self.database_ok:
+            problems.append(f"database unusable: {self.database_error}")
+        if self.failed_parts:
+            problems.append("runtime part(s) failed: " + ", ".join(sorted(self.failed_parts)))
+        if self.clock_skew.get("held"):
+            problems.append("rows held for clock skew from node(s) " + ", ".join(map(str, sorted(self.clock_skew["held"]))))
+        if self.gaps:
+            problems.append("gap on " + ", ".join(sorted(self.gaps)))
+        if self.apply_blocked:
+            problems.append("waiting for the database to accept writes: " + ", ".join(sorted(self.apply_blocked)))
+        if self.diverged:
+            problems.append("diverged table(s): " + ", ".join(sorted(self.diverged)))
+        if self.reseed_error:
+            problems.append(self.reseed_error)
+        if self.change_log.get("alarm"):
+            problems.append(f"change log not draining: {self.change_log['alarm']}")
+        return problems
+
+    def state(self) -> tuple[str, str | None]:
+        """("ok", None), or ("unhealthy" | "restoring" | "starting", why): /health's status and reason.
+
+        Not ok until every stream is consumed: a tool that starts writing as soon as /health
+        says ok would otherwise commit rows before the triggers exist (never published:
+        existing rows are the shared starting state, see docs/capture.md), apply would call a
+        node healthy that is still deciding whether to restore a snapshot, and a load balancer
+        would send reads to a node whose consumers are paused for a restore."""
+        problems = self.problems()
+        if problems:
+            return "unhealthy", "; ".join(problems)
+        if self.restoring:
+            return "restoring", self.restoring
+        if not self.capture_installed:
+            return "starting", "installing capture"
+        if not self.started:
+            return "starting", "publishing what was committed while the node was down, checking for a snapshot"
+        if self.unsubscribed:
+            return "starting", "shard consumer(s) not subscribed yet: " + ", ".join(sorted(self.unsubscribed))
+        return "ok", None
 
     @property
     def healthy(self) -> bool:
-        # Not healthy until every part runs: a tool that starts writing as soon as /health says
-        # ok would otherwise commit rows before the triggers exist (never published: existing
-        # rows are the shared starting state, see docs/capture.md), and apply would call a node
-        # healthy that is still deciding whether to restore a snapshot.
-        return (
-            self.nats_connected and self.database_ok and self.capture_installed and self.started
-            and not self.failed_parts and not self.clock_skew.get("held") and not self.gaps and not self.apply_blocked
-            and not self.diverged and not self.reseed_error and not self.change_log.get("alarm")
-        )
+        return self.state()[0] == "ok"
 
     def as_health(self) -> dict:
+        status, reason = self.state()
         return {
-            "status": "ok" if self.healthy else "unhealthy",
+            "status": status,
+            "reason": reason,
             "started": self.started,
             "node": self.node,
             "database": {"ok": self.database_ok, "path": self.db_path, "error": self.database_error},

@@ -166,6 +166,8 @@ class ShardConsumer:
         self._failures = 0
         self._restart_requested = False
         self._stop: asyncio.Event | None = None  # set by run(): retries end when the node stops
+        # Subscribed since start or the last restart_from: until then /health says "starting".
+        self.subscribed = False
         self.status.applied[stream] = start_position
 
     def restart_from(self, position: int) -> None:
@@ -174,6 +176,7 @@ class ShardConsumer:
         self._unsaved_own_seq = None
         self._restart_requested = True
         self.holding = None
+        self.subscribed = False
         self.status.applied[self.stream] = position
 
     def hold(self, reason: str) -> None:
@@ -197,6 +200,7 @@ class ShardConsumer:
             try:
                 await self._check_instance()
                 sub = await self._subscribe()
+                self.subscribed = True
                 await self._consume(sub, stop)
                 self._failures = 0
             except asyncio.CancelledError:
