@@ -474,6 +474,21 @@ def test_parked_rows_are_retried_only_when_their_table_changes_in_chunks(wal_db)
     assert len(rows_of(db, "later")) == 1200
 
 
+def test_every_row_the_applier_dead_letters_itself_is_counted_once(wal_db):
+    """Rows set aside one at a time (SQLite refused, absurd clock, park overflow) feed
+    marmot_dead_letters_total through waiting_report().dead_lettered_rows; a whole message the
+    consumer dead-letters is counted by the consumer, not here."""
+    db = wal_db(schema=SCHEMA + "CREATE TABLE c (k TEXT PRIMARY KEY, v INTEGER CHECK (v > 0));")
+    with BatchApplier(db, 2, max_parked_rows=1) as applier:
+        outcome = applier.apply(batch(up("c", "bad", -1, BASE + 1, 1), up("c", "good", 1, BASE + 2, 1),
+                                      up("t", "future", 1, 1 << 62, 1),
+                                      up("later", "p1", 1, BASE + 3, 1), up("later", "p2", 2, BASE + 4, 1)), "s", 1)
+        assert (outcome.rows_applied, outcome.rows_parked, outcome.rows_rejected) == (1, 1, 3)
+        applier.dead_letter("s", 2, b"garbage", "undecodable message")
+        assert applier.waiting_report().dead_lettered_rows == 3
+        assert applier.dead_letter_count() == 4
+
+
 def test_parked_rows_are_bounded_and_the_overflow_is_dead_lettered_and_counted(wal_db):
     db = wal_db(schema=SCHEMA)
     with BatchApplier(db, 2, max_parked_rows=10) as applier:

@@ -68,6 +68,8 @@ async def test_versions_from_the_future_neither_pin_clocks_nor_break_application
             assert f'marmot_clock_skew_held_rows{{origin="{FOREIGN_NODE}"}} 1' in metrics
             assert f'marmot_clock_skew_seconds{{origin="{FOREIGN_NODE}"}}' in metrics
             assert f'marmot_clock_skew_dead_letters_total{{origin="{FOREIGN_NODE}"}} 2' in metrics
+            # Rows dead-lettered one at a time count as dead letters too (the MarmotDeadLetters alert).
+            assert "\nmarmot_dead_letters_total 2.0\n" in metrics, metrics
 
         # Application writes keep working on every node, and replicate.
         for i, db in enumerate(dbs, start=1):

@@ -101,6 +101,7 @@ async def test_a_row_beyond_the_limit_is_dead_lettered_on_its_origin_and_later_r
             conn.close()
         assert len(reasons) == 1 and "'files'" in reasons[0] and "cannot be replicated" in reasons[0]
         assert nodes[0].runtime.metrics.get("rows_oversized") == 1
+        assert nodes[0].runtime.metrics.get("dead_letters") == 1  # the origin's dead letter counts
         assert nodes[0].runtime.status.pending_rows == 0 or await _no_pending(nodes[0])
     finally:
         for node in nodes:

@@ -82,6 +82,8 @@ async def test_parked_rows_wait_for_their_table_and_are_bounded(nats_server, wal
                          what="the overflow beyond max_parked_rows to be dead-lettered")
         assert _count(dbs["n2"], "_marmot_parked") == MAX_PARKED
         assert _count(dbs["n2"], "_marmot_dead_letters") == 80 - MAX_PARKED
+        # Each overflowing row is a dead letter for marmot_dead_letters_total (the alert's series).
+        assert _metric(n2, "marmot_dead_letters_total") == 80 - MAX_PARKED
         await wait_until(lambda: _metric(n2, "marmot_parked_rows") == MAX_PARKED, what="the parked-rows gauge")
 
         # The node's first look after its start may come after the rows were parked (it looks

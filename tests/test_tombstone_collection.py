@@ -295,6 +295,7 @@ async def test_a_node_down_past_the_horizon_is_reseeded(nats_server, wal_db, tmp
                          what="n3 to report its re-seed")
         reseeded = cluster.health("n3")["tombstones"]["reseeded"]
         assert reseeded["rows_set_aside"] == 1 and reseeded["snapshot"], reseeded
+        assert "\nmarmot_dead_letters_total 1.0\n" in _metrics_text(cluster, "n3")  # the set-aside row
         conn = sqlite3.connect(cluster.dbs["n3"])
         try:
             reasons = [row[0] for row in conn.execute("SELECT reason FROM _marmot_dead_letters")]

@@ -84,7 +84,7 @@ NODE_METRICS = (
     ("bytes_compressed", "counter", "Payload bytes sent (after compression)"),
     ("rows_applied", "counter", "Rows applied from other nodes"),
     ("batches_applied", "counter", "Batches applied"),
-    ("dead_letters", "counter", "Messages parked in the dead-letter table"),
+    ("dead_letters", "counter", "Messages and rows set aside in the dead-letter table"),
     ("dead_letter_bytes", "counter", "Payload bytes kept in the dead-letter table"),
     ("dead_letters_truncated", "counter", "Dead letters whose payload was cut to the kept maximum"),
     ("rows_oversized", "counter", "Rows too large to replicate, dead-lettered on their origin"),

@@ -147,6 +147,7 @@ class TombstoneCollector:
         )
         self.state.reseeded = {"at": time.time(), "rows_set_aside": moved, "horizon": highest, "snapshot": None}
         self.runtime.metrics.inc("reseeds", help="Re-seeds because this node came back past the tombstone horizon")
+        self.runtime.metrics.inc("dead_letters", moved)
         return moved
 
     # -- rounds ------------------------------------------------------------------------------

@@ -67,13 +67,24 @@ class WaitingRowsReporter:
         self.metrics = metrics
         self.max_clock_skew_s = max_clock_skew_s
         self._held_origins: set[int] = set()
+        self._totals: dict[tuple, int] = {}  # the applier's running totals as last reported
+
+    def _grown(self, key: tuple, total: int) -> int:
+        """How much one of the applier's running totals (one applier per runtime, so they only
+        grow) grew since the last report: what its counter adds now."""
+        last = self._totals.get(key, 0)
+        self._totals[key] = total
+        return max(0, total - last)
 
     def publish(self, report: Any) -> None:
         status, metrics = self.status, self.metrics
         status.parked_rows = report.parked_rows
         metrics.set("parked_rows", report.parked_rows)
-        metrics.set("parked_overflow", report.park_overflow)
-        metrics.set("parked_retry_rows", report.retried_rows)
+        metrics.inc("parked_overflow", self._grown(("parked_overflow",), report.park_overflow))
+        metrics.inc("parked_retry_rows", self._grown(("parked_retry_rows",), report.retried_rows))
+        # Rows set aside one at a time (clock skew, park overflow, refused by SQLite) are dead
+        # letters as much as whole messages are (the consumer counts those).
+        metrics.inc("dead_letters", self._grown(("dead_letters",), report.dead_lettered_rows))
         held = {
             str(origin): {"rows": rows, "ahead_s": round(ahead, 1)}
             for origin, (rows, ahead) in sorted(report.held_by_origin.items())
@@ -97,6 +108,6 @@ class WaitingRowsReporter:
             metrics.set("clock_skew_held_rows", rows, origin=str(origin))
             metrics.set("clock_skew_seconds", round(ahead, 1), origin=str(origin))
         for origin, (rows, ahead) in report.skew_dead_letters_by_origin.items():
-            metrics.set("clock_skew_dead_letters", rows, origin=str(origin))
+            metrics.inc("clock_skew_dead_letters", self._grown(("skew", origin), rows), origin=str(origin))
             if origin not in report.held_by_origin:
                 metrics.set("clock_skew_seconds", round(ahead, 1), origin=str(origin))

@@ -153,6 +153,7 @@ class WaitingReport:
     park_overflow: int  # rows dead-lettered because max_parked_rows was reached (since start)
     retried_rows: int  # parked rows a retry looked at (since start)
     retry_chunks: int  # transactions those retries took (since start)
+    dead_lettered_rows: int = 0  # rows this applier set aside one at a time (since start; not whole messages)
 
 
 def decode_parked_change(blob: bytes) -> RowChange:
@@ -497,6 +498,7 @@ class BatchApplier:
             park_overflow=counts[("park_overflow",)],
             retried_rows=counts["retried_rows"],
             retry_chunks=counts["retry_chunks"],
+            dead_lettered_rows=counts["dead_lettered_rows"],
         )
 
     def dead_letter_count(self) -> int:
@@ -562,6 +564,12 @@ class BatchApplier:
             self._conn.execute(_POSITION_UPSERT_SQL, next(iter(positions.items())))
         elif positions:
             self._conn.executemany(_POSITION_UPSERT_SQL, list(positions.items()))
+
+    def _dead_letter_row(self, stream: str | None, seq: int | None, payload: bytes, reason: str) -> None:
+        """Set one row aside inside an applying transaction; counted when it commits (the
+        consumer counts whole messages it dead-letters, the runtime reports these)."""
+        self._record_dead_letter(stream, seq, payload, reason)
+        self._tx_counts["dead_lettered_rows"] += 1
 
     def _record_dead_letter(self, stream: str | None, seq: int | None, payload: bytes, reason: str) -> None:
         payload, reason = bounded_payload(payload, reason)
@@ -748,7 +756,7 @@ class BatchApplier:
             if plan is None:
                 plan = self._plan(row)
             if len(row.values) != len(row.columns):
-                self._record_dead_letter(
+                self._dead_letter_row(
                     stream, seq, encode_parked_change(row), f"malformed row for {row.table!r}: {len(row.columns)} columns but {len(row.values)} values"
                 )
                 outcome.rows_rejected += 1
@@ -805,7 +813,7 @@ class BatchApplier:
         limits = self._limits
         if not limits.hold_above < row.version <= limits.reject_above:
             ahead = limits.ahead_s(row.version) if 0 <= row.version else 0.0
-            self._record_dead_letter(stream, seq, encode_parked_change(row), limits.reject_reason(row.version, row.origin))
+            self._dead_letter_row(stream, seq, encode_parked_change(row), limits.reject_reason(row.version, row.origin))
             self._tx_counts[("skew", row.origin)] += 1
             self._skew_seen[row.origin] = max(self._skew_seen.get(row.origin, 0.0), ahead)
             return False
@@ -831,7 +839,7 @@ class BatchApplier:
             held = held[: max(0, room - len(parked))]
             parked = parked[:room]
             for table, reason, blob, stream, seq, *_ in overflow:
-                self._record_dead_letter(
+                self._dead_letter_row(
                     stream, seq, blob,
                     f"parked-row limit reached (replication.max_parked_rows {self.max_parked_rows}): {reason}",
                 )
@@ -868,7 +876,7 @@ class BatchApplier:
             try:
                 row = decode_parked_change(blob)
             except Exception as exc:  # noqa: BLE001 - a corrupt entry must not block the rest
-                self._record_dead_letter(stream, seq, blob, f"unreadable parked row: {exc}")
+                self._dead_letter_row(stream, seq, blob, f"unreadable parked row: {exc}")
                 done.append((waiting_id,))
                 continue
             plan = self._plan(row)
@@ -930,7 +938,7 @@ class BatchApplier:
                     and self._resolve_unique_conflict(row, plan, outcome)
                 ):
                     continue
-                self._record_dead_letter(
+                self._dead_letter_row(
                     stream, seq, encode_parked_change(row), f"row rejected by SQLite on {plan.table!r}: {exc}"
                 )
                 outcome.rows_rejected += 1

@@ -568,7 +568,7 @@ class ShardConsumer:
         self.position = seq
         self._unsaved_own_seq = None
         self.status.dead_letters += 1
-        self.metrics.inc("dead_letters", help="Messages parked in the dead-letter table")
+        self.metrics.inc("dead_letters", help="Messages and rows set aside in the dead-letter table")
         kept = min(len(payload), MAX_KEPT_PAYLOAD_BYTES)
         self.metrics.inc("dead_letter_bytes", kept, help="Payload bytes kept in the dead-letter table")
         if kept < len(payload):

@@ -685,6 +685,7 @@ class Publisher:
             await self.retire_db.run(self.capture.record_dead_letter, stream, outgoing.oversized)
             self.metrics.inc("rows_oversized", len(outgoing.log_ids),
                              help="Rows too large to replicate, dead-lettered on their origin")
+            self.metrics.inc("dead_letters")  # one entry in the dead-letter table
 
     async def _collect_acks(
         self,
