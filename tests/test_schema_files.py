@@ -13,10 +13,10 @@ import pytest
 
 from marmot_appliance.schema.migrate import (
     SchemaMigrationError,
-    declared_schema,
     migrate_database,
     plan_database,
 )
+from tests.schema_support import assert_refused_unchanged, declare, make_db, schema_rows
 
 SPEC = """\
 apiVersion: marmot-appliance/v1
@@ -79,34 +79,10 @@ def test_validate_accepts_good_files_and_a_last_statement_without_semicolon(tmp_
     assert "valid (cluster 'demo', 1 node)" in result.stdout
 
 
-def _db(path: Path, *statements: str) -> Path:
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode=WAL")
-    for statement in statements:
-        conn.execute(statement)
-    conn.commit()
-    conn.close()
-    return path
-
-
-def _declare(tmp_path: Path, sql: str):
-    path = tmp_path / "declared.sql"
-    path.write_text(sql)
-    return declared_schema((str(path),))
-
-
-def _schema_rows(path: Path) -> list[tuple]:
-    conn = sqlite3.connect(path)
-    try:
-        return conn.execute("SELECT type, name, sql FROM sqlite_schema ORDER BY name").fetchall()
-    finally:
-        conn.close()
-
-
 def test_plan_and_migrate_are_additive_and_keep_the_rows(tmp_path):
-    db = _db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)",
-             "INSERT INTO notes VALUES ('x', 'kept')")
-    declared = _declare(tmp_path, (
+    db = make_db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)",
+                 "INSERT INTO notes VALUES ('x', 'kept')")
+    declared = declare(tmp_path, (
         "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, tag TEXT NOT NULL DEFAULT 'none', n INTEGER);\n"
         "CREATE TABLE orders (id TEXT PRIMARY KEY, total REAL);\n"
         "CREATE INDEX notes_by_tag ON notes (tag);\n"
@@ -124,9 +100,9 @@ def test_plan_and_migrate_are_additive_and_keep_the_rows(tmp_path):
 
 
 def test_incompatible_changes_are_refused_and_nothing_changes(tmp_path):
-    db = _db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, old TEXT)",
-             "INSERT INTO notes VALUES ('x', 'kept', 'o')")
-    declared = _declare(tmp_path, (
+    db = make_db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, old TEXT)",
+                 "INSERT INTO notes VALUES ('x', 'kept', 'o')")
+    declared = declare(tmp_path, (
         "CREATE TABLE notes (id TEXT PRIMARY KEY, body INTEGER, must TEXT NOT NULL);\n"
         "CREATE TABLE orders (id TEXT PRIMARY KEY);\n"
     ))
@@ -138,10 +114,7 @@ def test_incompatible_changes_are_refused_and_nothing_changes(tmp_path):
         "! column notes.old: in the database but not in the schema files: dropping or renaming a column is "
         "not supported (needs a manual migration)",
     ]
-    before = _schema_rows(db)
-    with pytest.raises(SchemaMigrationError, match="incompatible schema changes; nothing was changed"):
-        migrate_database(db, declared)
-    assert _schema_rows(db) == before
+    assert_refused_unchanged(db, declared, "incompatible schema changes; nothing was changed")
     result = migrate_database(db, declared, skip_incompatible=True)
     assert [c.render() for c in result.applied] == ["+ table orders"]
     assert len(result.skipped) == 3
@@ -151,24 +124,23 @@ def test_incompatible_changes_are_refused_and_nothing_changes(tmp_path):
 
 
 def test_a_failing_statement_rolls_back_the_whole_migration(tmp_path):
-    db = _db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)",
-             "INSERT INTO notes VALUES ('a', 'same')", "INSERT INTO notes VALUES ('b', 'same')")
-    declared = _declare(tmp_path, (
+    db = make_db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)",
+                 "INSERT INTO notes VALUES ('a', 'same')", "INSERT INTO notes VALUES ('b', 'same')")
+    declared = declare(tmp_path, (
         "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT);\n"
         "CREATE TABLE orders (id TEXT PRIMARY KEY);\n"
         "CREATE UNIQUE INDEX one_body ON notes (body);\n"
     ))
-    before = _schema_rows(db)
-    with pytest.raises(SchemaMigrationError, match="index one_body failed, nothing was changed: UNIQUE constraint"):
-        migrate_database(db, declared)
-    assert _schema_rows(db) == before  # orders was not left behind
+    # orders was not left behind
+    assert_refused_unchanged(db, declared, "index one_body failed, nothing was changed: UNIQUE constraint",
+                             SchemaMigrationError)
 
 
 def test_changed_index_is_recreated_and_undeclared_objects_are_kept(tmp_path):
-    db = _db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, tag TEXT)",
-             "CREATE INDEX notes_i ON notes (body)", "CREATE TABLE app_own (k PRIMARY KEY)",
-             "CREATE INDEX app_idx ON notes (tag)")
-    declared = _declare(tmp_path, (
+    db = make_db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, tag TEXT)",
+                 "CREATE INDEX notes_i ON notes (body)", "CREATE TABLE app_own (k PRIMARY KEY)",
+                 "CREATE INDEX app_idx ON notes (tag)")
+    declared = declare(tmp_path, (
         "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, tag TEXT);\nCREATE INDEX notes_i ON notes (tag, body);\n"
     ))
     assert [c.render() for c in plan_database(declared, db)] == [
@@ -177,7 +149,7 @@ def test_changed_index_is_recreated_and_undeclared_objects_are_kept(tmp_path):
         "? index app_idx: not in the schema files (kept)",
     ]
     migrate_database(db, declared)
-    rows = {name: sql for _type, name, sql in _schema_rows(db)}
+    rows = {name: sql for _type, name, sql in schema_rows(db)}
     assert rows["notes_i"] == "CREATE INDEX notes_i ON notes (tag, body)"
     assert "app_own" in rows and "app_idx" in rows
 
@@ -193,7 +165,7 @@ def test_schema_command_plans_and_applies_one_node_as_the_role_does(tmp_path):
     (tmp_path / "notes.sql").write_text("CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, tag TEXT DEFAULT 'x');\n")
     (tmp_path / "cluster.yaml").write_text(SPEC.replace("[schema.sql, more.sql, missing.sql]", "[notes.sql]"))
     (tmp_path / "data").mkdir()
-    db = _db(tmp_path / "data" / "n1.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)")
+    db = make_db(tmp_path / "data" / "n1.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)")
     planned = _cli(tmp_path, "schema", "plan", "--detailed-exitcode", "--db", str(db), "--schema", "notes.sql",
                    "--node", "n1")
     assert planned.returncode == 2, planned.stderr
@@ -247,9 +219,9 @@ def test_without_a_declared_schema_plan_names_tables_that_differ_between_nodes(t
         )
     )
     app = "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT)"
-    _db(tmp_path / "n1.db", app, "CREATE TABLE legacy (k TEXT PRIMARY KEY)")
-    _db(tmp_path / "n2.db", app)
-    _db(tmp_path / "n3.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, extra INTEGER)")
+    make_db(tmp_path / "n1.db", app, "CREATE TABLE legacy (k TEXT PRIMARY KEY)")
+    make_db(tmp_path / "n2.db", app)
+    make_db(tmp_path / "n3.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, extra INTEGER)")
     cluster = load_cluster(tmp_path / "cluster.yaml")
     assert plan_schema(cluster) == {}
     assert database_drift(cluster) == {

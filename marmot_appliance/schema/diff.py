@@ -2,10 +2,12 @@
 
 Each difference is one `SchemaChange`:
 
-  +  something to create: a table, a column (ALTER TABLE ADD COLUMN), an index, view or trigger
+  +  something to create: a table, a column (ALTER TABLE ADD COLUMN with its whole declared
+     definition, add_column.py), an index, view or trigger
   ~  an index, view or trigger whose definition changed: dropped and re-created (they hold no data)
   !  an incompatible change (a column's type, NOT NULL, default or key; a column the schema no
-     longer declares; a table's key or WITHOUT ROWID/STRICT): never done, needs a manual migration
+     longer declares; a new column ADD COLUMN cannot add as declared, e.g. UNIQUE; a table's key
+     or WITHOUT ROWID/STRICT): never done, needs a manual migration
   ?  a table, index, view or trigger the database has and the schema files do not: kept
 
 Only `+` and `~` carry SQL. Nothing here ever drops a table or a column.
@@ -17,10 +19,12 @@ from dataclasses import dataclass
 
 from marmot_appliance.replication.sqlite_util import quote_ident
 
+from .add_column import add_column_problem, add_column_sql
+from .columns import ColumnDefinition, column_definitions
 from .shape import Column, SchemaShape, Table
+from .sqltokens import SqlTextError
 
 MANUAL = "needs a manual migration"
-_NON_CONSTANT_DEFAULTS = ("CURRENT_TIME", "CURRENT_DATE", "CURRENT_TIMESTAMP")
 
 
 @dataclass(frozen=True)
@@ -48,29 +52,24 @@ class SchemaChange:
                 "statements": list(self.statements)}
 
 
-def _add_column_problem(column: Column) -> str | None:
-    """Why ALTER TABLE ADD COLUMN cannot add this column as declared (SQLite's own limits)."""
-    if column.pk:
-        return "a primary-key column cannot be added to an existing table"
-    if column.hidden in (2, 3):
-        return "a generated column cannot be added from the schema files"
-    default = (column.default or "").strip()
-    if column.notnull and default.upper() in ("", "NULL"):
-        return "a NOT NULL column needs a non-NULL DEFAULT to be added to an existing table"
-    if default.upper() in _NON_CONSTANT_DEFAULTS or default.startswith("("):
-        return f"a column with the non-constant default {default} cannot be added to an existing table"
-    return None
+def _new_column_change(declared: Table, actual: Table, column: Column,
+                       definitions: dict[str, ColumnDefinition]) -> SchemaChange:
+    """`+` with the ALTER TABLE ADD COLUMN carrying the whole declaration, or `!` saying why not."""
+    name = f"{declared.name}.{column.name}"
+    definition = definitions.get(column.name.lower())
+    if definition is None:
+        return SchemaChange("!", "column", name, f"its declaration could not be read from the schema files ({MANUAL})")
+    problem = add_column_problem(column, definition)
+    if problem:
+        return SchemaChange("!", "column", name, f"{problem} ({MANUAL})")
+    return SchemaChange("+", "column", name, "", (add_column_sql(actual.name, column, definition),))
 
 
-def add_column_sql(table: str, column: Column) -> str:
-    parts = [f"ALTER TABLE {quote_ident(table)} ADD COLUMN {quote_ident(column.name)}"]
-    if column.type:
-        parts.append(column.type)
-    if column.notnull:
-        parts.append("NOT NULL")
-    if column.default is not None:
-        parts.append(f"DEFAULT {column.default}")
-    return " ".join(parts)
+def _declared_columns(table: Table) -> dict[str, ColumnDefinition]:
+    try:
+        return column_definitions(table.sql)
+    except SqlTextError:
+        return {}  # every new column of it is then a `!`, never added without part of its declaration
 
 
 def _column_differences(declared: Column, actual: Column) -> list[str]:
@@ -98,15 +97,14 @@ def _table_changes(declared: Table, actual: Table) -> list[SchemaChange]:
         if getattr(declared, attribute) != getattr(actual, attribute):
             label = attribute.replace("_", " ").upper()
             changes.append(SchemaChange("!", "table", declared.name, f"{label} change not supported ({MANUAL})"))
+    definitions: dict[str, ColumnDefinition] | None = None  # cut from the declared text when needed
     for column in declared.columns:
         name = f"{declared.name}.{column.name}"
         existing = actual.column(column.name)
         if existing is None:
-            problem = _add_column_problem(column)
-            if problem:
-                changes.append(SchemaChange("!", "column", name, f"{problem} ({MANUAL})"))
-            else:
-                changes.append(SchemaChange("+", "column", name, "", (add_column_sql(actual.name, column),)))
+            if definitions is None:
+                definitions = _declared_columns(declared)
+            changes.append(_new_column_change(declared, actual, column, definitions))
             continue
         for difference in _column_differences(column, existing):
             changes.append(SchemaChange("!", "column", name, f"{difference} ({MANUAL})"))

@@ -17,6 +17,8 @@ from pathlib import Path
 from marmot_appliance.replication.types import BOOKKEEPING_PREFIX
 from marmot_appliance.spec.problems import Mark, Problem
 
+from .sqltokens import skip_blank
+
 MAX_SCHEMA_FILE_BYTES = 4 * 1024 * 1024
 ALLOWED_KINDS = ("TABLE", "INDEX", "VIEW", "TRIGGER")
 _WORD = re.compile(r"[A-Za-z_]+")
@@ -51,26 +53,10 @@ def _line_column(text: str, position: int) -> Mark:
     return Mark(before.count("\n") + 1, position - (before.rfind("\n") + 1) + 1)
 
 
-def _skip_blank(text: str, position: int) -> int:
-    """The position of the next character that is neither whitespace nor inside a comment."""
-    while position < len(text):
-        if text[position].isspace():
-            position += 1
-        elif text.startswith("--", position):
-            end = text.find("\n", position)
-            position = len(text) if end < 0 else end + 1
-        elif text.startswith("/*", position):
-            end = text.find("*/", position + 2)
-            position = len(text) if end < 0 else end + 2
-        else:
-            break
-    return position
-
-
 def _leading_words(text: str, position: int, count: int) -> list[str]:
     words = []
     for _ in range(count):
-        position = _skip_blank(text, position)
+        position = skip_blank(text, position)
         match = _WORD.match(text, position)
         if not match:
             break
@@ -88,12 +74,12 @@ def split_statements(text: str) -> tuple[list[tuple[int, str]], int | None]:
     while position >= 0:
         chunk = text[start : position + 1]
         if sqlite3.complete_statement(chunk):
-            first = _skip_blank(text, start)
+            first = skip_blank(text, start)
             if first < position:  # not an empty statement (";;")
                 statements.append((first, text[first : position + 1]))
             start = position + 1
         position = text.find(";", position + 1)
-    tail = _skip_blank(text, start)
+    tail = skip_blank(text, start)
     if tail >= len(text):
         return statements, None
     if sqlite3.complete_statement(text[tail:] + "\n;"):  # a last statement without its ';'
