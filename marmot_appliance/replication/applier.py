@@ -253,6 +253,7 @@ class BatchApplier:
         self.max_clock_skew_s = float(max_clock_skew_s)
         self.max_parked_rows = int(max_parked_rows)
         self._limits: ClockLimits = clock_limits(self.max_clock_skew_s)  # renewed per transaction
+        self._tombstone_horizon = 0  # tombstone horizon, read at the start of each transaction (bk.tombstone_horizon)
         self._waiting_count: int | None = None  # parked + held rows; counted once, then kept current
         self._tx_counts: Counter = Counter()  # this transaction's events, merged into _counts on commit
         self._counts: Counter = Counter()  # ("skew", origin) / ("park_overflow",) / ... since start
@@ -540,6 +541,7 @@ class BatchApplier:
         conn.execute(_MARKER_ON_SQL)
         self._refresh_schema()
         bk.fold_pending(conn)
+        self._tombstone_horizon = bk.tombstone_horizon(conn)
 
     def _finish_applying(self, newest_version: int, positions: dict[str, int]) -> None:
         conn = self._conn
@@ -696,17 +698,24 @@ class BatchApplier:
         out of the decoder. Rare cases (parked tables, a constraint error) take the per-row path.
         """
         conn = self._conn
-        work: list[tuple[_RowPlan, list]] = []
+        work: list[tuple[_RowPlan, list, list]] = []  # plan, rows to record versions of, rows to apply
         hold_above = self._limits.hold_above
+        tombstone_horizon = self._tombstone_horizon
         for group in batch.groups:
             plan = self._plan_for(group.table, group.columns, group.op)
             if plan.action == "apply":
-                newest = max(map(_VERSION_OF[len(group.columns)], group.params))
+                version_of = _VERSION_OF[len(group.columns)]
+                newest = max(map(version_of, group.params))
                 if newest > hold_above:
                     # A row from beyond the allowed clock skew (rare): the per-row path holds it.
                     self._apply_rows(group.row_changes(), outcome, stream, seq)
                     continue
-                work.append((plan, group.params))
+                recorded = group.params
+                if min(map(version_of, recorded)) <= tombstone_horizon:
+                    # Rows at or below the tombstone horizon are stale: their versions are not
+                    # recorded (the row upsert's guard still sees what the table holds).
+                    recorded = [params for params in recorded if version_of(params) > tombstone_horizon]
+                work.append((plan, recorded, group.params))
                 if newest > outcome.max_version:
                     outcome.max_version = newest
             elif plan.action == "park":
@@ -719,10 +728,11 @@ class BatchApplier:
         try:
             won = total = 0
             # All version records first (see _apply_rows), then the rows that won.
-            for plan, params in work:
-                won += max(conn.executemany(plan.grouped_versions_sql, params).rowcount, 0)
+            for plan, recorded, params in work:
+                if recorded:
+                    won += max(conn.executemany(plan.grouped_versions_sql, recorded).rowcount, 0)
                 total += len(params)
-            for plan, params in work:
+            for plan, _, params in work:
                 conn.executemany(plan.apply_sql, params)
         except sqlite3.Error as exc:
             rollback_to_savepoint(conn, "marmot_batch", exc)
@@ -778,7 +788,7 @@ class BatchApplier:
             group = groups.get(shape)
             if group is None:
                 group = groups[shape] = (plan, [], [])
-            group[1].append((*plan.key_of(row.values), version, row.origin, plan.deleted))
+            group[1].append((*plan.key_of(row.values), version, row.origin, plan.deleted, self._tombstone_horizon))
             group[2].append((*row.values, version, row.origin))
             planned.append((row, plan))
         if parked or held:
@@ -923,7 +933,10 @@ class BatchApplier:
             conn.execute("SAVEPOINT marmot_row")
             try:
                 won = max(
-                    conn.execute(plan.versions_sql, (*plan.key_of(row.values), row.version, row.origin, plan.deleted)).rowcount,
+                    conn.execute(
+                        plan.versions_sql,
+                        (*plan.key_of(row.values), row.version, row.origin, plan.deleted, self._tombstone_horizon),
+                    ).rowcount,
                     0,
                 )
                 conn.execute(plan.apply_sql, (*row.values, row.version, row.origin))
@@ -999,14 +1012,14 @@ class BatchApplier:
         try:
             if (row.version, row.origin) > strongest:
                 for other in colliding:
-                    conn.execute(tombstone_sql, (*other, row.version, row.origin, 1))
+                    conn.execute(tombstone_sql, (*other, row.version, row.origin, 1, self._tombstone_horizon))
                     conn.execute(delete_sql, other)
-                won = max(conn.execute(plan.versions_sql, (*key, row.version, row.origin, 0)).rowcount, 0)
+                won = max(conn.execute(plan.versions_sql, (*key, row.version, row.origin, 0, self._tombstone_horizon)).rowcount, 0)
                 conn.execute(plan.apply_sql, (*row.values, row.version, row.origin))
                 outcome.rows_applied += won
                 outcome.rows_stale += 1 - won
             else:
-                conn.execute(tombstone_sql, (*key, *strongest, 1))
+                conn.execute(tombstone_sql, (*key, *strongest, 1, self._tombstone_horizon))
                 conn.execute(delete_sql, key)
                 outcome.rows_stale += 1
         except sqlite3.Error as exc:

@@ -235,24 +235,30 @@ def ensure_versions_table(conn: sqlite3.Connection, layout: TableLayout) -> bool
     return True
 
 
-# The tombstone horizon as an SQL scalar (0 before the first collection). A row at or below it
-# is stale: every version at or below it was applied here before tombstones were collected, so
-# the key's newest such version is either still recorded or was a collected tombstone
-# (docs/capture.md, "Tombstone collection").
-TOMBSTONE_HORIZON_SQL = (
-    f"(SELECT coalesce(max(value), 0) FROM {quote_ident(META_TABLE)} "
-    f"WHERE key = {quote_text(META_TOMBSTONE_HORIZON)})"
-)
+def tombstone_horizon(conn: sqlite3.Connection) -> int:
+    """The stored tombstone horizon (0 before the first collection). A row at or below it is
+    stale: every version at or below it was applied here before tombstones were collected, so
+    the key's newest such version is either still recorded or was a collected tombstone
+    (docs/capture.md, "Tombstone collection").
+
+    Only collection raises it, in its own write transaction, so a value read inside a write
+    transaction holds until that transaction ends: the applier reads it once per transaction
+    and passes it to the versions upsert, instead of a subquery the upsert ran for every row.
+    """
+    return int(get_meta(conn, META_TOMBSTONE_HORIZON, 0) or 0)
 
 
 def versions_upsert_sql(table: str, key_count: int) -> str:
     """Record (version, origin, deleted) for a key unless a newer or equal version is known, or
-    the version lies at or below the tombstone horizon (stale: see TOMBSTONE_HORIZON_SQL)."""
+    the version lies at or below the tombstone horizon (stale: see tombstone_horizon).
+
+    Parameters: the key values, version, origin, deleted, then the horizon of this transaction.
+    """
     keys = ", ".join(quote_ident(key_column(i)) for i in range(key_count))
     marks = ", ".join(f"?{i + 1}" for i in range(key_count + 3))
     return (
         f"INSERT INTO {quote_ident(versions_table_name(table))} ({keys}, version, origin, deleted) "
-        f"SELECT {marks} WHERE ?{key_count + 1} > {TOMBSTONE_HORIZON_SQL} "
+        f"SELECT {marks} WHERE ?{key_count + 1} > ?{key_count + 4} "
         f"ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version, "
         "origin = excluded.origin, deleted = excluded.deleted "
         "WHERE (excluded.version, excluded.origin) > (version, origin)"
@@ -265,14 +271,15 @@ def versions_upsert_numbered_sql(
     """versions_upsert_sql over numbered parameters (?N) of a whole row; `deleted` is fixed.
 
     Lets the row's own parameter list ([*values, version, origin]) feed this statement and the
-    row upsert alike, with no per-row tuple built for the versions table.
+    row upsert alike, with no per-row tuple built for the versions table. It has no horizon
+    check: the caller leaves out the rows at or below the tombstone horizon (stale), which it
+    finds with one min() over the batch's versions.
     """
     keys = ", ".join(quote_ident(key_column(i)) for i in range(len(key_params)))
     marks = ", ".join(f"?{p}" for p in key_params)
     return (
         f"INSERT INTO {quote_ident(versions_table_name(table))} ({keys}, version, origin, deleted) "
-        f"SELECT {marks}, ?{version_param}, ?{origin_param}, {int(deleted)} "
-        f"WHERE ?{version_param} > {TOMBSTONE_HORIZON_SQL} "
+        f"VALUES ({marks}, ?{version_param}, ?{origin_param}, {int(deleted)}) "
         f"ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version, "
         "origin = excluded.origin, deleted = excluded.deleted "
         "WHERE (excluded.version, excluded.origin) > (version, origin)"

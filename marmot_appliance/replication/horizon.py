@@ -7,7 +7,7 @@ node and applied here, no such write can arrive any more except as a duplicate o
 applied, so the tombstones at or below H can go. What keeps duplicates harmless afterwards is
 the horizon itself: it is stored in `_marmot_meta` in the same transaction as the first delete,
 and the applier treats every incoming row at or below it as stale (bookkeeping.py,
-TOMBSTONE_HORIZON_SQL).
+tombstone_horizon).
 
 The cluster-wide part (who computes H from what) is node/tombstone_collector.py.
 """
@@ -42,7 +42,7 @@ def _log_tables(conn: sqlite3.Connection) -> list[str]:
 
 
 def stored_horizon(conn: sqlite3.Connection) -> int:
-    return int(bk.get_meta(conn, bk.META_TOMBSTONE_HORIZON, 0) or 0)
+    return bk.tombstone_horizon(conn)
 
 
 def published_through(db_path: str | Path) -> int:
