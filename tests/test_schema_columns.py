@@ -179,3 +179,45 @@ def test_column_definitions_name_the_constraints_and_the_default():
     assert [references[c].keywords for c in "bef"] == [{"DEFAULT"}, {"DEFAULT", "NOT"}, {"DEFAULT", "COLLATE"}]
     assert references["a"].default is None  # ON DELETE SET DEFAULT is not a default
     assert [references[c].default for c in "bcdef"] == ["NULL", "-1.5e3", "x'00ff'", "+7", "(1)"]
+
+
+def test_constraint_changes_on_existing_columns_and_table_constraints_are_named(tmp_path):
+    """A COLLATE, CHECK, REFERENCES or UNIQUE that differs on a column the database has, or a
+    table constraint (UNIQUE, CHECK, FOREIGN KEY) it lacks or has undeclared: SQLite cannot
+    change these in place, so they are `!`, never ignored."""
+    db = make_db(tmp_path / "n.db", "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT CHECK (body <> ''), "
+                 "CHECK (id <> ''))", "INSERT INTO notes VALUES ('x', 'kept')")
+    declared = declare(tmp_path, (
+        "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT COLLATE NOCASE, tag TEXT,\n"
+        "                    UNIQUE (body, tag), FOREIGN KEY (tag) REFERENCES tags (name));\n"
+    ))
+    assert [c.render() for c in plan_database(declared, db)] == [
+        "! table notes: table constraint UNIQUE (body, tag) added: not supported (needs a manual migration)",
+        "! table notes: table constraint FOREIGN KEY (tag) REFERENCES tags (name) added: not supported "
+        "(needs a manual migration)",
+        "! table notes: table constraint CHECK (id <> '') removed: not supported (needs a manual migration)",
+        "! column notes.body: COLLATE NOCASE added, CHECK (body <> '') removed: not supported "
+        "(needs a manual migration)",
+        "+ column notes.tag",
+    ]
+    result = migrate_database(db, declared, skip_incompatible=True)
+    assert [c.render() for c in result.applied] == ["+ column notes.tag"]
+
+
+def test_the_same_constraints_written_differently_are_no_change(tmp_path):
+    """Case, quoting, spacing, comments and constraint names do not make a difference."""
+    db = make_db(tmp_path / "n.db", (
+        'CREATE TABLE "Notes" ("id" text primary key, body TEXT collate nocase check(length(body)<9) '
+        'references "Tags"("name") on delete set null, v as (upper(body)) virtual, '
+        "constraint one unique(id,body) on conflict replace, check(id<>'a'))"
+    ))
+    declared = declare(tmp_path, (
+        "CREATE TABLE notes (\n"
+        "    id   TEXT PRIMARY KEY,\n"
+        "    body TEXT COLLATE NOCASE CHECK (length(body) < 9) /* short */ REFERENCES tags (name) ON DELETE SET NULL,\n"
+        "    v    GENERATED ALWAYS AS (upper(body)),\n"
+        "    UNIQUE (id, body) ON CONFLICT REPLACE,\n"
+        "    CONSTRAINT not_a CHECK (id <> 'a')\n"
+        ");\n"
+    ))
+    assert plan_database(declared, db) == []

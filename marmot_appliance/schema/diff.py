@@ -5,9 +5,10 @@ Each difference is one `SchemaChange`:
   +  something to create: a table, a column (ALTER TABLE ADD COLUMN with its whole declared
      definition, add_column.py), an index, view or trigger
   ~  an index, view or trigger whose definition changed: dropped and re-created (they hold no data)
-  !  an incompatible change (a column's type, NOT NULL, default or key; a column the schema no
-     longer declares; a new column ADD COLUMN cannot add as declared, e.g. UNIQUE; a table's key
-     or WITHOUT ROWID/STRICT): never done, needs a manual migration
+  !  an incompatible change (a column's type, NOT NULL, default, key, COLLATE, CHECK, REFERENCES,
+     UNIQUE or generated expression; a column the schema no longer declares; a new column ADD
+     COLUMN cannot add as declared, e.g. UNIQUE; a table's key, WITHOUT ROWID/STRICT or
+     UNIQUE/CHECK/FOREIGN KEY table constraints): never done, needs a manual migration
   ?  a table, index, view or trigger the database has and the schema files do not: kept
 
 Only `+` and `~` carry SQL. Nothing here ever drops a table or a column.
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from marmot_appliance.replication.sqlite_util import quote_ident
 
 from .add_column import add_column_problem, add_column_sql
-from .columns import ColumnDefinition, column_definitions
+from .columns import ColumnDefinition, Constraint, TableDeclaration, read_table
 from .shape import Column, SchemaShape, Table
 from .sqltokens import SqlTextError
 
@@ -65,11 +66,44 @@ def _new_column_change(declared: Table, actual: Table, column: Column,
     return SchemaChange("+", "column", name, "", (add_column_sql(actual.name, column, definition),))
 
 
-def _declared_columns(table: Table) -> dict[str, ColumnDefinition]:
+Written = tuple[TableDeclaration, TableDeclaration]  # the declared and the database's CREATE TABLE, cut
+
+
+def _read_both(declared: Table, actual: Table) -> Written | None:
     try:
-        return column_definitions(table.sql)
+        return read_table(declared.sql), read_table(actual.sql)
     except SqlTextError:
-        return {}  # every new column of it is then a `!`, never added without part of its declaration
+        return None  # SQLite accepted both texts, so not expected; `_table_constraint_changes` says so
+
+
+def _constraint_differences(declared: tuple[Constraint, ...], actual: tuple[Constraint, ...]) -> list[str]:
+    """"X added" / "Y removed" for the constraints only one side has (compared by their keys)."""
+    declared_keys = {constraint.key for constraint in declared}
+    actual_keys = {constraint.key for constraint in actual}
+    return [f"{c.text} added" for c in declared if c.key not in actual_keys] + [
+        f"{c.text} removed" for c in actual if c.key not in declared_keys
+    ]
+
+
+def _table_constraint_changes(table: Table, written: Written | None) -> list[SchemaChange]:
+    if written is None:
+        return [SchemaChange("!", "table", table.name, f"its CREATE TABLE text could not be read to compare "
+                                                        f"the constraints ({MANUAL})")]
+    return [
+        SchemaChange("!", "table", table.name, f"table constraint {difference}: not supported ({MANUAL})")
+        for difference in _constraint_differences(written[0].constraints, written[1].constraints)
+    ]
+
+
+def _written_column_differences(name: str, written: Written | None) -> list[str]:
+    """What table_xinfo does not show: a changed COLLATE, CHECK, REFERENCES, UNIQUE or generated expression."""
+    if written is None:
+        return []
+    declared, actual = written[0].columns.get(name.lower()), written[1].columns.get(name.lower())
+    if declared is None or actual is None:
+        return []
+    constraints = _constraint_differences(declared.constraints, actual.constraints)
+    return [f"{', '.join(constraints)}: not supported"] if constraints else []
 
 
 def _column_differences(declared: Column, actual: Column) -> list[str]:
@@ -97,16 +131,16 @@ def _table_changes(declared: Table, actual: Table) -> list[SchemaChange]:
         if getattr(declared, attribute) != getattr(actual, attribute):
             label = attribute.replace("_", " ").upper()
             changes.append(SchemaChange("!", "table", declared.name, f"{label} change not supported ({MANUAL})"))
-    definitions: dict[str, ColumnDefinition] | None = None  # cut from the declared text when needed
+    written = _read_both(declared, actual)
+    changes += _table_constraint_changes(declared, written)
     for column in declared.columns:
         name = f"{declared.name}.{column.name}"
         existing = actual.column(column.name)
         if existing is None:
-            if definitions is None:
-                definitions = _declared_columns(declared)
-            changes.append(_new_column_change(declared, actual, column, definitions))
+            changes.append(_new_column_change(declared, actual, column, written[0].columns if written else {}))
             continue
-        for difference in _column_differences(column, existing):
+        differences = _column_differences(column, existing) or _written_column_differences(column.name, written)
+        for difference in differences:
             changes.append(SchemaChange("!", "column", name, f"{difference} ({MANUAL})"))
     for column in actual.columns:
         if declared.column(column.name) is None:
