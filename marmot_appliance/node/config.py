@@ -117,6 +117,7 @@ def config_from_flags(
     cluster = Cluster(
         name="marmot",
         nodes=(node,),
+        nodes_known=False,
         nats=NatsSettings(embedded=False, urls=urls, auth=NatsAuth(mode="none")),
         replication=replication,
         # Marmot saved near every max-log-entries/shards entries; ours counts across shards,

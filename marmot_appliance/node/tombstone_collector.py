@@ -39,6 +39,10 @@ from marmot_appliance.replication import horizon
 log = logging.getLogger(__name__)
 
 KV_TIMEOUT_S = 10.0
+UNKNOWN_NODES = (
+    "the other nodes: flag mode names no node list, so no horizon is safe and tombstones are kept "
+    "(run the cluster from a spec to collect them; docs/capture.md)"
+)
 RESEED_REASON = (
     "written while this node was down past the tombstone horizon (replication.tombstone_node_timeout_s): "
     "other nodes already collected the tombstones it could be ordered against; set aside, the node was re-seeded"
@@ -158,6 +162,12 @@ class TombstoneCollector:
         await self._put_own()
         records = await self.records()
         now = time.time()
+        if not runtime.cluster.nodes_known:
+            # A horizon from this node's record alone lets the applier drop a peer's delayed
+            # write as stale (tests/test_tombstone_flag_mode.py): collect nothing.
+            self.state.waiting_for, self.state.stale_nodes = [UNKNOWN_NODES], []
+            self.state.last_round = time.time()
+            return 0
         timeout = self.replication.tombstone_node_timeout_s
         published, waiting, stale = [], [], []
         for node in runtime.cluster.nodes:

@@ -208,6 +208,9 @@ class Cluster:
     observability: ObservabilitySettings = field(default_factory=ObservabilitySettings)
     deploy: DeploySettings = field(default_factory=DeploySettings)
     source: Path | None = None  # the spec file this came from, if any
+    # False in flag mode (`node -node-id N ...`): `nodes` holds this node only, the others are
+    # unknown. Whatever needs every node's word (tombstone collection) must then not act.
+    nodes_known: bool = True
 
     def node(self, name: str) -> Node:
         for node in self.nodes:
