@@ -39,6 +39,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js.api import ConsumerConfig, DeliverPolicy
 
 from marmot_appliance.errors import MarmotError
+from marmot_appliance.nats_client import NatsConnectError, open_connection
 from marmot_appliance.replication.codec import (
     MAX_ROW_BODY_BYTES,
     CodecError,
@@ -186,21 +187,6 @@ async def _connect(target: str | NatsClient, connect_options: dict | None) -> tu
     options = dict(connect_options or {})
     options.setdefault("servers", [url.strip() for url in target.split(",") if url.strip()])
     options.setdefault("connect_timeout", 5)
-    servers = options["servers"] if isinstance(options["servers"], list) else [options["servers"]]
-    # nats-py retries the first connection as long as it retries reconnects (minutes). Once
-    # connected, riding out a server restart is right; for the first connection one round over
-    # the servers is enough, so it is bounded here, remembering why each attempt failed.
-    failures: list[BaseException] = []
-    user_error_cb = options.get("error_cb")
-
-    async def record_error(exc: Exception) -> None:
-        failures[:] = [exc]  # only the latest matters; bounded for long-lived connections
-        if user_error_cb is not None:
-            await user_error_cb(exc)
-        else:
-            log.debug("nats: %s", exc)
-
-    options["error_cb"] = record_error
     opened: list[NatsClient] = []
 
     async def note_disconnect() -> None:
@@ -210,14 +196,13 @@ async def _connect(target: str | NatsClient, connect_options: dict | None) -> tu
 
     options.setdefault("disconnected_cb", note_disconnect)
     options.setdefault("reconnected_cb", _note_reconnect)
-    deadline = float(options["connect_timeout"]) * len(servers) + 1.0
+    # Once connected, riding out a server restart is right; the first connection is bounded
+    # to about one round over the servers (nats_client.open_connection), with one message.
     try:
-        connection = await asyncio.wait_for(nats.connect(**options), timeout=deadline)
-        opened.append(connection)
-    except (nats.errors.NoServersError, OSError, asyncio.TimeoutError, nats.errors.Error) as exc:
-        cause = failures[-1] if failures else exc
-        reason = str(cause) or type(cause).__name__
-        raise FeedError(f"cannot connect to NATS at {', '.join(servers)}: {reason}") from exc
+        connection = await open_connection(options, long_lived=True)
+    except NatsConnectError as exc:
+        raise FeedError(str(exc)) from exc
+    opened.append(connection)
     return connection, True
 
 

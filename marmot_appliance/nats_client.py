@@ -3,16 +3,33 @@
 One place decides servers, credentials and TLS for a spec node, so the node runtime, `status`,
 `snapshot` and `watch` connect the same way. Generated credentials live in the state directory
 (written by the local appliance with mode 0600; by the Ansible role on remote hosts).
+
+One place also opens the connection for every command (`snapshot`, `verify`, `repair`, `watch`
+and the change feed): a bounded first attempt over the servers, and one message when it fails,
+naming the servers (never a password from a URL) and the cause in words
+(`NatsConnectError`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import logging
 import ssl
 from pathlib import Path
+from typing import Any, Awaitable, Callable, TypeVar
+from urllib.parse import urlsplit
 
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.spec.model import Cluster, Node
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
+# A command tries each server twice, this far apart, then gives up with the last cause.
+COMMAND_RETRY_WAIT_S = 0.5
 
 # Generated identities (auth mode `generated`), one per node plus the read-only reader:
 #   {"nodes": {"<node>": {"user": ..., "password": ...}, ...}, "reader": {"user": ..., "password": ...}}
@@ -105,3 +122,102 @@ def connect_kwargs(
                 raise MarmotError(f"cannot load the client certificate {tls.cert} / {tls.key}: {exc}") from exc
         kwargs["tls"] = context
     return kwargs
+
+
+class NatsConnectError(MarmotError):
+    """No server accepted the connection; the message names the servers and why."""
+
+
+def shown_servers(servers: Any) -> str:
+    """The server URLs for a message or a log: any user:password@ part is left out."""
+    urls = [servers] if isinstance(servers, str) else list(servers or [])
+    shown = []
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname or ""
+            host = f"[{host}]" if ":" in host else host
+            shown.append(f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}" if parts.scheme else url)
+        except ValueError:
+            shown.append("(an unparsable URL)")
+    return ", ".join(shown) or "(no servers)"
+
+
+def failure_reason(exc: BaseException, connect_timeout_s: float | None = None) -> str:
+    """Why a connection attempt failed, in words an operator can act on."""
+    import nats.errors
+
+    text = str(exc)
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == errno.ECONNREFUSED:
+        return "connection refused (nothing listens there: is nats-server running, and is the port right?)"
+    if _is_authorization(exc):
+        return "authorization violation (the server refused these credentials: user/password, nkey or token)"
+    if isinstance(exc, (asyncio.TimeoutError, nats.errors.TimeoutError)):
+        within = f" within {connect_timeout_s:g}s" if connect_timeout_s else ""
+        return f"no answer{within}"
+    return text or type(exc).__name__
+
+
+def _is_authorization(exc: BaseException) -> bool:
+    import nats.errors
+
+    return isinstance(exc, nats.errors.AuthorizationError) or "authorization violation" in str(exc).lower()
+
+
+async def open_connection(options: dict, *, long_lived: bool = False):
+    """Connect with `options` (keyword arguments of `nats.connect()`, e.g. from connect_kwargs).
+
+    A command (`long_lived` False) tries each server twice and gives up: a typo'd port fails in
+    a second, not after nats-py's minutes of retries. A long-lived client (the change feed)
+    keeps the given reconnect settings for later, but its first connection too is bounded, to
+    about one round over the servers. Raises NatsConnectError."""
+    import nats
+    import nats.errors
+
+    options = dict(options)
+    options.setdefault("connect_timeout", DEFAULT_CONNECT_TIMEOUT_S)
+    servers = options.get("servers") or []
+    servers = [servers] if isinstance(servers, str) else list(servers)
+    timeout = float(options["connect_timeout"])
+    if long_lived:
+        deadline = timeout * max(1, len(servers)) + 1.0
+    else:
+        # allow_reconnect=False would try the first server only; one retry each over all of them.
+        options.update(allow_reconnect=True, max_reconnect_attempts=1, reconnect_time_wait=COMMAND_RETRY_WAIT_S)
+        deadline = (timeout + COMMAND_RETRY_WAIT_S) * 2 * max(1, len(servers)) + 1.0
+    failures: list[BaseException] = []  # the latest (bounded for long-lived connections)
+    refused: list[BaseException] = []  # an authorization failure: the retry's reset says less
+    caller_error_cb = options.get("error_cb")
+
+    async def remember_error(exc: BaseException) -> None:
+        # One message instead of nats-py's traceback per failed attempt.
+        failures[:] = [exc]
+        if _is_authorization(exc):
+            refused[:] = [exc]
+        if caller_error_cb is not None:
+            await caller_error_cb(exc)
+        else:
+            log.debug("nats: %s", exc)
+
+    options["error_cb"] = remember_error
+    try:
+        return await asyncio.wait_for(nats.connect(**options), timeout=deadline)
+    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
+        cause = (refused or failures or [exc])[-1]
+        raise NatsConnectError(
+            f"cannot connect to NATS at {shown_servers(servers)}: {failure_reason(cause, timeout)}"
+        ) from exc
+
+
+async def with_connection(options: dict, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work(nc)` on a command's connection, then close it. A NATS request that fails
+    becomes a MarmotError (one message at the CLI's edge, no traceback)."""
+    import nats.errors
+
+    nc = await open_connection(options)
+    try:
+        return await work(nc)
+    except (nats.errors.Error, asyncio.TimeoutError) as exc:
+        raise MarmotError(f"NATS request failed: {exc!r}") from exc
+    finally:
+        await nc.close()

@@ -22,7 +22,6 @@ from pathlib import Path
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.snapshots.errors import SnapshotUpToDate
 
-CONNECT_TIMEOUT_S = 10.0
 JS_TIMEOUT_S = 30.0
 
 
@@ -112,28 +111,9 @@ def _resolve(args: argparse.Namespace, needs_db: bool):
 
 
 async def _with_jetstream(connect_kwargs: dict, work):
-    import nats
-    import nats.errors
+    from marmot_appliance.nats_client import with_connection
 
-    errors: list[BaseException] = []
-
-    async def remember_error(exc: BaseException) -> None:
-        # nats-py's default handler prints a traceback per failed server; one message is enough.
-        errors.append(exc)
-
-    kwargs = {"connect_timeout": CONNECT_TIMEOUT_S, "max_reconnect_attempts": 2, "allow_reconnect": False,
-              **connect_kwargs, "error_cb": remember_error}
-    try:
-        nc = await nats.connect(**kwargs)
-    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
-        cause = errors[-1] if errors else exc
-        raise MarmotError(f"cannot connect to NATS at {', '.join(kwargs.get('servers', []))}: {cause}") from exc
-    try:
-        return await work(nc.jetstream(timeout=JS_TIMEOUT_S))
-    except (nats.errors.Error, asyncio.TimeoutError) as exc:
-        raise MarmotError(f"NATS request failed: {exc!r}") from exc
-    finally:
-        await nc.close()
+    return await with_connection(connect_kwargs, lambda nc: work(nc.jetstream(timeout=JS_TIMEOUT_S)))
 
 
 def _require_db(node) -> Path:

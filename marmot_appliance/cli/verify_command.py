@@ -20,7 +20,6 @@ from marmot_appliance.errors import MarmotError, SpecError
 
 EXIT_UNDECIDED = 2
 DEFAULT_BUCKETS = 4096  # = verify.compare.DEFAULT_BUCKETS (not imported here: keeps the CLI start light)
-CONNECT_TIMEOUT_S = 10.0
 
 
 def _positive_float(text: str) -> float:
@@ -111,74 +110,40 @@ def resolve_target(args: argparse.Namespace) -> VerifyTarget:
                         None)
 
 
-async def connected(target: VerifyTarget, work):
-    import nats
-    import nats.errors
+def _run(args: argparse.Namespace, check, to_json, to_text) -> int:
+    """verify and repair alike: resolve the target, connect, run `check(client, ...)` (verify_cluster
+    or repair_cluster), print its outcome; any error is one message and exit 2 (undecided)."""
+    from marmot_appliance.nats_client import with_connection
+    from marmot_appliance.verify.client import VerifyClient
 
-    errors: list[BaseException] = []
-
-    async def remember_error(exc: BaseException) -> None:
-        errors.append(exc)  # one message instead of nats-py's traceback per failed server
-
-    kwargs = {"connect_timeout": CONNECT_TIMEOUT_S, "max_reconnect_attempts": 2, "allow_reconnect": False,
-              **target.connect, "error_cb": remember_error}
     try:
-        nc = await nats.connect(**kwargs)
-    except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
-        cause = errors[-1] if errors else exc
-        raise MarmotError(f"cannot connect to NATS at {', '.join(kwargs.get('servers', []))}: {cause}") from exc
-    try:
-        return await work(nc)
-    except (nats.errors.Error, asyncio.TimeoutError) as exc:
-        raise MarmotError(f"NATS request failed: {exc!r}") from exc
-    finally:
-        await nc.close()
+        target = resolve_target(args)
+
+        async def work(nc):
+            client = VerifyClient(nc, target.stream_prefix, request_timeout_s=max(10.0, args.timeout))
+            return await check(client, target.expected, args.table, args.timeout, args.buckets,
+                               args.discover_s, args.expect_nodes)
+
+        outcome = asyncio.run(with_connection(target.connect, work))
+    except SpecError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_UNDECIDED
+    except MarmotError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNDECIDED
+    print(to_json(outcome) if args.output == "json" else to_text(outcome))
+    return outcome.exit_code
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from marmot_appliance.verify.client import VerifyClient
     from marmot_appliance.verify.compare import verify_cluster
     from marmot_appliance.verify.report import report_to_json, report_to_text
 
-    try:
-        target = resolve_target(args)
-
-        async def work(nc):
-            client = VerifyClient(nc, target.stream_prefix, request_timeout_s=max(10.0, args.timeout))
-            return await verify_cluster(client, target.expected, args.table, args.timeout, args.buckets,
-                                        args.discover_s, args.expect_nodes)
-
-        report = asyncio.run(connected(target, work))
-    except SpecError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_UNDECIDED
-    except MarmotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNDECIDED
-    print(report_to_json(report) if args.output == "json" else report_to_text(report))
-    return report.exit_code
+    return _run(args, verify_cluster, report_to_json, report_to_text)
 
 
 def run_repair(args: argparse.Namespace) -> int:
-    from marmot_appliance.verify.client import VerifyClient
     from marmot_appliance.verify.repair import repair_cluster, repair_to_json, repair_to_text
 
-    try:
-        target = resolve_target(args)
-
-        async def work(nc):
-            client = VerifyClient(nc, target.stream_prefix, request_timeout_s=max(10.0, args.timeout))
-            return await repair_cluster(client, target.expected, args.table, args.timeout, args.buckets,
-                                        args.discover_s, args.expect_nodes)
-
-        outcome = asyncio.run(connected(target, work))
-    except SpecError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EXIT_UNDECIDED
-    except MarmotError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_UNDECIDED
-    print(repair_to_json(outcome) if args.output == "json" else repair_to_text(outcome))
-    return outcome.exit_code
+    return _run(args, repair_cluster, repair_to_json, repair_to_text)

@@ -38,6 +38,7 @@ import nats.errors
 import nats.js.errors
 
 from marmot_appliance.errors import DatabaseStateError, MarmotError
+from marmot_appliance.nats_client import failure_reason, shown_servers
 from marmot_appliance.node import snapshot_bridge
 from marmot_appliance.node.config import NodeConfig
 from marmot_appliance.node.db_lock import DatabaseLock
@@ -288,9 +289,10 @@ class NodeRuntime:
             except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
                 attempt += 1
                 delay = min(5.0, 0.2 * 2 ** min(attempt, 5))
-                servers = ", ".join(kwargs.get("servers") or [])
+                servers = shown_servers(kwargs.get("servers"))  # never a password from a URL in the log
                 level = logging.WARNING if attempt <= 3 or attempt % 20 == 0 else logging.DEBUG
-                log.log(level, "cannot reach NATS at %s (%s); retrying in %.1fs", servers, exc or type(exc).__name__, delay)
+                log.log(level, "cannot reach NATS at %s: %s; retrying in %.1fs", servers,
+                        failure_reason(exc, kwargs.get("connect_timeout")), delay)
                 try:
                     await asyncio.wait_for(stop.wait(), delay)
                 except asyncio.TimeoutError:
