@@ -5,11 +5,10 @@ Real nats-server, real node runtimes (in-process), real SQLite files.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import replace
 
 from marmot_appliance.node.runtime import NodeRuntime
-from tests.replication_cluster import InProcessNode, execute, table_rows, wait_until
+from tests.replication_cluster import InProcessNode, execute, log_rows, table_rows, wait_until
 
 SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v)"
 
@@ -39,14 +38,6 @@ class FlaggedNode(InProcessNode):
         return self
 
 
-def _log_rows(db) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT count(*) FROM _marmot_log_kv").fetchone()[0]
-    finally:
-        conn.close()
-
-
 async def test_publish_false_does_not_grow_the_change_log(nats_server, wal_db):
     """Before: every local write stayed in _marmot_log_kv forever (nobody publishes it)."""
     source = wal_db("quiet.db", SCHEMA)
@@ -56,7 +47,7 @@ async def test_publish_false_does_not_grow_the_change_log(nats_server, wal_db):
     try:
         for round_ in range(3):
             execute(source, "INSERT INTO kv VALUES (?, ?)", [(f"r{round_}-{i}", i) for i in range(200)], many=True)
-            await wait_until(lambda: _log_rows(source) == 0, 30, 0.2, "the unpublished log to be emptied")
+            await wait_until(lambda: log_rows(source, "kv") == 0, 30, 0.2, "the unpublished log to be emptied")
         execute(sink, "INSERT INTO kv VALUES ('from-2', 1)")  # still applies what others write
         await wait_until(lambda: ("from-2", 1) in table_rows(source, "kv"), what="node 2's row on the quiet node")
         assert table_rows(sink, "kv") == [("from-2", 1)]  # and published nothing
@@ -74,7 +65,7 @@ async def test_replicate_false_forgets_acknowledged_sequences(nats_server, wal_d
     try:
         for i in range(20):
             execute(db, "INSERT INTO kv VALUES (?, ?)", (f"k{i}", i))
-            await wait_until(lambda: _log_rows(db) == 0, 30, 0.05, "the row to be published")
+            await wait_until(lambda: log_rows(db, "kv") == 0, 30, 0.05, "the row to be published")
         published = (await writer.runtime.js.stream_info(writer.runtime.replication.stream_name(1))).state.messages
         assert published >= 2
         remembered = sum(len(seqs) for seqs in writer.runtime.own_publishes._seqs.values())

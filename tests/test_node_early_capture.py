@@ -5,44 +5,21 @@ Real nats-servers, real `marmot-appliance node` processes, real SQLite files.
 
 from __future__ import annotations
 
-import os
-import subprocess
-from dataclasses import dataclass
 
 import nats
 
 from marmot_appliance.node.config import config_from_flags
 from marmot_appliance.snapshots import save_snapshot
-from tests.harness import free_ports
 from tests.replication_cluster import (
     InProcessNode,
     SubprocessNode,
     execute,
-    node_command,
     table_rows,
     wait_converged,
     wait_until,
 )
 
 SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v)"
-
-
-@dataclass
-class ArgsNode(SubprocessNode):
-    extra: tuple[str, ...] = ()
-
-    def start(self) -> "ArgsNode":
-        if not self.metrics_port:
-            self.metrics_port = free_ports(1)[0]
-        argv = node_command(self.node_id, self.db, self.nats_url, self.shards, self.replicas, self.metrics_port,
-                            extra=list(self.extra))
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        finally:
-            log.close()
-        return self
 
 
 async def test_writes_while_nats_is_unreachable_at_first_start_are_published(nats_cluster, wal_db, tmp_path):
@@ -53,7 +30,7 @@ async def test_writes_while_nats_is_unreachable_at_first_start_are_published(nat
     db1, db2 = wal_db("n1.db", SCHEMA), wal_db("n2.db", SCHEMA)
     urls = nats_cluster.urls
     node1 = await InProcessNode(1, db1, ",".join(urls[:2]), shards=2, replicas=1).start()
-    node2 = ArgsNode(2, db2, urls[2], tmp_path / "n2.log", shards=2, replicas=1).start()
+    node2 = SubprocessNode(2, db2, urls[2], tmp_path / "n2.log", shards=2, replicas=1).start()
     try:
         await wait_until(lambda: node2.health() is not None, 60, 0.1, "node 2 to serve /health")
         health = node2.health()
@@ -80,8 +57,8 @@ async def test_boot_restore_does_not_replace_rows_the_cluster_does_not_know(nats
     """Before: a new node whose database already held rows restored the newest snapshot at its
     first start and those rows vanished (kept only in a .before-restore side file)."""
     db1, db2 = wal_db("n1.db", SCHEMA), wal_db("n2.db", SCHEMA)
-    snapshot_flags = ("-enable-snapshot=true",)
-    node1 = ArgsNode(1, db1, nats_server.url, tmp_path / "n1.log", shards=1, replicas=1, extra=snapshot_flags).start()
+    snapshot_flags = ["-enable-snapshot=true"]
+    node1 = SubprocessNode(1, db1, nats_server.url, tmp_path / "n1.log", shards=1, replicas=1, extra=snapshot_flags).start()
     try:
         await node1.wait_healthy()
         execute(db1, "INSERT INTO kv VALUES (?, ?)", [(f"cluster-{i}", i) for i in range(10)], many=True)
@@ -95,7 +72,7 @@ async def test_boot_restore_does_not_replace_rows_the_cluster_does_not_know(nats
             await nc.close()
         # The application wrote into node 2's file before node 2 ever ran.
         execute(db2, "INSERT INTO kv VALUES (?, ?)", [(f"local-{i}", i) for i in range(5)], many=True)
-        node2 = ArgsNode(2, db2, nats_server.url, tmp_path / "n2.log", shards=1, replicas=1,
+        node2 = SubprocessNode(2, db2, nats_server.url, tmp_path / "n2.log", shards=1, replicas=1,
                          extra=snapshot_flags).start()
         try:
             await node2.wait_healthy(90)

@@ -11,7 +11,6 @@ the metrics name the origin and the skew.
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import nats
 
@@ -37,11 +36,6 @@ async def _publish(url: str, subject: str, *rows: RowChange) -> None:
         await nc.drain()
 
 
-def _metrics(node: SubprocessNode) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5) as response:
-        return response.read().decode()
-
-
 async def test_versions_from_the_future_neither_pin_clocks_nor_break_application_writes(nats_server, wal_db, tmp_path):
     dbs = [wal_db(f"n{i}.db", SCHEMA) for i in (1, 2, 3)]
     nodes = [SubprocessNode(i, db, nats_server.url, tmp_path / f"n{i}.log", shards=1, replicas=1).start()
@@ -64,7 +58,7 @@ async def test_versions_from_the_future_neither_pin_clocks_nor_break_application
             health = node.health()
             assert health["status"] == "unhealthy"  # HTTP 503: it cannot converge with node 9 yet
             assert 500 < health["clock_skew"]["held"][str(FOREIGN_NODE)]["ahead_s"] <= 600
-            metrics = _metrics(node)
+            metrics = node.metrics()
             assert f'marmot_clock_skew_held_rows{{origin="{FOREIGN_NODE}"}} 1' in metrics
             assert f'marmot_clock_skew_seconds{{origin="{FOREIGN_NODE}"}}' in metrics
             assert f'marmot_clock_skew_dead_letters_total{{origin="{FOREIGN_NODE}"}} 2' in metrics

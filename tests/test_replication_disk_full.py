@@ -84,17 +84,10 @@ async def test_disk_full_is_retried_reported_and_recovered_without_loss(nats_ser
         await wait_until(lambda: count(dbs[1], "SELECT count(*) FROM blobs") == ROWS, 120, 0.2, "all rows on node 2")
         await wait_until(lambda: (nodes[1].health() or {}).get("status") == "ok", 60, 0.2, "node 2 healthy again")
         assert count(dbs[1], f'SELECT count(*) FROM "{DEAD_LETTER_TABLE}"') == 0
-        assert "marmot_apply_blocked" in metrics_text(nodes[1])
+        assert "marmot_apply_blocked" in nodes[1].metrics()
     finally:
         for node in nodes:
             node.terminate()
-
-
-def metrics_text(node: SubprocessNode) -> str:
-    import urllib.request
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5) as response:
-        return response.read().decode()
 
 
 def test_a_full_database_raises_the_full_error_not_a_savepoint_error(tmp_path):

@@ -12,69 +12,33 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
-import subprocess
-import urllib.request
-from dataclasses import dataclass
 
 import nats
 
 from marmot_appliance.appliance.health import NodeHealth
 from marmot_appliance.appliance.status import NodeStatus, ProcessStatus, render_status_text
 from marmot_appliance.node.config import config_from_flags
-from tests.harness import free_ports
-from tests.replication_cluster import SubprocessNode, digest, execute, node_command, wait_converged, wait_until
+from tests.replication_cluster import (
+    SubprocessNode,
+    digest,
+    execute,
+    log_rows,
+    positions,
+    wait_converged,
+    wait_until,
+)
 
 SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v)"
 MAX_LOG_ENTRIES = 20
 SHARDS = 2
 
 
-@dataclass
-class FlagNode(SubprocessNode):
-    """A node process with its own NATS URLs and snapshot switch."""
-
-    snapshots: bool = False
-
-    def start(self) -> "FlagNode":
-        if not self.metrics_port:
-            self.metrics_port = free_ports(1)[0]
-        argv = node_command(self.node_id, self.db, self.nats_url, SHARDS, 3, self.metrics_port, extra=[
-            "-max-log-entries", str(MAX_LOG_ENTRIES), f"-enable-snapshot={'true' if self.snapshots else 'false'}",
-        ])
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        finally:
-            log.close()
-        return self
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
-
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
+def flags(snapshots: bool) -> list[str]:
+    """A node with a short log (retention drops entries soon) and its snapshot switch."""
+    return ["-max-log-entries", str(MAX_LOG_ENTRIES), f"-enable-snapshot={'true' if snapshots else 'false'}"]
 
 
-def positions(db) -> dict[str, int]:
-    conn = sqlite3.connect(db)
-    try:
-        return dict(conn.execute("SELECT stream, seq FROM _marmot_positions").fetchall())
-    finally:
-        conn.close()
-
-
-def log_rows(db) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT count(*) FROM _marmot_log_kv").fetchone()[0]
-    finally:
-        conn.close()
-
-
-async def wait_for_gaps(node: FlagNode, what: str) -> dict:
+async def wait_for_gaps(node: SubprocessNode, what: str) -> dict:
     def gapped():
         if not node.alive():
             raise AssertionError(f"node {node.node_id} exited ({what}): {node.log_path.read_text()[-3000:]}")
@@ -89,8 +53,8 @@ async def test_a_gap_is_held_reported_and_closed_by_a_requested_snapshot(nats_cl
     rows missing for good) and the node exited 1 at every start."""
     db1, db2 = wal_db("n1.db", SCHEMA), wal_db("n2.db", SCHEMA)
     urls = nats_cluster.urls
-    n1 = FlagNode(1, db1, ",".join(urls[:2]), tmp_path / "n1.log", shards=SHARDS).start()
-    n2 = FlagNode(2, db2, ",".join(urls), tmp_path / "n2.log", shards=SHARDS, snapshots=True).start()
+    n1 = SubprocessNode(1, db1, ",".join(urls[:2]), tmp_path / "n1.log", shards=SHARDS, extra=flags(False)).start()
+    n2 = SubprocessNode(2, db2, ",".join(urls), tmp_path / "n2.log", shards=SHARDS, extra=flags(True)).start()
     try:
         await n1.wait_healthy()
         await n2.wait_healthy()
@@ -114,7 +78,7 @@ async def test_a_gap_is_held_reported_and_closed_by_a_requested_snapshot(nats_cl
                 execute(db1, "INSERT INTO kv VALUES (?, ?)", (f"k{i}", i))
                 if i % 10 == 0:
                     await asyncio.sleep(0.05)  # separate publish rounds: many messages per shard
-            await wait_until(lambda: log_rows(db1) == 0, 60, 0.2, "n1 to publish everything")
+            await wait_until(lambda: log_rows(db1, "kv") == 0, 60, 0.2, "n1 to publish everything")
         finally:
             os.kill(n2.process.pid, signal.SIGCONT)
         await wait_for_gaps(n2, "run time")
@@ -155,7 +119,7 @@ async def test_a_gap_is_held_reported_and_closed_by_a_requested_snapshot(nats_cl
 
         # -- recovery without an operator: n1 (positions cover the gap) serves the request --
         assert n1.terminate() == 0
-        n1.snapshots = True
+        n1.extra = flags(True)
         n1.start()
         await n1.wait_healthy()
         await n2.wait_healthy(120)

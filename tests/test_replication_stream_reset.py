@@ -8,31 +8,22 @@ real `marmot-appliance node` processes, real SQLite files.
 
 from __future__ import annotations
 
-import sqlite3
 import urllib.request
 
 import nats
 
-from tests.replication_cluster import SubprocessNode, execute, table_rows, wait_converged, wait_until
+from tests.replication_cluster import (
+    SubprocessNode,
+    execute,
+    log_rows,
+    positions,
+    table_rows,
+    wait_converged,
+    wait_until,
+)
 
 SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v)"
 STREAM = "marmot-changes-1"
-
-
-def positions(db) -> dict[str, int]:
-    conn = sqlite3.connect(db)
-    try:
-        return dict(conn.execute("SELECT stream, seq FROM _marmot_positions").fetchall())
-    finally:
-        conn.close()
-
-
-def pending(db) -> int:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT count(*) FROM _marmot_log_kv").fetchone()[0]
-    finally:
-        conn.close()
 
 
 async def test_a_recreated_stream_is_replayed_and_own_rows_republished(nats_server, wal_db, tmp_path):
@@ -49,7 +40,7 @@ async def test_a_recreated_stream_is_replayed_and_own_rows_republished(nats_serv
         # n2 writes a row that n1 never applies before the stream is lost.
         n1.terminate()
         execute(db2, "INSERT INTO kv VALUES ('only-on-2', 1)")
-        await wait_until(lambda: pending(db2) == 0, 30, 0.1, "n2 to publish its row")
+        await wait_until(lambda: log_rows(db2, "kv") == 0, 30, 0.1, "n2 to publish its row")
         n2.terminate()
         assert positions(db2)[STREAM] >= 2
 

@@ -17,7 +17,6 @@ Timing-dependent: the test repeats the restore RESTORES_WANTED times.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sqlite3
 import threading
@@ -34,8 +33,7 @@ from marmot_appliance.appliance.status import NodeStatus, ProcessStatus, render_
 from marmot_appliance.natsd.process import fetch_monitor_json, wait_for_meta_leader
 from marmot_appliance.node.config import config_from_flags
 from marmot_appliance.snapshots import save_snapshot
-from tests.harness import free_ports
-from tests.replication_cluster import SubprocessNode, digest, node_command, wait_until
+from tests.replication_cluster import SubprocessNode, digest, positions, wait_until
 
 SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, origin INTEGER NOT NULL, body TEXT NOT NULL);"
 SHARDS = 4
@@ -45,30 +43,8 @@ OUTAGE_S = 1.0
 TRUNCATE_MARGIN = 20
 
 
-class SnapshotSubprocessNode(SubprocessNode):
-    """A node process with snapshots enabled (restores on a gap; never saves on its own here)."""
-
-    def start(self) -> "SnapshotSubprocessNode":
-        import subprocess
-
-        if not self.metrics_port:
-            self.metrics_port = free_ports(1)[0]
-        argv = node_command(self.node_id, self.db, self.nats_url, self.shards, self.replicas, self.metrics_port,
-                            extra=["-enable-snapshot=true"])
-        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        try:
-            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        finally:
-            log.close()
-        return self
-
-    def signal(self, sig: int) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, sig)
-
-    def restores_logged(self) -> int:
-        return self.log_path.read_text(errors="replace").count("restored snapshot ")
+def restores_logged(node: SubprocessNode) -> int:
+    return node.log_path.read_text(errors="replace").count("restored snapshot ")
 
 
 class Writer(threading.Thread):
@@ -137,15 +113,6 @@ async def truncate_to(js, stream: str, covered: int) -> int:
     return (await settled(lambda: js.stream_info(stream))).state.first_seq - 1
 
 
-def position(db: Path, stream: str) -> int:
-    conn = sqlite3.connect(db, timeout=30)
-    try:
-        row = conn.execute("SELECT seq FROM _marmot_positions WHERE stream = ?", (stream,)).fetchone()
-        return int(row[0]) if row else 0
-    finally:
-        conn.close()
-
-
 def ids_in(db: Path) -> set[str]:
     conn = sqlite3.connect(db, timeout=30)
     try:
@@ -159,7 +126,8 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
     dbs = [wal_db(f"n{i}.db", SCHEMA) for i in (1, 2, 3)]
     # Nodes 1 and 2 may use any server; node 3 only the third, which the test takes away.
     urls = [",".join(nats_cluster.urls[:2]), ",".join(nats_cluster.urls[:2]), nats_cluster.urls[2]]
-    nodes = [SnapshotSubprocessNode(i, db, url, tmp_path / f"n{i}.log", shards=SHARDS)
+    # Snapshots on: restores on a gap (never saves on its own here).
+    nodes = [SubprocessNode(i, db, url, tmp_path / f"n{i}.log", shards=SHARDS, extra=["-enable-snapshot=true"])
              for i, db, url in zip((1, 2, 3), dbs, urls)]
     flags = dict(db_path=str(dbs[0]), node_id=1, nats_url=nats_cluster.url, shards=SHARDS, log_replicas=3,
                  max_log_entries=100_000)
@@ -178,7 +146,7 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
             w.start()
         while restores < RESTORES_WANTED and rounds < MAX_ROUNDS:
             rounds += 1
-            before = nodes[2].restores_logged()
+            before = restores_logged(nodes[2])
             (server,) = await wait_until(lambda: [i for i in [server_of(nats_cluster, "marmot-node-3")] if i is not None],
                                          60, 0.2, "node 3 to be connected")
             # Node 3 frozen and its server gone: what was written from now on never reached it.
@@ -187,7 +155,7 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
                 await asyncio.to_thread(nats_cluster.processes[server].stop)
                 await asyncio.sleep(OUTAGE_S)
                 last = (await settled(lambda: js.stream_info(gap_stream))).state.last_seq
-                await wait_until(lambda: position(dbs[0], gap_stream) >= last, 60, 0.1,
+                await wait_until(lambda: positions(dbs[0]).get(gap_stream, 0) >= last, 60, 0.1,
                                  "node 1 to reach the newest shard-1 entry")
                 info = await settled(lambda: save_snapshot(js, cluster, saver, dbs[0], force=True))
                 purged_through = await truncate_to(js, gap_stream, info.positions[gap_stream])
@@ -200,12 +168,12 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
                 nodes[2].signal(signal.SIGCONT)
 
             async def restored_or_caught_up() -> bool:
-                if nodes[2].restores_logged() > before:
+                if restores_logged(nodes[2]) > before:
                     return True
-                return position(dbs[2], gap_stream) >= purged_through  # it had everything before the truncation
+                return positions(dbs[2]).get(gap_stream, 0) >= purged_through  # it had everything before the truncation
 
             await wait_until(restored_or_caught_up, 120, 0.2, "node 3 to restore or catch up")
-            if nodes[2].restores_logged() > before:
+            if restores_logged(nodes[2]) > before:
                 restores += 1
         assert restores >= RESTORES_WANTED, f"only {restores} restore(s) in {rounds} rounds"
         for w in writers:
