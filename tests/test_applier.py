@@ -11,6 +11,7 @@ import pytest
 
 from marmot_appliance.replication.applier import BatchApplier, decode_parked_change, reset_own_origin_horizon
 from marmot_appliance.replication.capture import ChangeCapture
+from marmot_appliance.replication.codec import GroupedBatch, decode_for_apply, encode_batch
 from marmot_appliance.replication.digest import table_digest
 from marmot_appliance.replication.sqlite_util import DatabaseBusyError
 from marmot_appliance.replication.types import DEAD_LETTER_TABLE, ChangeBatch, RowChange
@@ -138,6 +139,41 @@ def test_delete_is_a_tombstone_that_stale_writes_cannot_undo(wal_db):
         assert rows_of(db) == {}
         newer = applier.apply(batch(up("t", "a", "reborn", BASE + 4, 3)), "s", 6)
         assert newer.rows_applied == 1 and rows_of(db) == {"a": "reborn"}
+
+
+def wire(change_batch: ChangeBatch) -> GroupedBatch:
+    """The batch as a receiver gets it from the stream: row groups, applied set-based."""
+    keyed = ChangeBatch(origin=change_batch.origin, rows=change_batch.rows,
+                        primary_keys={row.table: ("k",) for row in change_batch.rows})
+    grouped = decode_for_apply(encode_batch(keyed))
+    assert isinstance(grouped, GroupedBatch)
+    return grouped
+
+
+def test_row_groups_apply_only_the_rows_that_win(wal_db):
+    """The set-based path (GroupedBatch) leaves out its row guard only when every row of a group
+    won its key; a stale row, a key a batch carries twice, or a tombstone keeps it."""
+    db = wal_db(schema=SCHEMA + "CREATE TABLE audit (v); CREATE TRIGGER t_ins AFTER INSERT ON t "
+                "BEGIN INSERT INTO audit VALUES (NEW.v); END; CREATE TRIGGER t_upd AFTER UPDATE ON t "
+                "BEGIN INSERT INTO audit VALUES (NEW.v); END;")
+    with BatchApplier(db, 9) as applier:
+        fresh = applier.apply(wire(batch(up("t", "a", "a10", BASE + 10, 2), up("t", "b", "b10", BASE + 10, 2))), "s", 1)
+        assert fresh.rows_applied == 2 and rows_of(db) == {"a": "a10", "b": "b10"}
+        # One stale row among fresh ones: only the fresh one lands.
+        mixed = applier.apply(wire(batch(up("t", "a", "a5", BASE + 5, 3), up("t", "b", "b11", BASE + 11, 3))), "s", 2)
+        assert (mixed.rows_applied, mixed.rows_stale) == (1, 1)
+        assert rows_of(db) == {"a": "a10", "b": "b11"}
+        # A key twice in one batch, older first: both win their versions in turn, only the newer
+        # row is written (the application's trigger sees one write, not two).
+        connect(db).execute("DELETE FROM audit")
+        applier.apply(wire(batch(up("t", "c", "c20", BASE + 20, 2), up("t", "c", "c21", BASE + 21, 2))), "s", 3)
+        assert rows_of(db)["c"] == "c21"
+        assert connect(db).execute("SELECT v FROM audit").fetchall() == [("c21",)]
+        # A tombstone keeps a late, older insert out.
+        applier.apply(wire(batch(delete("t", "a", BASE + 30, 2))), "s", 4)
+        late = applier.apply(wire(batch(up("t", "a", "a25", BASE + 25, 1), up("t", "d", "d25", BASE + 25, 1))), "s", 5)
+        assert (late.rows_applied, late.rows_stale) == (1, 1)
+        assert rows_of(db) == {"b": "b11", "c": "c21", "d": "d25"}
 
 
 def test_unpublished_local_write_beats_an_older_remote_one(wal_db):

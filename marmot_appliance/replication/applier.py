@@ -10,7 +10,9 @@ One batch (or several) = one SQLite transaction (BEGIN IMMEDIATE) that
      winner of every key this batch touches, including duplicates within the batch;
   4. applies exactly the rows that won (INSERT ... ON CONFLICT(pk) DO UPDATE SET <columns>, or
      DELETE), each guarded by "the versions table holds my (version, origin)"; an upsert is a
-     full row image: local columns it does not carry are set to their DEFAULT;
+     full row image: local columns it does not carry are set to their DEFAULT. When every row
+     of a group won its versions record and no two rows share a key, the guard holds for all
+     of them and the group goes through the same statement without it (cheaper per row);
   5. advances the hybrid clock to the newest version received, writes the stream position, and
      deletes the marker, then commits.
 
@@ -214,6 +216,10 @@ class _RowPlan:
     deleted: int = 0
     # The versions upsert over a GroupedBatch row ([*values, version, origin], numbered params).
     grouped_versions_sql: str = ""
+    # The row statement without the "versions table holds my version" guard, over the same
+    # parameters, for a group whose every row won (see _apply_groups); "" when not allowed.
+    unguarded_sql: str = ""
+    grouped_key: object = None  # grouped row -> its key (a value, or a tuple for a composite key)
 
 
 class _VersionGetters(dict):
@@ -640,10 +646,15 @@ class BatchApplier:
         version_param, origin_param = n + 1, n + 2
         key_params = [p + 1 for p in key_positions]
         winner = bk.recorded_version_sql(layout.name, key_params, version_param, origin_param)
+        # The unguarded statements name the version and origin parameters in a condition that
+        # always holds (both are integers: the decoder checks), only because sqlite3 requires
+        # every parameter of a row to be numbered in the statement.
+        always = f"?{version_param} IS NOT NULL AND ?{origin_param} IS NOT NULL"
         table = quote_ident(layout.name)
         if op == "delete":
             match = " AND ".join(f"{quote_ident(col)} = ?{p}" for col, p in zip(layout.primary_key, key_params))
             apply_sql = f"DELETE FROM {table} WHERE {match} AND {winner}"
+            unguarded_sql = f"DELETE FROM {table} WHERE {match} AND {always}"
             deleted = 1
         else:
             targets = ", ".join(quote_ident(local_columns[col]) for col in incoming)
@@ -672,11 +683,22 @@ class BatchApplier:
                 f"INSERT INTO {table} ({targets}) SELECT {params} WHERE {winner} "
                 f"ON CONFLICT ({conflict}) {on_conflict}"
             )
+            # VALUES, not SELECT: SQLite runs INSERT ... SELECT through a co-routine, which
+            # costs more per row than the guard's lookup itself.
+            unguarded_sql = (
+                f"INSERT INTO {table} ({targets}) VALUES ({params}) "
+                f"ON CONFLICT ({conflict}) DO UPDATE SET {', '.join(updates)} WHERE {always}"
+                if updates else ""
+            )
             deleted = 0
         if len(key_positions) == 1:
             key_of = _single_key(key_positions[0])
         else:
             key_of = operator.itemgetter(*key_positions)
+        # Unguarded apply needs "two rows are one key in the versions table" to imply "equal in
+        # Python" (the duplicate check in _apply_groups): true for BINARY keys, not NOCASE/RTRIM.
+        if any(collation.upper() != "BINARY" for collation in layout.pk_collations):
+            unguarded_sql = ""
         return _RowPlan(
             "apply",
             table=layout.name,
@@ -687,6 +709,8 @@ class BatchApplier:
             grouped_versions_sql=bk.versions_upsert_numbered_sql(
                 layout.name, key_params, version_param, origin_param, deleted
             ),
+            unguarded_sql=unguarded_sql,
+            grouped_key=operator.itemgetter(*key_positions),
         )
 
     # -- rows ----------------------------------------------------------------------------------
@@ -727,13 +751,18 @@ class BatchApplier:
         conn.execute("SAVEPOINT marmot_batch")
         try:
             won = total = 0
+            statements = []
             # All version records first (see _apply_rows), then the rows that won.
             for plan, recorded, params in work:
-                if recorded:
-                    won += max(conn.executemany(plan.grouped_versions_sql, recorded).rowcount, 0)
+                group_won = max(conn.executemany(plan.grouped_versions_sql, recorded).rowcount, 0) if recorded else 0
+                won += group_won
                 total += len(params)
-            for plan, _, params in work:
-                conn.executemany(plan.apply_sql, params)
+                statements.append(
+                    plan.unguarded_sql if group_won == len(params) and self._keys_unique(plan, params, work)
+                    else plan.apply_sql
+                )
+            for (_, _, params), statement in zip(work, statements):
+                conn.executemany(statement, params)
         except sqlite3.Error as exc:
             rollback_to_savepoint(conn, "marmot_batch", exc)
             if is_busy_error(exc) or is_environment_error(exc):
@@ -748,6 +777,20 @@ class BatchApplier:
         conn.execute("RELEASE marmot_batch")
         outcome.rows_applied += won
         outcome.rows_stale += total - won
+
+    @staticmethod
+    def _keys_unique(plan: _RowPlan, params: list, work: list) -> bool:
+        """Whether every row of a group whose versions upsert all won still holds its key's record.
+
+        Each row then wrote its own (version, origin) into the versions table, and only a later
+        row of the same key in this batch could have replaced it: none when the group's keys are
+        distinct and no other group of the batch goes to the same table. Then the guard of the
+        row statement holds for every row and can be left out (plan.unguarded_sql).
+        """
+        if not plan.unguarded_sql or sum(1 for other, _, _ in work if other.table == plan.table) != 1:
+            return False
+        keys = list(map(plan.grouped_key, params))
+        return len(set(keys)) == len(keys)
 
     def _apply_rows(self, rows: Sequence[RowChange], outcome: ApplyOutcome, stream: str, seq: int) -> None:
         """Apply one batch's rows (inside the open transaction), parking/ignoring as planned."""
