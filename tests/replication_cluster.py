@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -45,6 +46,32 @@ def table_rows(db: Path, table: str) -> list[tuple]:
     finally:
         conn.close()
     return sorted(rows, key=repr)
+
+
+def external_nats_spec(cluster: str, urls: list[str], dbs: dict[str, Path], ports: dict[str, int] | None = None, *,
+                       replication: str = "{shards: 1, log_replicas: 1}", snapshots: str = "{enabled: false}") -> str:
+    """A cluster spec for node processes on the tests' own nats-server(s): node `name` of `dbs`
+    gets id 1, 2, ... in order, and its metrics port from `ports` (else the default)."""
+    nodes = "\n".join(
+        f"  - {{name: {name}, id: {i}, host: 127.0.0.1, db: {db}"
+        + (f", ports: {{metrics: {ports[name]}}}" if ports else "")
+        + "}"
+        for i, (name, db) in enumerate(dbs.items(), 1)
+    )
+    return textwrap.dedent(
+        f"""\
+        apiVersion: marmot-appliance/v1
+        kind: Cluster
+        name: {cluster}
+        replication: {replication}
+        snapshots: {snapshots}
+        nats:
+          embedded: false
+          urls: [{", ".join(urls)}]
+          auth: none
+        nodes:
+        """
+    ) + nodes + "\n"
 
 
 def positions(db: Path) -> dict[str, int]:
@@ -176,12 +203,22 @@ class SubprocessNode:
     metrics_port: int = 0
     process: subprocess.Popen | None = None
     extra: list[str] = field(default_factory=list)  # more flags, e.g. ["-enable-snapshot=true"]
+    spec: Path | None = None  # run `node --spec SPEC --node NAME` instead of the seed's flags
+    name: str | None = None
+
+    @classmethod
+    def from_spec(cls, spec: Path, name: str, db: Path, log_path: Path, metrics_port: int) -> "SubprocessNode":
+        """Node NAME of a spec (its metrics port must be the spec's, for /health)."""
+        return cls(0, db, "", log_path, metrics_port=metrics_port, spec=spec, name=name)
 
     def start(self) -> "SubprocessNode":
-        if not self.metrics_port:
-            self.metrics_port = free_ports(1)[0]
-        argv = node_command(self.node_id, self.db, self.nats_url, self.shards, self.replicas, self.metrics_port,
-                            extra=list(self.extra))
+        if self.spec is not None:
+            argv = [sys.executable, "-m", "marmot_appliance", "node", "--spec", str(self.spec), "--node", str(self.name)]
+        else:
+            if not self.metrics_port:
+                self.metrics_port = free_ports(1)[0]
+            argv = node_command(self.node_id, self.db, self.nats_url, self.shards, self.replicas, self.metrics_port,
+                                extra=list(self.extra))
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

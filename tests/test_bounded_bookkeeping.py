@@ -12,10 +12,6 @@ and a real nats-server:
 from __future__ import annotations
 
 import sqlite3
-import subprocess
-import sys
-import textwrap
-import urllib.request
 
 import nats
 
@@ -24,9 +20,8 @@ from marmot_appliance.appliance.status import NodeStatus, ProcessStatus, render_
 from marmot_appliance.replication.publisher import OwnPublishes
 from marmot_appliance.spec.loader import load_cluster
 from tests.harness import free_ports
-from tests.replication_cluster import SubprocessNode, execute, wait_until
+from tests.replication_cluster import SubprocessNode, execute, external_nats_spec, wait_until
 
-CLI = [sys.executable, "-m", "marmot_appliance"]
 SCHEMA = "CREATE TABLE notes (k TEXT PRIMARY KEY, v);"
 
 
@@ -36,45 +31,22 @@ class OneNode:
         self.port = free_ports(1)[0]
         self.spec = tmp_path / "cluster.yaml"
         self.log = tmp_path / "n1.log"
-        self.spec.write_text(textwrap.dedent(
-            f"""\
-            apiVersion: marmot-appliance/v1
-            kind: Cluster
-            name: bounded
-            replication: {{shards: 1, log_replicas: 1, {replication}}}
-            snapshots: {{enabled: false}}
-            nats:
-              embedded: false
-              urls: [{nats_server.urls[0]}]
-              auth: none
-            nodes:
-              - {{name: n1, id: 1, host: 127.0.0.1, db: {self.db}, ports: {{metrics: {self.port}}}}}
-            """
-        ))
-        self.proc: subprocess.Popen | None = None
-
-    def probe(self) -> SubprocessNode:
-        probe = SubprocessNode(0, self.db, "", self.log, metrics_port=self.port)
-        probe.process = self.proc
-        return probe
+        self.spec.write_text(external_nats_spec("bounded", nats_server.urls[:1], {"n1": self.db}, {"n1": self.port},
+                                                replication=f"{{shards: 1, log_replicas: 1, {replication}}}"))
+        self.node = SubprocessNode.from_spec(self.spec, "n1", self.db, self.log, self.port)
 
     async def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(CLI + ["node", "--spec", str(self.spec), "--node", "n1"],
-                                         stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        await self.probe().wait_healthy(120)
+        self.node.start()
+        await self.node.wait_healthy(120)
 
     def health(self) -> dict:
-        return self.probe().health() or {}
+        return self.node.health() or {}
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
-            return response.read().decode()
+        return self.node.metrics()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=60)
+        self.node.terminate()
 
 
 def _count(db, sql: str) -> int:
@@ -107,7 +79,7 @@ async def test_dead_letters_past_the_cap_drop_the_oldest_counted_and_logged(nats
         assert "dropped the" in node.log.read_text() and "max_dead_letters=3" in node.log.read_text()
         assert node.health()["status"] == "ok"  # a cap at work is not a failure
         text = render_status_text(load_cluster(node.spec), [NodeStatus(
-            "n1", ProcessStatus("node/n1", node.proc.pid, True), None, NodeHealth(200, node.health()), [])])
+            "n1", ProcessStatus("node/n1", node.node.process.pid, True), None, NodeHealth(200, node.health()), [])])
         assert "dead letters dropped past replication.max_dead_letters: 4" in text, text
     finally:
         node.stop()
@@ -137,7 +109,7 @@ async def test_a_change_log_that_does_not_drain_raises_the_alarm_and_keeps_every
         assert age > 2, metrics
         assert "change log not draining" in node.log.read_text()
         text = render_status_text(load_cluster(node.spec), [NodeStatus(
-            "n1", ProcessStatus("node/n1", node.proc.pid, True), None, NodeHealth(503, node.health()), ["unhealthy"])])
+            "n1", ProcessStatus("node/n1", node.node.process.pid, True), None, NodeHealth(503, node.health()), ["unhealthy"])])
         assert "change log not draining: 100 captured rows pending" in text, text
 
         nats_server.processes[0].start()

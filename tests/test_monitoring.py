@@ -13,20 +13,16 @@ import json
 import re
 import shutil
 import subprocess
-import sys
-import textwrap
-import urllib.request
 from pathlib import Path
 
 import yaml
 
 from tests.conftest import skip_or_fail
 from tests.harness import free_ports
-from tests.replication_cluster import SubprocessNode
+from tests.replication_cluster import SubprocessNode, external_nats_spec
 
 REPO = Path(__file__).resolve().parents[1]
 MONITORING = REPO / "monitoring"
-CLI = [sys.executable, "-m", "marmot_appliance"]
 METRIC_NAME = re.compile(r"\bmarmot_[a-z0-9_]+")
 PROMETHEUS_OWN = {"up"}
 
@@ -57,34 +53,14 @@ async def test_dashboard_and_alerts_query_only_metrics_a_node_exports(nats_serve
     db = wal_db("n1.db", "CREATE TABLE t (k TEXT PRIMARY KEY, v);")
     port = free_ports(1)[0]
     spec = tmp_path / "cluster.yaml"
-    spec.write_text(textwrap.dedent(
-        f"""\
-        apiVersion: marmot-appliance/v1
-        kind: Cluster
-        name: monitoring
-        replication: {{shards: 1, log_replicas: 1}}
-        snapshots: {{enabled: true}}
-        nats:
-          embedded: false
-          urls: [{nats_server.urls[0]}]
-          auth: none
-        nodes:
-          - {{name: n1, id: 1, host: 127.0.0.1, db: {db}, ports: {{metrics: {port}}}}}
-        """
-    ))
-    log = tmp_path / "n1.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(CLI + ["node", "--spec", str(spec), "--node", "n1"], stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    spec.write_text(external_nats_spec("monitoring", nats_server.urls[:1], {"n1": db}, {"n1": port},
+                                       snapshots="{enabled: true}"))
+    node = SubprocessNode.from_spec(spec, "n1", db, tmp_path / "n1.log", port).start()
     try:
-        probe = SubprocessNode(0, db, "", log, metrics_port=port)
-        probe.process = proc
-        await probe.wait_healthy(120)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            exported = _exported_names(response.read().decode())
+        await node.wait_healthy(120)
+        exported = _exported_names(node.metrics())
     finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        node.terminate()
     assert "marmot_healthy" in exported, sorted(exported)
 
     queried = {}

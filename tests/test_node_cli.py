@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -15,12 +13,14 @@ from tests.replication_cluster import (
     InProcessNode,
     SubprocessNode,
     execute,
+    external_nats_spec,
     table_rows,
     wait_converged,
     wait_until,
 )
 
 CLI = [sys.executable, "-m", "marmot_appliance"]
+REPLICATION = "{shards: 2, log_replicas: 3}"
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -66,32 +66,10 @@ def test_database_not_in_wal_mode_is_refused(tmp_path):
 def test_bad_input_is_a_message_and_exit_1(tmp_path, wal_db, args, fragment):
     db = wal_db("ok.db", "CREATE TABLE t (id TEXT PRIMARY KEY)")
     spec = tmp_path / "cluster.yaml"
-    spec.write_text(_spec_text(["nats://127.0.0.1:1", "nats://127.0.0.1:2", "nats://127.0.0.1:3"], {"n1": db}))
+    spec.write_text(external_nats_spec("clitest", ["nats://127.0.0.1:1", "nats://127.0.0.1:2", "nats://127.0.0.1:3"],
+                                       {"n1": db}, replication=REPLICATION))
     args = [str(db) if a == "DB" else str(spec) if a == "SPEC" else a for a in args]
     assert_clean_error(run_cli("node", *args), fragment)
-
-
-def _spec_text(urls: list[str], dbs: dict, metrics_ports: dict | None = None) -> str:
-    nodes = "\n".join(
-        f"  - {{name: {name}, id: {i}, host: 127.0.0.1, db: {db}"
-        + (f", ports: {{metrics: {metrics_ports[name]}}}" if metrics_ports else "")
-        + "}"
-        for i, (name, db) in enumerate(dbs.items(), 1)
-    )
-    return textwrap.dedent(
-        f"""\
-        apiVersion: marmot-appliance/v1
-        kind: Cluster
-        name: clitest
-        replication: {{shards: 2, log_replicas: 3}}
-        snapshots: {{enabled: false}}
-        nats:
-          embedded: false
-          urls: [{", ".join(urls)}]
-          auth: none
-        nodes:
-        """
-    ) + nodes + "\n"
 
 
 async def test_spec_mode_nodes_replicate_and_stop_gracefully(nats_cluster, wal_db, tmp_path):
@@ -99,32 +77,25 @@ async def test_spec_mode_nodes_replicate_and_stop_gracefully(nats_cluster, wal_d
     dbs = {"n1": wal_db("s1.db", schema), "n2": wal_db("s2.db", schema)}
     ports = dict(zip(dbs, free_ports(2)))
     spec = tmp_path / "cluster.yaml"
-    spec.write_text(_spec_text(nats_cluster.urls, dbs, ports))
-    procs = {}
+    spec.write_text(external_nats_spec("clitest", nats_cluster.urls, dbs, ports, replication=REPLICATION))
+    nodes = {name: SubprocessNode.from_spec(spec, name, db, tmp_path / f"{name}.log", ports[name])
+             for name, db in dbs.items()}
     try:
-        for name in dbs:
-            log = open(tmp_path / f"{name}.log", "ab")
-            procs[name] = subprocess.Popen(CLI + ["node", "--spec", str(spec), "--node", name],
-                                           stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            log.close()
-        for name, port in ports.items():
-            probe = SubprocessNode(0, dbs[name], "", tmp_path / "x.log", metrics_port=port)
-            probe.process = procs[name]
-            await probe.wait_healthy()
+        for node in nodes.values():
+            node.start()
+        for node in nodes.values():
+            await node.wait_healthy()
         execute(dbs["n1"], "INSERT INTO kv VALUES ('a', 1)")
         execute(dbs["n2"], "INSERT INTO kv VALUES ('b', x'00ff')")
         await wait_converged(list(dbs.values()))
         assert table_rows(dbs["n1"], "kv") == [("a", 1), ("b", b"\x00\xff")]
         # Commit, then SIGTERM at once: the graceful drain publishes it before exiting 0.
         execute(dbs["n2"], "INSERT INTO kv VALUES ('last', 2)")
-        procs["n2"].send_signal(signal.SIGTERM)
-        assert procs["n2"].wait(timeout=60) == 0
+        assert nodes["n2"].terminate() == 0
         await wait_until(lambda: ("last", 2) in table_rows(dbs["n1"], "kv"), what="the drained row on n1")
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
+        for node in nodes.values():
+            node.terminate()
     log_text = (tmp_path / "n2.log").read_text()
     assert "Traceback" not in log_text, log_text
 

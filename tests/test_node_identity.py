@@ -8,8 +8,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 
-from tests.harness import free_ports
-from tests.replication_cluster import InProcessNode, SubprocessNode, execute, node_command, table_rows, wait_until
+from tests.replication_cluster import InProcessNode, SubprocessNode, execute, table_rows, wait_until
 
 SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v)"
 
@@ -24,15 +23,6 @@ def _pending_and_owner(db) -> tuple[int, int]:
     return int(owner), int(pending)
 
 
-def _run_node(db, nats_url, node_id: int, log_path, extra: list[str]) -> subprocess.Popen:
-    argv = node_command(node_id, db, nats_url, shards=1, replicas=1, metrics_port=free_ports(1)[0], extra=extra)
-    log = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-    try:
-        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    finally:
-        log.close()
-
-
 async def test_another_node_id_on_a_database_is_refused_and_pending_rows_kept(nats_server, wal_db, tmp_path):
     """Case 17: `node --node-id 3` on node 2's database used to rewrite its identity and discard
     its unpublished rows. Now: refused with a message (exit 1), nothing changed; with
@@ -43,12 +33,11 @@ async def test_another_node_id_on_a_database_is_refused_and_pending_rows_kept(na
     execute(db, "INSERT INTO kv VALUES (?, ?)", [(f"k{i}", i) for i in range(3)], many=True)
     assert _pending_and_owner(db) == (2, 3)  # written while node 2 was down: not published yet
 
-    proc = _run_node(db, nats_server.url, 3, tmp_path / "n3-refused.log", [])
+    refused = SubprocessNode(3, db, nats_server.url, tmp_path / "n3-refused.log", shards=1, replicas=1).start()
     try:
-        code = proc.wait(timeout=60)
+        code = refused.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        proc.terminate()
-        proc.wait(timeout=60)
+        refused.terminate()
         code = None
     output = (tmp_path / "n3-refused.log").read_text()
     assert code == 1, f"node id 3 was accepted on node 2's database: {output[-2000:]}"
@@ -58,7 +47,8 @@ async def test_another_node_id_on_a_database_is_refused_and_pending_rows_kept(na
 
     other = wal_db("n1.db", SCHEMA)
     node1 = await InProcessNode(1, other, nats_server.url, shards=1, replicas=1).start()
-    proc = _run_node(db, nats_server.url, 3, tmp_path / "n3.log", ["--allow-node-id-change"])
+    node3 = SubprocessNode(3, db, nats_server.url, tmp_path / "n3.log", shards=1, replicas=1,
+                           extra=["--allow-node-id-change"]).start()
     try:
         await wait_until(lambda: len(table_rows(other, "kv")) == 3, what="node 2's pending rows on node 1")
         conn = sqlite3.connect(other)
@@ -67,8 +57,6 @@ async def test_another_node_id_on_a_database_is_refused_and_pending_rows_kept(na
         assert origins == {3}
         assert _pending_and_owner(db) == (3, 0)
     finally:
-        probe = SubprocessNode(3, db, "", tmp_path / "n3.log")
-        probe.process = proc
-        probe.terminate()
+        node3.terminate()
         await node1.stop()
     assert "Traceback" not in (tmp_path / "n3.log").read_text()

@@ -10,46 +10,18 @@ is dead-lettered and counted. Real node processes in spec mode (the setting is a
 from __future__ import annotations
 
 import asyncio
-import signal
 import sqlite3
-import subprocess
-import sys
-import textwrap
-import urllib.request
 
 from tests.harness import free_ports
-from tests.replication_cluster import SubprocessNode, execute, table_rows, wait_until
+from tests.replication_cluster import SubprocessNode, execute, external_nats_spec, table_rows, wait_until
 
-CLI = [sys.executable, "-m", "marmot_appliance"]
 MAX_PARKED = 50
 
 
-def _spec(urls: list[str], dbs: dict, ports: dict) -> str:
-    nodes = "\n".join(
-        f"  - {{name: {name}, id: {i}, host: 127.0.0.1, db: {db}, ports: {{metrics: {ports[name]}}}}}"
-        for i, (name, db) in enumerate(dbs.items(), 1)
-    )
-    return textwrap.dedent(
-        f"""\
-        apiVersion: marmot-appliance/v1
-        kind: Cluster
-        name: parked
-        replication: {{shards: 1, log_replicas: 1, max_parked_rows: {MAX_PARKED}}}
-        snapshots: {{enabled: false}}
-        nats:
-          embedded: false
-          urls: [{", ".join(urls)}]
-          auth: none
-        nodes:
-        """
-    ) + nodes + "\n"
-
-
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
+def _metric(node: SubprocessNode, name: str) -> float:
+    for line in node.metrics().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
     raise AssertionError(f"{name} not exported")
 
 
@@ -65,18 +37,15 @@ async def test_parked_rows_wait_for_their_table_and_are_bounded(nats_server, wal
     dbs = {"n1": wal_db("n1.db", "CREATE TABLE later (k TEXT PRIMARY KEY, v);"), "n2": wal_db("n2.db")}
     ports = dict(zip(dbs, free_ports(2)))
     spec = tmp_path / "cluster.yaml"
-    spec.write_text(_spec(nats_server.urls, dbs, ports))
-    procs: dict[str, subprocess.Popen] = {}
+    spec.write_text(external_nats_spec("parked", nats_server.urls, dbs, ports,
+                                       replication=f"{{shards: 1, log_replicas: 1, max_parked_rows: {MAX_PARKED}}}"))
+    nodes = [SubprocessNode.from_spec(spec, name, db, tmp_path / f"{name}.log", ports[name]) for name, db in dbs.items()]
     try:
-        for name in dbs:
-            with open(tmp_path / f"{name}.log", "ab") as log:
-                procs[name] = subprocess.Popen(CLI + ["node", "--spec", str(spec), "--node", name],
-                                               stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        for name, port in ports.items():
-            probe = SubprocessNode(0, dbs[name], "", tmp_path / f"{name}.log", metrics_port=port)
-            probe.process = procs[name]
-            await probe.wait_healthy()
-        n2 = ports["n2"]
+        for node in nodes:
+            node.start()
+        for node in nodes:
+            await node.wait_healthy()
+        n2 = nodes[1]
         execute(dbs["n1"], "INSERT INTO later VALUES (?, ?)", [(f"k{i:03}", i) for i in range(80)], many=True)
         await wait_until(lambda: _metric(n2, "marmot_parked_overflow_total") == 80 - MAX_PARKED,
                          what="the overflow beyond max_parked_rows to be dead-lettered")
@@ -105,7 +74,5 @@ async def test_parked_rows_wait_for_their_table_and_are_bounded(nats_server, wal
         await wait_until(lambda: _metric(n2, "marmot_parked_rows") == 0, what="the park to empty")
         assert _metric(n2, "marmot_parked_retry_rows_total") == looked + MAX_PARKED
     finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=60)
+        for node in nodes:
+            node.terminate()

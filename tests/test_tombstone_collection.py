@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sqlite3
 import subprocess
 import sys
-import textwrap
 import time
 import urllib.request
 
@@ -30,31 +28,10 @@ from marmot_appliance.appliance.health import NodeHealth
 from marmot_appliance.appliance.status import NodeStatus, ProcessStatus, render_status_text
 from marmot_appliance.spec.loader import load_cluster
 from tests.harness import free_ports
-from tests.replication_cluster import SubprocessNode, execute, table_rows, wait_until
+from tests.replication_cluster import SubprocessNode, execute, external_nats_spec, table_rows, wait_until
 
 CLI = [sys.executable, "-m", "marmot_appliance"]
 SCHEMA = "CREATE TABLE jobs (k TEXT PRIMARY KEY, v);"
-
-
-def _spec(urls: list[str], dbs: dict, ports: dict, *, node_timeout_s: float, snapshots: str) -> str:
-    nodes = "\n".join(
-        f"  - {{name: {name}, id: {i}, host: 127.0.0.1, db: {db}, ports: {{metrics: {ports[name]}}}}}"
-        for i, (name, db) in enumerate(dbs.items(), 1)
-    )
-    return textwrap.dedent(
-        f"""\
-        apiVersion: marmot-appliance/v1
-        kind: Cluster
-        name: tombstones
-        replication: {{shards: 1, log_replicas: 1, tombstone_interval_s: 0.5, tombstone_node_timeout_s: {node_timeout_s}}}
-        snapshots: {snapshots}
-        nats:
-          embedded: false
-          urls: [{", ".join(urls)}]
-          auth: none
-        nodes:
-        """
-    ) + nodes + "\n"
 
 
 class Cluster:
@@ -63,36 +40,29 @@ class Cluster:
         self.dbs = {name: wal_db(f"{name}.db", SCHEMA) for name in ("n1", "n2", "n3")}
         self.ports = dict(zip(self.dbs, free_ports(3)))
         self.spec = tmp_path / "cluster.yaml"
-        self.spec.write_text(_spec(nats_server.urls, self.dbs, self.ports, node_timeout_s=node_timeout_s,
-                                   snapshots=snapshots))
-        self.procs: dict[str, subprocess.Popen] = {}
+        replication = ("{shards: 1, log_replicas: 1, tombstone_interval_s: 0.5, "
+                       f"tombstone_node_timeout_s: {node_timeout_s}}}")
+        self.spec.write_text(external_nats_spec("tombstones", nats_server.urls, self.dbs, self.ports,
+                                                replication=replication, snapshots=snapshots))
+        self.nodes = {name: SubprocessNode.from_spec(self.spec, name, db, tmp_path / f"{name}.log", self.ports[name])
+                      for name, db in self.dbs.items()}
         self.url = nats_server.urls[0]
-
-    def probe(self, name: str) -> SubprocessNode:
-        probe = SubprocessNode(0, self.dbs[name], "", self.tmp / f"{name}.log", metrics_port=self.ports[name])
-        probe.process = self.procs[name]
-        return probe
 
     async def start(self, *names: str) -> None:
         for name in names or tuple(self.dbs):
-            with open(self.tmp / f"{name}.log", "ab") as log:
-                self.procs[name] = subprocess.Popen(CLI + ["node", "--spec", str(self.spec), "--node", name],
-                                                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.nodes[name].start()
         for name in names or tuple(self.dbs):
-            await self.probe(name).wait_healthy(120)
+            await self.nodes[name].wait_healthy(120)
 
     def stop(self, name: str) -> None:
-        proc = self.procs[name]
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+        self.nodes[name].terminate()
 
     def stop_all(self) -> None:
-        for name in self.procs:
-            self.stop(name)
+        for node in self.nodes.values():
+            node.terminate()
 
     def health(self, name: str) -> dict:
-        return self.probe(name).health() or {}
+        return self.nodes[name].health() or {}
 
 
 def tombstones(db) -> int:
@@ -174,7 +144,7 @@ async def test_collected_tombstones_stay_dead_against_a_late_duplicate(nats_serv
         assert "\nmarmot_tombstones 0.0" in metrics and "\nmarmot_tombstones_collected_total 20.0" in metrics, metrics
         body = cluster.health("n1")
         text = render_status_text(load_cluster(cluster.spec), [NodeStatus(
-            "n1", ProcessStatus("node/n1", cluster.procs["n1"].pid, True), None, NodeHealth(200, body), [])])
+            "n1", ProcessStatus("node/n1", cluster.nodes["n1"].process.pid, True), None, NodeHealth(200, body), [])])
         assert f"bookkeeping: {body['bookkeeping']['rows']} row(s)" in text and "tombstones kept: 0" in text, text
         assert "tombstones collected: 20;" in text, text
 
