@@ -270,7 +270,9 @@ class BatchApplier:
         self._retry_queue: list[tuple[str, tuple]] = []
         self._retry_cursor = 0
         self._parked_checked_schema: int | None = None  # schema version the last retry was planned on
-        self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=64)
+        self._conn = connect(
+            self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=64, temp_store_memory=True
+        )
         # The application's triggers must not write replicated tables again on apply (their
         # effects arrive as captured changes) but must keep maintaining derived state.
         self._trigger_guard = AppTriggerGuard()

@@ -280,7 +280,9 @@ class ChangeCapture:
         self.selection = selection or TableSelection()
         self.allow_node_id_change = allow_node_id_change
         self._busy_timeout_ms = busy_timeout_ms
-        self._conn = connect(self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=32)
+        self._conn = connect(
+            self.db_path, busy_timeout_ms=busy_timeout_ms, synchronous_normal=True, cache_mib=32, temp_store_memory=True
+        )
         # mark_rows_published may get a connection of its own (use_retire_connection), so a
         # retire waiting for the write lock never holds up the next read.
         self._retire_conn: sqlite3.Connection | None = None
@@ -716,7 +718,8 @@ class ChangeCapture:
         """
         if self._retire_conn is None:
             self._retire_conn = connect(
-                self.db_path, busy_timeout_ms=self._busy_timeout_ms, synchronous_normal=True, cache_mib=8
+                self.db_path, busy_timeout_ms=self._busy_timeout_ms, synchronous_normal=True, cache_mib=8,
+                temp_store_memory=True,
             )
 
     def purge_published(self) -> int:

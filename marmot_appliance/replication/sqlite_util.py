@@ -68,6 +68,7 @@ def connect(
     readonly: bool = False,
     synchronous_normal: bool = False,
     cache_mib: int | None = None,
+    temp_store_memory: bool = False,
 ) -> sqlite3.Connection:
     """Open an existing database (never create one: a typo in a path must not make an empty db).
 
@@ -92,6 +93,12 @@ def connect(
             # table per row: with SQLite's default 2 MiB page cache a large table keeps
             # re-reading pages (about 20% of apply time at 200k rows). Allocated as used.
             conn.execute(f"PRAGMA cache_size = {-1024 * int(cache_mib)}")
+        if temp_store_memory:
+            # A savepoint keeps a sub-journal of the pages it changes, and SQLite spills it to
+            # a temporary file past 64 KiB: one file per transaction, written page by page
+            # (83,000 pwrite calls for 30,000 applied rows, against 10,000 in memory). In memory
+            # it holds one savepoint's pages: one message group, one retire run.
+            conn.execute("PRAGMA temp_store = MEMORY")
         # Cheap sanity read: a file that is not SQLite fails here with a clear message.
         conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
     except sqlite3.DatabaseError as exc:
