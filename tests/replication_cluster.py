@@ -101,6 +101,15 @@ def digest(db: Path) -> str:
     return h.hexdigest()
 
 
+def http_get(url: str, timeout_s: float = 10) -> tuple[int, str]:
+    """(HTTP status, body) of a GET; a 503 from /health carries its JSON body too."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
 async def wait_until(predicate, timeout_s: float = CONVERGE_TIMEOUT_S, interval_s: float = 0.1, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
     while True:
@@ -233,16 +242,13 @@ class SubprocessNode:
     def health_reply(self) -> tuple[int | None, dict | None]:
         """(HTTP status, JSON body) of /health; (None, None) while nothing answers."""
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/health", timeout=5) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+            code, text = http_get(f"http://127.0.0.1:{self.metrics_port}/health", 5)
+            return code, json.loads(text)
         except (OSError, ValueError):
             return None, None
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            return response.read().decode()
+        return http_get(f"http://127.0.0.1:{self.metrics_port}/metrics", 5)[1]
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -6,13 +6,11 @@ import asyncio
 import json
 import sqlite3
 import time
-import urllib.error
-import urllib.request
 
 import nats
 
 from marmot_appliance.replication.types import DEAD_LETTER_TABLE
-from tests.replication_cluster import InProcessNode, digest, execute, table_rows, wait_converged, wait_until
+from tests.replication_cluster import InProcessNode, digest, execute, http_get, table_rows, wait_converged, wait_until
 
 SCHEMA = "CREATE TABLE doc (id TEXT PRIMARY KEY, body TEXT, rev INTEGER)"
 
@@ -111,11 +109,8 @@ async def test_new_table_and_column_replicate_without_restart(nats_cluster, wal_
 
 
 def _health(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+    code, text = http_get(url + "/health")
+    return code, json.loads(text)
 
 
 async def test_health_follows_the_nats_connection(nats_cluster, wal_db):

@@ -8,7 +8,6 @@ real `marmot-appliance node` processes, real SQLite files.
 
 from __future__ import annotations
 
-import urllib.request
 
 import nats
 
@@ -61,8 +60,7 @@ async def test_a_recreated_stream_is_replayed_and_own_rows_republished(nats_serv
         assert health["status"] == "ok"
         reset = health["stream_resets"][STREAM]
         assert "re-created" in reset["reason"] and reset["previous_position"] >= 2
-        with urllib.request.urlopen(f"http://127.0.0.1:{n2.metrics_port}/metrics", timeout=5) as response:
-            assert f'marmot_stream_resets_total{{stream="{STREAM}"}} 1' in response.read().decode()
+        assert f'marmot_stream_resets_total{{stream="{STREAM}"}} 1' in n2.metrics()
     finally:
         n1.terminate()
         n2.terminate()

@@ -20,7 +20,6 @@ import asyncio
 import signal
 import sqlite3
 import threading
-import urllib.request
 from pathlib import Path
 
 import nats
@@ -200,8 +199,7 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
             "node-3", ProcessStatus("node/node-3", nodes[2].process.pid, True), None, NodeHealth(200, health), [],
         )])
         assert f"snapshot restores while running: {health['restore']['restores']}" in text, text
-        with urllib.request.urlopen(f"http://127.0.0.1:{nodes[2].metrics_port}/metrics", timeout=10) as reply:
-            metrics = reply.read().decode()
+        metrics = nodes[2].metrics()
         assert f"marmot_snapshot_restores_total {float(health['restore']['restores'])}" in metrics, metrics
         assert "marmot_snapshot_restore_in_progress 0" in metrics
     finally:

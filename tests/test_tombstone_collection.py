@@ -20,7 +20,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-import urllib.request
 
 import nats
 
@@ -101,8 +100,7 @@ async def _republish_first_entry(url: str) -> tuple[str, int]:
 
 
 def _metrics_text(cluster: Cluster, name: str) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{cluster.ports[name]}/metrics", timeout=5) as response:
-        return response.read().decode()
+    return cluster.nodes[name].metrics()
 
 
 def _snapshot_cli(cluster: Cluster, *args: str) -> str:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, replace
 
 from marmot_appliance.appliance.status import render_status_text
 from marmot_appliance.spec.model import VerifySettings
-from tests.replication_cluster import InProcessNode, execute, table_rows, wait_converged, wait_until
+from tests.replication_cluster import InProcessNode, execute, http_get, table_rows, wait_converged, wait_until
 from tests.verify_support import run_cli, write_bypassing_capture
 
 SCHEMA = "CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT);"
@@ -31,17 +29,9 @@ class CheckingNode(InProcessNode):
         return replace(config, cluster=replace(config.cluster, verify=settings))
 
 
-def _get_blocking(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
 async def _get(url: str) -> tuple[int, str]:
     # The nodes run in this event loop: never block it.
-    return await asyncio.to_thread(_get_blocking, url)
+    return await asyncio.to_thread(http_get, url)
 
 
 async def test_divergence_shows_on_health_and_metrics_then_clears_after_repair(nats_server, wal_db):
