@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of faults and writes per run")
     parser.add_argument("--rate", type=float, default=20.0, help="transactions per second per writer (bound)")
     parser.add_argument("--faults", help=f"comma-separated fault kinds, or 'all' (default: all but the known-failing "
-                        f"{','.join(KNOWN_FAILING)}; kinds: {','.join(ALL_KINDS)})")
+                        f"{','.join(KNOWN_FAILING) or '(none)'}; kinds: {','.join(ALL_KINDS)})")
     parser.add_argument("--no-clock-shift", action="store_true", help="no node runs with a shifted clock")
     parser.add_argument("--no-verify", action="store_true", help="skip `marmot-appliance verify` in the oracle")
     parser.add_argument("--work-dir", type=Path, help="where run directories go (default: a new temp dir)")

@@ -36,11 +36,7 @@ class FaultRecord:
 # Fault kinds that are known to break convergence today, kept out of the default mix so CI stays
 # green while the finding stays visible (docs/reliability.md, "Findings"). Enable
 # with --faults KIND,... to reproduce.
-KNOWN_FAILING: dict[str, str] = {
-    "log-roll": "finding 2: when every node falls behind the retention at once (a young cluster with no "
-                "snapshot yet, faults on all nodes, a loaded machine), no node can save a snapshot that closes "
-                "the gaps and every node holds its gapped streams for good",
-}
+KNOWN_FAILING: dict[str, str] = {}  # finding 2 (log-roll) is fixed: node/gap_closer.py
 
 
 @dataclass

@@ -47,12 +47,13 @@ from marmot_appliance.node.restore_coordinator import RestoreCoordinator
 from marmot_appliance.node.seq_map import write_seq_map
 from marmot_appliance.node.status import RuntimeStatus
 from marmot_appliance.node.backlog_alarm import change_log_alarm
+from marmot_appliance.node.gap_closer import GapCloser
 from marmot_appliance.node.tombstone_collector import TombstoneCollector
 from marmot_appliance.replication.backlog import change_log_backlog, trim_dead_letters
 from marmot_appliance.node import waiting_rows
 from marmot_appliance.observability.http import ObservabilityServer
 from marmot_appliance.observability.metrics import Metrics
-from marmot_appliance.replication.consumer import ShardConsumer
+from marmot_appliance.replication.consumer import ResumeAfter, ShardConsumer
 from marmot_appliance.replication.publisher import OwnPublishes, Publisher
 from marmot_appliance.replication.sharding import shard_numbers
 from marmot_appliance.replication.streams import StreamSetupError, ensure_streams, retry_while_settling
@@ -158,6 +159,7 @@ class NodeRuntime:
         self._verify_task: asyncio.Task | None = None
         self.restores = RestoreCoordinator(self)
         self.tombstones = TombstoneCollector(self)
+        self.gap_closer = GapCloser(self)
         self._db_lock = DatabaseLock(config.db_path, f"node {self.node.name}")
         # The consumers and the publisher run on _flow_stop, which a restore sets to pause them.
         self._flow_stop = asyncio.Event()
@@ -450,7 +452,7 @@ class NodeRuntime:
 
         self.verify_service = VerifyService(
             self.nc, self.node, self.replication, str(self.config.db_path), applied=lambda: dict(self.status.applied),
-            js=self.js,
+            js=self.js, relog=lambda: self.relog_own_rows("asked by a node closing a gap (node/gap_closer.py)"),
         )
         await self.verify_service.start()
         if self.cluster.verify.interval_s:
@@ -541,6 +543,7 @@ class NodeRuntime:
             except Exception as exc:  # noqa: BLE001 - a failed or slow save must not block shutdown
                 log.warning("snapshot scheduler did not stop cleanly: %s", exc)
         await self._write_seq_map()
+        await self.gap_closer.stop()
         if self._verify_task is not None:
             self._verify_task.cancel()
             await asyncio.gather(self._verify_task, return_exceptions=True)
@@ -593,6 +596,8 @@ class NodeRuntime:
             now = time.monotonic()
             if self._snapshot_requested and not self.status.gaps:
                 await self._withdraw_snapshot_request()
+            if not self.status.gaps:
+                self.gap_closer.forget()
             try:
                 await self._check_schema()
                 if now - last_parked >= PARKED_RETRY_S:
@@ -772,7 +777,7 @@ class NodeRuntime:
             log.error("cannot restore a snapshot at start: %s", exc)
             self.metrics.inc("errors", kind="restore", help="Errors by kind")
 
-    async def _on_truncated(self, stream: str, expected: int, available: int) -> bool:
+    async def _on_truncated(self, stream: str, expected: int, available: int) -> bool | ResumeAfter:
         """A consumer found entries expected..available-1 gone. True: a restore was requested and
         the consumer holds until it is restarted; False: no snapshot closes the gap yet (the
         consumer holds with an open gap and asks again in a few seconds).
@@ -782,9 +787,10 @@ class NodeRuntime:
         is asked to save one (snapshots/requests.py)."""
         log.warning("stream %s: next entry %d is gone (stream now starts at %d)", stream, expected, available)
         if not self.cluster.snapshots.enabled:
-            self.status.gap_recovery[stream] = (
-                "snapshots are disabled on this node: an operator must restore one (docs/replication.md, 'Gaps')"
-            )
+            closing = self.gap_closer.decide(stream, available)
+            if isinstance(closing, ResumeAfter):
+                return closing
+            self.status.gap_recovery[stream] = f"snapshots are disabled on this node; {closing}"
             return False
         try:
             needed = await snapshot_bridge.snapshot_needed(self, {stream: available - 1})
@@ -792,8 +798,11 @@ class NodeRuntime:
             if covering is None:
                 await snapshot_bridge.request_snapshot(self, needed)
                 self._snapshot_requested = True
+                closing = self.gap_closer.decide(stream, available)
+                if isinstance(closing, ResumeAfter):
+                    return closing
                 self.status.gap_recovery[stream] = (
-                    f"no kept snapshot reflects {stream} up to {available - 1}; asked the cluster for one"
+                    f"no kept snapshot reflects {stream} up to {available - 1}; asked the cluster for one; {closing}"
                 )
                 return False
         except (MarmotError, nats.errors.Error, asyncio.TimeoutError) as exc:
@@ -813,13 +822,21 @@ class NodeRuntime:
         republished = 0
         if self.node.publish and (self._republished_at is None or time.monotonic() - self._republished_at > 60):
             self._republished_at = time.monotonic()  # once for all shards reset together
-            republished = await self.capture_db.run(self.capture.relog_own_rows)
-            log.warning("re-publishing %d row(s) this node wrote, after %s", republished, reason)
-            if self.wakeup is not None:
-                self.wakeup.notify()
+            republished = await self.relog_own_rows(f"after {reason}")
         self.status.stream_resets[stream] = {
             "at": time.time(), "reason": reason, "previous_position": previous, "republished_rows": republished,
         }
+
+    async def relog_own_rows(self, why: str) -> int:
+        """Log again (committed when this returns) the newest version of every row this node
+        originated, to be published once more; returns the rows logged."""
+        logged = await self.capture_db.run(self.capture.relog_own_rows)
+        log.warning("re-publishing %d row(s) this node wrote, %s", logged, why)
+        if self.publisher is not None:
+            self.publisher.reread_log()
+        if self.wakeup is not None:
+            self.wakeup.notify()
+        return logged
 
     async def _withdraw_snapshot_request(self) -> None:
         """Every gap is closed: take this node's snapshot request back (best effort; a request

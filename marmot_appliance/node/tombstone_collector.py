@@ -122,7 +122,7 @@ class TombstoneCollector:
 
     async def _put_own(self) -> None:
         published = await self.runtime.capture_db.run(horizon.published_through, self.db)
-        stored = await self.runtime.apply_db.run(_stored_horizon, self.db)
+        stored = await self.runtime.apply_db.run(stored_horizon_of, self.db)
         self.state.published_through, self.state.horizon = published, stored
         record = {"published_through": published, "collected_through": stored, "at": time.time()}
         kv = await self._bucket()
@@ -209,7 +209,7 @@ class TombstoneCollector:
         return collected
 
 
-def _stored_horizon(db_path: str) -> int:
+def stored_horizon_of(db_path: str) -> int:
     from marmot_appliance.replication.sqlite_util import connect
 
     conn = connect(db_path, readonly=True)

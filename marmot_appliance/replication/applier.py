@@ -328,6 +328,20 @@ class BatchApplier:
             self._set_stream_instance(stream, instance)
         return 0 if row is None else int(row[0])
 
+    def skip_gap(self, stream: str, position: int) -> int:
+        """Move `stream`'s position to `position` without applying the entries below it: only
+        for entries whose rows every node published again after `position` (node/gap_closer.py).
+        Never lowers a position; fenced like every position write. Returns the stored position."""
+        with write_transaction(self._conn):
+            row = self._conn.execute(
+                f"SELECT seq FROM {quote_ident(POSITIONS_TABLE)} WHERE stream = ?", (stream,)
+            ).fetchone()
+            stored = 0 if row is None else int(row[0])
+            if stored >= position:
+                return stored
+            self._write_positions({stream: position})
+        return position
+
     def _set_stream_instance(self, stream: str, instance: str) -> None:
         self._conn.execute(
             f"INSERT INTO {quote_ident(bk.STREAM_INSTANCES_TABLE)} (stream, instance) VALUES (?, ?) "

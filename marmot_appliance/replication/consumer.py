@@ -12,7 +12,9 @@ crash at any instant neither loses nor doubles an effect. Per message:
   the restored position (`restart_from`); False means no snapshot closes the gap yet: the
   consumer holds with an open *gap* (shown on /health, `marmot_stream_gap_entries`), never
   moves its position past it, and looks again every GAP_RETRY_S (the runtime has asked the
-  cluster for a snapshot that covers it). The same holds when the idle check finds the entries
+  cluster for a snapshot that covers it). A `ResumeAfter(p)` answer means every row the gone
+  entries carried was published again after entry p (node/gap_closer.py): the position moves
+  to p and the consumer goes on. The same holds when the idle check finds the entries
   after our position gone without a message to tell (a purged stream);
 * the database was replaced underneath (applier.DatabaseReplacedError, the position fence):
   nothing was written; the consumer holds and tells the runtime (`on_replaced`), which adopts
@@ -35,6 +37,7 @@ import logging
 import random
 import sqlite3
 import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import nats.errors
@@ -85,7 +88,17 @@ TRANSIENT_SQLITE_MARKERS = ("locked", "busy", "disk i/o", "database or disk is f
 # A lock held this many attempts in a row (several seconds of backoff) counts as blocked too.
 BLOCKED_AFTER_ATTEMPTS = 10
 
-TruncationHandler = Callable[[str, int, int], Awaitable[bool]]
+@dataclass(frozen=True)
+class ResumeAfter:
+    """`on_truncated`'s answer when the gap no longer needs its entries: every row they carried
+    was published again after `position` (node/gap_closer.py). The consumer stores `position`
+    and continues from the next entry."""
+
+    position: int
+    reason: str
+
+
+TruncationHandler = Callable[[str, int, int], Awaitable["bool | ResumeAfter"]]
 ReplacedHandler = Callable[[str], None]
 ResetHandler = Callable[[str, str, int], Awaitable[None]]  # (stream, reason, previous position)
 
@@ -637,7 +650,18 @@ class ShardConsumer:
             self.position = self._unsaved_own_seq = seq - 1
             return False
         self.metrics.inc("errors", kind="log_truncated", help="Errors by kind")
-        if self.on_truncated is not None and await self.on_truncated(self.stream, expected, seq):
+        decision = await self.on_truncated(self.stream, expected, seq) if self.on_truncated is not None else False
+        if isinstance(decision, ResumeAfter) and expected - 1 <= decision.position < seq:
+            await self._until_database_accepts(f"gap {expected}..{seq - 1}", self.applier.skip_gap,
+                                               self.stream, decision.position)
+            log.error("stream %s: entries %d..%d are gone; continuing from %d: %s",
+                      self.stream, expected, seq - 1, decision.position + 1, decision.reason)
+            self.position = decision.position
+            self._unsaved_own_seq = None
+            self.status.applied[self.stream] = self.position
+            self._close_gap()
+            return True
+        if decision is True:
             # The runtime restores a snapshot: apply nothing until it restarts us from the
             # restored position (it stops every consumer first, see node/restore_coordinator.py).
             self.hold(f"entries {expected}..{seq - 1} are gone; waiting for a snapshot restore")

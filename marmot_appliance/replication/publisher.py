@@ -422,6 +422,12 @@ class Publisher:
         self._schema_refresh_needed = True
         self._resync = True
 
+    def reread_log(self) -> None:
+        """Rows were logged below the read cursor (rows logged again keep their original version
+        as log id, capture.relog_own_rows): drain, then read again from the oldest pending row.
+        Without this they waited for the idle fallback, which a busy file never reaches."""
+        self._resync = True
+
     async def _refresh_schema(self) -> None:
         self.builder.fingerprints = await self.db.run(self.capture.fingerprints)
         self.builder.primary_keys = await self.db.run(self.capture.primary_keys)

@@ -4,7 +4,8 @@ Every node runtime answers on two core-NATS subjects (no JetStream), named after
 stream prefix so two clusters on one NATS system never answer each other:
 
     marmot.verify.<stream_prefix>.all        every node answers "hello" (discovery, like $SRV.PING)
-    marmot.verify.<stream_prefix>.node.<id>  one node: digests, keys, lookups, progress, republish
+    marmot.verify.<stream_prefix>.node.<id>  one node: digests, keys, lookups, progress, republish,
+                                             relog
 
 Requests and replies are CBOR maps (SQLite values keep their storage class: 1, 1.0, '1' and
 b'1' stay apart). A request is {"op": ..., ...}; a reply is {"ok": true, ...} or
@@ -28,6 +29,7 @@ OP_KEYS = "keys"
 OP_LOOKUP = "lookup"
 OP_PROGRESS = "progress"
 OP_REPUBLISH = "republish"
+OP_RELOG = "relog"  # publish again every row this node originated (node/gap_closer.py)
 
 
 class VerifyProtocolError(MarmotError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.node.db_thread import DbThread
@@ -28,7 +28,8 @@ class VerifyService:
     """Subscribes a node's verify subjects and answers requests until stop()."""
 
     def __init__(self, nc: Any, node: Any, replication: Any, db_path: str,
-                 applied: Callable[[], dict[str, int]] | None = None, js: Any = None):
+                 applied: Callable[[], dict[str, int]] | None = None, js: Any = None,
+                 relog: Callable[[], Awaitable[int]] | None = None):
         self.nc = nc
         self.node = node
         self.replication = replication
@@ -36,6 +37,7 @@ class VerifyService:
         self.db = DbThread(f"verify-{node.name}")
         self._applied = applied
         self.js = js  # None: this node cannot re-publish (repair)
+        self._relog = relog  # None: this node cannot log its own rows again (gap closing)
         self._subscriptions: list[Any] = []
 
     async def start(self) -> None:
@@ -113,6 +115,14 @@ class VerifyService:
             return await self.db.run(self.reader.lookup, _text(request, "table"), keys, bool(request.get("rows")))
         if op == protocol.OP_REPUBLISH:
             return await self._republish(request)
+        if op == protocol.OP_RELOG:
+            # Committed to the change log before the answer: the asker may count on these rows
+            # reaching every stream after the entries it read before asking (node/gap_closer.py).
+            if not self.node.publish:
+                return {"relogged": 0, "publish": False}
+            if self._relog is None:
+                raise protocol.VerifyProtocolError(f"node {self.node.name} cannot log its rows again")
+            return {"relogged": await self._relog(), "publish": True}
         raise protocol.VerifyProtocolError(f"unknown verify op {op!r}")
 
 
