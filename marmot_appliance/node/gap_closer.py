@@ -6,20 +6,23 @@ none comes — snapshots are off, or every node fell behind the retention at onc
 can save one (docs/reliability.md, finding 2) — the node closes the gap without a snapshot,
 once it has waited REPUBLISH_AFTER_S for one:
 
-1. It reads the first retained entry F of every stream it holds a gap on.
-2. It asks every other publishing node of the spec, over the verify service (op `relog`), to
-   log again the newest version of every row it originated, tombstones included (the same
-   path a re-created stream takes, capture.relog_own_rows). A node answers once those rows are
-   committed to its change log.
-3. With every answer in, and F unchanged, each gapped consumer stores position F-1 and goes on.
+1. For every other publishing node P of the spec, it reads the last entry L_P of each gapped
+   stream, then asks P, over the verify service (op `relog`), to log again the newest version
+   of every row it originated, tombstones included (the same path a re-created stream takes,
+   capture.relog_own_rows). P answers once those rows are committed to its change log.
+2. With every answer in, each gapped consumer whose stream still starts at or below
+   R = min_P L_P + 1 stores position (first retained entry - 1) and goes on from there. (If the
+   stream rolled past R meanwhile, the nodes are asked again.)
 
-Why nothing is lost. Take an entry e < F carrying version v of key K. The newest version of K
-any node holds is held by the node that wrote it (a node's copy of a key changes only to a
-newer version, and the writer had it first), so after step 2 that newest version — v or newer —
-sits in its writer's change log (or this node wrote it itself: then it is in this file). Its
-log row was committed after F was read, and a stream only appends, so it is published after
-entry F-1, where this consumer applies it; last writer wins makes the copies harmless on every
-node that had them. Tombstones collected elsewhere are the exception (gone from their writer's
+Why nothing is lost. Take a gone entry e, published by node P, carrying version v of key K.
+If e was published after L_P was read, it is at or above R and still retained: applied as
+usual. Otherwise e's rows were in P's file before P logged its rows again. The newest version
+of K any node holds is held by the node that wrote it (a node's copy of a key changes only to a
+newer version, and the writer had it first), so after step 1 that newest version — v or newer
+— sits in its writer's change log (or this node wrote it: then it is in this file). Its log row
+was committed after that writer's L was read, and a stream only appends, so it is published
+after L, at or above R, where this consumer applies it; last writer wins makes the copies
+harmless on every node that had them. Tombstones collected elsewhere are the exception (gone from their writer's
 file, so not re-published): closing is refused while any node has collected tombstones past
 this node's own horizon (every version at or below that horizon was applied here), and the node
 keeps holding for a snapshot or an operator.
@@ -57,8 +60,8 @@ class GapCloser:
     def __init__(self, runtime: Any):
         self.runtime = runtime
         self._first_seen: dict[str, float] = {}  # stream -> time.monotonic() the gap was first seen
-        self._ready: dict[str, int] = {}  # stream -> F: every node re-logged after F was read
-        self._answered: dict[int, dict[str, int]] = {}  # node id -> the F values its relog followed
+        self._ready: dict[str, int] = {}  # stream -> R: go on if the stream still starts at or below R
+        self._answered: dict[int, dict[str, int]] = {}  # node id -> the last entries read before it re-logged
         self._task: asyncio.Task | None = None
         self._next_try = 0.0
         self._state = ""
@@ -67,12 +70,13 @@ class GapCloser:
         """A ResumeAfter when the gap on `stream` may be passed (its first retained entry is
         `available`); otherwise what the node is doing about it, for `status`."""
         now = time.monotonic()
-        first = self._ready.pop(stream, None)
-        if first is not None and available == first:
+        limit = self._ready.pop(stream, None)
+        if limit is not None and available <= limit:
             self._first_seen.pop(stream, None)
             self.runtime.metrics.inc("gaps_closed_by_republish", help="Gaps closed by every node publishing its rows again")
-            return ResumeAfter(first - 1, f"every other publishing node published its rows again after entry {first - 1}")
-        # (first != available: the stream rolled past the re-published rows; they are asked again.)
+            return ResumeAfter(available - 1, "every other publishing node published its rows again after entry "
+                                              f"{limit - 1}")
+        # (available > limit: the stream rolled past where the re-published rows begin: ask again.)
         if not self.runtime.cluster.nodes_known:
             return UNKNOWN_NODES
         since = self._first_seen.setdefault(stream, now)
@@ -104,30 +108,30 @@ class GapCloser:
     async def _ask_everyone(self) -> None:
         runtime = self.runtime
         try:
-            firsts = await self._first_entries(sorted(runtime.status.gaps))
+            gapped = sorted(runtime.status.gaps)
             problem = await self._collected_past_us()
             if problem:
                 self._state = problem
                 return
-            missing = await self._relog_on_every_peer(firsts)
+            limits, missing = await self._relog_on_every_peer(gapped)
             if missing:
                 self._state = f"waiting for node(s) to publish their rows again: {'; '.join(missing)}; retrying"
                 log.warning("gap: %s", self._state)
                 return
-            self._ready.update(firsts)
+            self._ready.update(limits)
             self._state = "every other node published its rows again; continuing on the next look"
-            log.warning("gap: every other publishing node logged its rows again after entries %s", firsts)
+            log.warning("gap: every other publishing node logged its rows again; streams may go on from %s", limits)
         except (MarmotError, nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
             self._state = f"cannot ask the other nodes yet ({exc}); retrying"
             log.warning("gap: %s", self._state)
         finally:
             self._next_try = time.monotonic() + RETRY_S
 
-    async def _first_entries(self, streams: list[str]) -> dict[str, int]:
+    async def _stream_bounds(self, streams: list[str]) -> dict[str, tuple[int, int]]:
         from marmot_appliance.snapshots.restore import stream_bounds
 
         bounds = await stream_bounds(self.runtime.js, self.runtime.cluster)
-        return {stream: int(bounds[stream][0]) for stream in streams if stream in bounds}
+        return {stream: (int(bounds[stream][0]), int(bounds[stream][1])) for stream in streams if stream in bounds}
 
     async def _collected_past_us(self) -> str | None:
         """Why closing is unsafe (a delete this node missed may be gone everywhere), or None."""
@@ -145,25 +149,34 @@ class GapCloser:
         return (f"cannot close it without a snapshot: node(s) {', '.join(past)} collected tombstones past this "
                 f"node's horizon ({own}), so a delete in the gap may be gone from every file; restore a snapshot")
 
-    async def _relog_on_every_peer(self, firsts: dict[str, int]) -> list[str]:
-        """Ask each other publishing node to log its rows again (after `firsts` were read);
-        returns the nodes that did not (with why)."""
+    async def _relog_on_every_peer(self, streams: list[str]) -> tuple[dict[str, int], list[str]]:
+        """Ask each other publishing node to log its rows again, each right after reading the
+        gapped streams' last entries. Returns ({stream: R}, the nodes that did not, with why):
+        everything the gone entries carried is published at or above R."""
         from marmot_appliance.verify import protocol
         from marmot_appliance.verify.client import VerifyClient
 
         runtime = self.runtime
         client = VerifyClient(runtime.nc, runtime.replication.stream_prefix)
+        bounds = await self._stream_bounds(streams)
+        answers: list[dict[str, int]] = []
         missing = []
         for peer in runtime.cluster.nodes:
             if peer.id == runtime.node.id or not peer.publish:
                 continue
-            if self._answered.get(peer.id) == firsts:
-                continue  # it re-logged after these very entries were read: enough
-            try:
-                body = await client.request(peer.id, {"op": protocol.OP_RELOG}, RELOG_TIMEOUT_S)
-            except protocol.VerifyProtocolError as exc:
-                missing.append(f"{peer.name} ({exc})")
-                continue
-            self._answered[peer.id] = dict(firsts)
-            log.info("gap: node %s logged %s row(s) again", peer.name, body.get("relogged"))
-        return missing
+            lasts = self._answered.get(peer.id)
+            if lasts is None or any(first > lasts.get(stream, -1) + 1 for stream, (first, _last) in bounds.items()):
+                # Not asked yet, or what it re-published may have rolled out since: ask (again).
+                lasts = {stream: last for stream, (_first, last) in (await self._stream_bounds(streams)).items()}
+                try:
+                    body = await client.request(peer.id, {"op": protocol.OP_RELOG}, RELOG_TIMEOUT_S)
+                except protocol.VerifyProtocolError as exc:
+                    missing.append(f"{peer.name} ({exc})")
+                    continue
+                self._answered[peer.id] = lasts
+                log.info("gap: node %s logged %s row(s) again", peer.name, body.get("relogged"))
+            answers.append(lasts)
+        # No other publishing node: the gone entries were this node's own (its rows are here).
+        limits = {stream: min((lasts.get(stream, 0) + 1 for lasts in answers), default=first)
+                  for stream, (first, _last) in bounds.items()}
+        return limits, missing
