@@ -386,6 +386,31 @@ def test_remote_status_shows_every_node(lab):
         ("node1", True, "node1"), ("node2", True, "node2"), ("node3", True, "node3")]
 
 
+def test_deployed_cluster_refuses_a_stray_route_server_an_anonymous_client_and_forged_origins(lab, tmp_path):
+    """The quick start's attacks (tests/test_security_cluster.py), on the cluster site.yml
+    deployed, from the controller namespace (tests/lab_attacks.py). Late in the module: the
+    garbage and forged messages it publishes are dead-lettered, and /health then says so."""
+    from tests.test_security_cluster import CONTROL_IDS, FORGED_IDS
+
+    result = subprocess.run(
+        ["ip", "netns", "exec", lab.topology.controller_namespace, sys.executable, "-m", "tests.lab_attacks",
+         str(SPEC), str(lab.controller_state), str(tmp_path), "--host-python", HOST_PYTHON],
+        capture_output=True, text=True, env=dict(lab.env, PYTHONPATH=str(REPO)), timeout=600, cwd=REPO, check=False,
+    )
+    assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
+    refusals = json.loads(result.stdout.strip().splitlines()[-1])["refusals"]
+    assert set(refusals) == {"n1 on n2's token", "reader on n3's token"}, refusals
+    for attempt, reason in refusals.items():
+        assert "permissions violation" in reason.lower(), f"{attempt}: {reason}"
+    # node1's last control message reaches the others, so every message before it was handled
+    # too (one stream, one order); nothing forged is in any database.
+    lab.wait_for_rows(["node2", "node3"], CONTROL_IDS)
+    for host in ("node1", "node2", "node3"):
+        assert not (lab.ids(host) & FORGED_IDS), f"{host} applied a forged message"
+    for host in ("node2", "node3"):
+        assert lab.health(host)["dead_letters"] >= 1
+
+
 def test_remote_destroy_stops_services_purges_state_and_keeps_databases(lab):
     rows_before = lab.ids("node2")
     lab.ssh("node2", "systemctl stop marmot-node")  # one node already down: destroy still works

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -53,8 +54,10 @@ def start_servers(tmp_path: Path, cluster: Cluster, credentials: ServerCredentia
     return processes
 
 
-def start_stray(tmp_path: Path, cluster: Cluster, route_auth: str = "", tls: NatsTLS | None = None, name: str = "stray"):
-    """A server nobody invited, routing to n1's cluster port with whatever it was given."""
+def start_stray(tmp_path: Path, cluster: Cluster, route_auth: str = "", tls: NatsTLS | None = None, name: str = "stray",
+                target_address: str = "127.0.0.1"):
+    """A server nobody invited, routing to n1's cluster port (at `target_address`) with whatever
+    it was given. It listens on 127.0.0.1 of the network namespace it runs in."""
     client, cluster_port, monitor = free_ports(3)
     target = cluster.nodes[0]
     cfg = ServerConfig(
@@ -70,7 +73,7 @@ def start_stray(tmp_path: Path, cluster: Cluster, route_auth: str = "", tls: Nat
         tls_key=tls.key if tls else None,
         tls_ca=tls.ca if tls else None,
     )
-    route = f"nats-route://{route_auth}127.0.0.1:{target.ports.cluster}"
+    route = f"nats-route://{route_auth}{target_address}:{target.ports.cluster}"
     text = render_server_config(cfg).replace("routes: []", f'routes: ["{route}"]')
     text = "\n".join(line for line in text.splitlines() if "store_dir" not in line) + "\n"
     text = text.replace("jetstream {\n", "jetstream {\n  enabled: false\n", 1)
@@ -87,14 +90,16 @@ def route_names(monitor_port: int) -> set[str]:
     return {route.get("remote_name") or route.get("remote_id") or "?" for route in routes}
 
 
-def assert_stray_kept_out(tmp_path: Path, cluster: Cluster, stray_cfg: ServerConfig) -> None:
+def assert_stray_kept_out(tmp_path: Path, cluster: Cluster, stray_cfg: ServerConfig,
+                          n1_routes: Callable[[], set[str]] | None = None) -> None:
     """Poll until the stray has tried (and failed) to route in REFUSAL_ATTEMPTS times; it must
-    never show up as a route, on either side."""
-    n1_monitor = cluster.nodes[0].ports.monitor
+    never show up as a route, on either side. `n1_routes` reads n1's route names (default: its
+    monitor on 127.0.0.1; a remote host's monitor listens on that host's loopback only)."""
+    n1_routes = n1_routes or (lambda: route_names(cluster.nodes[0].ports.monitor))
     log = tmp_path / f"{stray_cfg.server_name}.log"
     deadline = time.monotonic() + 120
     while True:
-        assert stray_cfg.server_name not in route_names(n1_monitor), "the stray server joined the cluster"
+        assert stray_cfg.server_name not in n1_routes(), "the stray server joined the cluster"
         assert not route_names(stray_cfg.monitor_port), "the stray server has a route into the cluster"
         text = log.read_text(errors="replace")
         attempts = sum(text.count(sign) for sign in ("Error trying to connect to route", "Router connection closed", "TLS handshake error"))

@@ -55,6 +55,10 @@ def applied():
         assert result.returncode == 0, describe(result)
 
 
+def client_url(app: Appliance, node: str = "n1") -> str:
+    return f"nats://127.0.0.1:{app.ports(node)['client']}"
+
+
 def _cluster_of(app: Appliance):
     from marmot_appliance.spec.loader import load_cluster
 
@@ -77,7 +81,7 @@ def test_stray_server_with_the_client_credential_cannot_route_in(applied: Applia
     stray, stray_cfg = start_stray(tmp_path, cluster, f"{user}:{password}@")
     try:
         assert_stray_kept_out(tmp_path, cluster, stray_cfg)
-        url = f"nats://127.0.0.1:{applied.ports('n1')['client']}"
+        url = client_url(applied)
         kwargs = {"user": user, "password": password}
         asyncio.run(asyncio.wait_for(no_traffic_crosses(url, kwargs, f"nats://127.0.0.1:{stray_cfg.client_port}"), 60))
         assert_stray_kept_out(tmp_path, cluster, stray_cfg)
@@ -88,18 +92,15 @@ def test_stray_server_with_the_client_credential_cannot_route_in(applied: Applia
     wait_converged(applied, 3)
 
 
-def test_unauthenticated_client_is_refused(applied: Appliance):
-    async def probe():
-        with pytest.raises(Exception) as refused:
-            await nats.connect(
-                f"nats://127.0.0.1:{applied.ports('n2')['client']}",
-                connect_timeout=5,
-                allow_reconnect=False,
-                max_reconnect_attempts=0,
-            )
-        assert "authorization" in str(refused.value).lower()
+async def assert_unauthenticated_refused(url: str) -> None:
+    """A client without credentials is refused with an authorization error."""
+    with pytest.raises(Exception) as refusal:
+        await nats.connect(url, connect_timeout=5, allow_reconnect=False, max_reconnect_attempts=0)
+    assert "authorization" in str(refusal.value).lower(), refusal.value
 
-    asyncio.run(asyncio.wait_for(probe(), 30))
+
+def test_unauthenticated_client_is_refused(applied: Appliance):
+    asyncio.run(asyncio.wait_for(assert_unauthenticated_refused(client_url(applied, 'n2')), 30))
 
 
 # -- identities: a node publishes only its own changes, readers only read ------------------------
@@ -108,25 +109,28 @@ SUBJECT = "marmot-change-log-1"  # the quick start's one shard
 STREAM = "marmot-changes-1"
 
 
-def change_payload(origin: int, row_id: str) -> bytes:
-    """A well-formed change message for `items`, exactly what a node with id `origin` sends."""
+ITEMS_COLUMNS = ("id", "origin", "qty", "payload")  # the quick start's `items` (SCHEMA)
+
+
+def change_payload(origin: int, row_id: str, columns: tuple[str, ...] = ITEMS_COLUMNS) -> bytes:
+    """A well-formed change message for `items` (id, origin, then integer and blob columns),
+    exactly what a node with id `origin` sends."""
     from marmot_appliance.replication.codec import encode_batch
     from marmot_appliance.replication.types import ChangeBatch, RowChange
 
     version = (int(time.time() * 1000) << 16) + 1
-    row = RowChange("items", "upsert", (row_id,), ("id", "origin", "qty", "payload"),
-                    (row_id, "forged?", 7, b"x"), version, origin)
+    filler = {"qty": 7, "n": 7, "payload": b"x"}
+    row = RowChange("items", "upsert", (row_id,), columns,
+                    (row_id, "forged?", *(filler[column] for column in columns[2:])), version, origin)
     return encode_batch(ChangeBatch(origin=origin, rows=(row,), primary_keys={"items": ("id",)}))
 
 
-async def connect_as(app: Appliance, user: str, password: str, errors: list[str]):
+async def connect_as(url: str, user: str, password: str, errors: list[str]):
     async def record(exc: Exception) -> None:
         errors.append(str(exc))
 
-    return await nats.connect(
-        f"nats://127.0.0.1:{app.ports('n1')['client']}", user=user, password=password,
-        connect_timeout=5, allow_reconnect=False, error_cb=record,
-    )
+    return await nats.connect(url, user=user, password=password, connect_timeout=5, allow_reconnect=False,
+                              error_cb=record)
 
 
 async def refused(request, errors: list[str]) -> str:
@@ -150,51 +154,57 @@ def rows_with_ids(app: Appliance, ids: set[str]) -> dict[str, set[str]]:
     return found
 
 
+FORGED_IDS = {"forged-body", "forged-subject", "forged-reader"}  # rows the attacks try to plant
+CONTROL_IDS = {"control-1", "control-2"}  # n1's genuine rows, published before and after them
+
+
+async def forge_origins(url: str, n1: tuple[str, str], reader: tuple[str, str], payload=change_payload) -> dict[str, str]:
+    """As n1 (id 1): a control message in its own name, then origin 2 in the body on its own
+    subject token (the servers store it; receivers must refuse it), then n2's token; as the
+    reader: n3's token; last, a second control message (once it is applied, every message
+    before it in the stream was handled). Returns why the two on foreign tokens were refused."""
+    n1_errors: list[str] = []
+    reader_errors: list[str] = []
+    n1_nc = await connect_as(url, *n1, n1_errors)
+    reader_nc = await connect_as(url, *reader, reader_errors)
+    try:
+        n1_js, reader_js = n1_nc.jetstream(timeout=3), reader_nc.jetstream(timeout=3)
+        await n1_js.publish(f"{SUBJECT}.1", payload(1, "control-1"), stream=STREAM)
+        await n1_js.publish(f"{SUBJECT}.1", payload(2, "forged-body"), stream=STREAM)
+        why = {
+            "n1 on n2's token": await refused(
+                lambda: n1_js.publish(f"{SUBJECT}.2", payload(2, "forged-subject"), stream=STREAM), n1_errors
+            ),
+            "reader on n3's token": await refused(
+                lambda: reader_js.publish(f"{SUBJECT}.3", payload(3, "forged-reader"), stream=STREAM), reader_errors
+            ),
+        }
+        await n1_js.publish(f"{SUBJECT}.1", payload(1, "control-2"), stream=STREAM)
+        return why
+    finally:
+        await n1_nc.close()
+        await reader_nc.close()
+
+
 def test_forged_messages_never_reach_a_database(applied: Appliance):
     """n1's identity publishing in n2's name (on n2's subject token, or on its own token with
     origin 2 in the body), and the reader's identity publishing anything: nothing of it lands in
     any database. Before per-node identities every holder of the one credential could do both.
     A control message in n1's own name, built the same way, is applied everywhere."""
-    n1_user, n1_password = applied.credentials("n1")
-    reader_user, reader_password = applied.reader_credentials()
-
-    async def attack() -> dict:
-        n1_errors: list[str] = []
-        reader_errors: list[str] = []
-        n1 = await connect_as(applied, n1_user, n1_password, n1_errors)
-        reader = await connect_as(applied, reader_user, reader_password, reader_errors)
-        try:
-            n1_js, reader_js = n1.jetstream(timeout=3), reader.jetstream(timeout=3)
-            await n1_js.publish(f"{SUBJECT}.1", change_payload(1, "control-1"), stream=STREAM)
-            # Origin 2 in the body, on n1's own token: stored, but receivers refuse it.
-            await n1_js.publish(f"{SUBJECT}.1", change_payload(2, "forged-body"), stream=STREAM)
-            why = {
-                "n1 on n2's token": await refused(
-                    lambda: n1_js.publish(f"{SUBJECT}.2", change_payload(2, "forged-subject"), stream=STREAM), n1_errors
-                ),
-                "reader on n3's token": await refused(
-                    lambda: reader_js.publish(f"{SUBJECT}.3", change_payload(3, "forged-reader"), stream=STREAM),
-                    reader_errors,
-                ),
-            }
-            return why
-        finally:
-            await n1.close()
-            await reader.close()
-
-    why = asyncio.run(asyncio.wait_for(attack(), 60))
+    url = client_url(applied)
+    attack = forge_origins(url, applied.credentials("n1"), applied.reader_credentials())
+    why = asyncio.run(asyncio.wait_for(attack, 60))
     for attempt, reason in why.items():
         assert "permissions violation" in reason.lower(), f"{attempt}: {reason}"
-    # A later genuine write from n3 converges everywhere, so every earlier message was handled.
+    # The control messages are applied on n2 and n3, so every message between them was handled.
     deadline = time.monotonic() + 90
-    expected = {"control-1"}
     while True:
-        found = rows_with_ids(applied, {"control-1", "forged-body", "forged-subject", "forged-reader"})
-        if all(found[node] >= expected for node in ("n2", "n3")):
+        found = rows_with_ids(applied, CONTROL_IDS | FORGED_IDS)
+        if all(found[node] >= CONTROL_IDS for node in ("n2", "n3")):
             break
-        assert time.monotonic() < deadline, f"the control message was not applied: {found}"
+        assert time.monotonic() < deadline, f"the control messages were not applied: {found}"
         time.sleep(0.3)
-    assert all(not (ids - {"control-1"}) for ids in found.values()), found
+    assert all(not (ids - CONTROL_IDS) for ids in found.values()), found
     for node in ("n2", "n3"):
         _, body = applied.http(node, "/health")  # 503 is fine: n1 lacks the control row it never wrote
         assert json.loads(body)["dead_letters"] >= 1, body
@@ -207,7 +217,7 @@ def test_no_identity_may_purge_or_delete_the_streams(applied: Appliance):
         reasons = {}
         for who, (user, password) in identities.items():
             errors: list[str] = []
-            nc = await connect_as(applied, user, password, errors)
+            nc = await connect_as(client_url(applied), user, password, errors)
             try:
                 js = nc.jetstream(timeout=3)
                 reasons[f"{who} purge"] = await refused(lambda: js.purge_stream(STREAM), errors)
@@ -232,7 +242,7 @@ def test_reader_identity_reads_the_feed_but_cannot_write_snapshots(applied: Appl
     reader_file = applied.state_dir / "secrets" / "nats-reader.json"
     assert stat.S_IMODE(reader_file.stat().st_mode) == 0o600
     write_rows(applied.db("n2"), "reader-check", 1)
-    url = f"nats://127.0.0.1:{applied.ports('n1')['client']}"
+    url = client_url(applied)
 
     async def read_one_and_attack() -> tuple[str, str]:
         feed = changes(url, "marmot-changes", shards=1, from_="start", tables=["items"], credentials=reader_file)
@@ -243,7 +253,7 @@ def test_reader_identity_reads_the_feed_but_cannot_write_snapshots(applied: Appl
         await feed.aclose()
         user, password = applied.reader_credentials()
         errors: list[str] = []
-        nc = await connect_as(applied, user, password, errors)
+        nc = await connect_as(client_url(applied), user, password, errors)
         try:
             js = nc.jetstream(timeout=3)
             why = await refused(
