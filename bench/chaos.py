@@ -3,7 +3,8 @@
     .venv/bin/python bench/chaos.py --runs 5 --seed 100 --duration 30
 
 Each run starts a fresh local cluster (3 JetStream servers, 3 `marmot-appliance node` processes
-with `shards: 4` and snapshots on) and a writer on every node, and injects faults drawn from the
+run from one cluster spec, or from the seed's flags with --flag-mode, with `shards: 4` and
+snapshots on) and a writer on every node, and injects faults drawn from the
 run's seed for --duration seconds: kill -9 and SIGSTOP of node runtimes and of nats-servers (one,
 two or all three at once), graceful restarts, long stops, forced snapshot restores, poison
 messages, a small `max_log_entries` so the log rolls past stopped nodes (log-roll), and one node
@@ -184,11 +185,12 @@ def inject_divergence(db: Path) -> None:
 
 
 def run_once(plan: RunPlan, work: Path, rate: float, with_verify: bool, self_test: bool = False,
-             with_repair: bool = False) -> RunResult:
+             with_repair: bool = False, spec_mode: bool = True) -> RunResult:
     result = RunResult(plan, work=work)
     started = time.monotonic()
     shifts = {plan.clock_shift[0]: plan.clock_shift[1]} if plan.clock_shift else {}
-    cluster = LocalCluster(work, settings=NodeSettings(max_log_entries=plan.max_log_entries), clock_shifts=shifts)
+    cluster = LocalCluster(work, settings=NodeSettings(max_log_entries=plan.max_log_entries, spec_mode=spec_mode),
+                           clock_shifts=shifts)
     try:
         cluster.start_nats()
         cluster.add_nodes(create_database)
@@ -245,6 +247,8 @@ def replay_command(args: argparse.Namespace, seed: int) -> str:
         parts += ["--faults", args.faults]
     if args.no_clock_shift:
         parts.append("--no-clock-shift")
+    if args.flag_mode:
+        parts.append("--flag-mode")
     if args.rate != 20.0:
         parts += ["--rate", f"{args.rate:g}"]
     if args.self_test_divergence:
@@ -327,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", help=f"comma-separated fault kinds, or 'all' (default: all but the known-failing "
                         f"{','.join(KNOWN_FAILING) or '(none)'}; kinds: {','.join(ALL_KINDS)})")
     parser.add_argument("--no-clock-shift", action="store_true", help="no node runs with a shifted clock")
+    parser.add_argument("--flag-mode", action="store_true",
+                        help="run the nodes from the seed's flags instead of a cluster spec (no node list: no "
+                             "tombstone collection, gaps no snapshot closes wait for an operator)")
     parser.add_argument("--no-verify", action="store_true", help="skip `marmot-appliance verify` in the oracle")
     parser.add_argument("--work-dir", type=Path, help="where run directories go (default: a new temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep work directories of passing runs too")
@@ -371,7 +378,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work)
         work.mkdir()
         print(f"run {i + 1}/{args.runs}: {plan.describe()}", flush=True)
-        result = run_once(plan, work, args.rate, with_verify, args.self_test_divergence, args.repair)
+        result = run_once(plan, work, args.rate, with_verify, args.self_test_divergence, args.repair,
+                          spec_mode=not args.flag_mode)
         for fault in result.faults:
             print(f"    {fault}")
         converge = f"{result.converge_s:.1f}s" if result.converge_s is not None else "never"

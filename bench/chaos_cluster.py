@@ -50,6 +50,10 @@ class NodeSettings:
     shards: int = 4
     max_log_entries: int = 300
     log_replicas: int = 3
+    # True: the nodes run from one cluster spec (`node --spec … --node nodeN`, the documented
+    # path: the node list is known, so tombstone collection and gap closing take part).
+    # False: the seed's flags (`node -node-id N -nats-url …`), which know no node list.
+    spec_mode: bool = True
 
 
 @dataclass
@@ -109,6 +113,8 @@ class LocalCluster:
         for i in range(1, self.size + 1):
             db = create_database(self.work / f"node{i}.db")
             self.nodes.append(Node(i, db, self.work / f"node{i}.log", ports[i - 1], self.clock_shifts.get(i, 0.0)))
+        if self.settings.spec_mode:
+            self.write_spec()
 
     def node(self, node_id: int) -> Node:
         return self.nodes[node_id - 1]
@@ -117,8 +123,38 @@ class LocalCluster:
     def nats_url(self) -> str:
         return self.nats.url
 
+    @property
+    def spec_path(self) -> Path:
+        return self.work / "cluster.yaml"
+
+    def write_spec(self) -> None:
+        """The cluster spec of spec mode: external nats-servers, the nodes' files and ports, the
+        run's settings (snapshots every half of the retention, as flag mode does)."""
+        s = self.settings
+        nodes = "\n".join(
+            f"  - {{name: node{n.node_id}, id: {n.node_id}, host: 127.0.0.1, db: '{n.db}', "
+            f"ports: {{metrics: {n.metrics_port}}}}}"
+            for n in self.nodes
+        )
+        self.spec_path.write_text(
+            "apiVersion: marmot-appliance/v1\nkind: Cluster\nname: chaos\n"
+            f"replication: {{shards: {s.shards}, log_replicas: {s.log_replicas}, max_log_entries: {s.max_log_entries}}}\n"
+            f"snapshots: {{enabled: true, every_entries: {max(1, s.max_log_entries // 2)}}}\n"
+            f"nats:\n  embedded: false\n  urls: [{', '.join(self.nats.urls)}]\n  auth: none\n"
+            f"nodes:\n{nodes}\n"
+        )
+
+    def _node_args(self, node: Node) -> list[str]:
+        """How a CLI command names this node: from the spec, or by the seed's flags."""
+        if self.settings.spec_mode:
+            return ["--spec", str(self.spec_path), "--node", f"node{node.node_id}"]
+        return ["--nats-url", self.nats_url, "--db-path", str(node.db), "--node-id", str(node.node_id),
+                "--shards", str(self.settings.shards)]
+
     def node_argv(self, node: Node) -> list[str]:
         s = self.settings
+        if s.spec_mode:
+            return [sys.executable, "-m", "marmot_appliance", "node", *self._node_args(node)]
         return [sys.executable, "-m", "marmot_appliance", "node", "-db-path", str(node.db),
                 "-node-id", str(node.node_id), "-nats-url", self.nats_url, "-shards", str(s.shards),
                 "-log-replicas", str(s.log_replicas), "-max-log-entries", str(s.max_log_entries),
@@ -183,14 +219,12 @@ class LocalCluster:
 
     def save_snapshot(self, node: Node) -> subprocess.CompletedProcess:
         """`marmot-appliance snapshot save --force` from a (running) node's database."""
-        argv = [sys.executable, "-m", "marmot_appliance", "snapshot", "save", "--force", "--nats-url", self.nats_url,
-                "--db-path", str(node.db), "--node-id", str(node.node_id), "--shards", str(self.settings.shards)]
+        argv = [sys.executable, "-m", "marmot_appliance", "snapshot", "save", "--force", *self._node_args(node)]
         return subprocess.run(argv, capture_output=True, text=True, timeout=180, env=node.env())
 
     def restore_snapshot(self, node: Node) -> subprocess.CompletedProcess:
         """`marmot-appliance snapshot restore` into a stopped node's database."""
-        argv = [sys.executable, "-m", "marmot_appliance", "snapshot", "restore", "--nats-url", self.nats_url,
-                "--db-path", str(node.db), "--node-id", str(node.node_id), "--shards", str(self.settings.shards)]
+        argv = [sys.executable, "-m", "marmot_appliance", "snapshot", "restore", *self._node_args(node)]
         return subprocess.run(argv, capture_output=True, text=True, timeout=180, env=node.env())
 
     # -- nats-servers ----------------------------------------------------------------------------
