@@ -1,12 +1,17 @@
-"""The metrics registry: families declared up front appear before their first event."""
+"""The metrics registry: families declared up front appear before their first event, each
+runtime has a registry of its own, and every call site names a declared family of its kind."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 from prometheus_client.parser import text_string_to_metric_families
 
-from marmot_appliance.node.runtime import LABELLED_NODE_METRICS, NODE_METRICS, UNSAMPLED_NODE_METRICS
+from marmot_appliance.observability.families import NODE_FAMILIES, VERIFY_FAMILIES
 from marmot_appliance.observability.metrics import Metrics
 
+REPO = Path(__file__).resolve().parents[1]
 # The families the /metrics contract promises (docs/appliance.md, issue 5).
 CONTRACT = {
     "rows_published", "batches_published", "rows_applied", "batches_applied",
@@ -14,56 +19,85 @@ CONTRACT = {
 }
 
 
+def _families(metrics: Metrics) -> dict:
+    return {f.name: f for f in text_string_to_metric_families(metrics.render())}
+
+
 def test_node_declares_every_contract_family():
-    declared = {name for name, _, _ in NODE_METRICS + LABELLED_NODE_METRICS}
-    assert CONTRACT <= declared
+    assert CONTRACT <= {family.name for family in NODE_FAMILIES}
 
 
 def test_declared_families_render_before_any_event_and_parse():
     metrics = Metrics()
-    for name, kind, help_text in NODE_METRICS:
-        metrics.declare(name, kind, help_text)
-    for name, kind, help_text in LABELLED_NODE_METRICS:
-        metrics.declare(name, kind, help_text, labelled=True)
-    families = {f.name: f for f in text_string_to_metric_families(metrics.render())}
+    families = _families(metrics)
     assert families["marmot_rows_published"].type == "counter"
     assert [s.value for s in families["marmot_rows_published"].samples] == [0.0]
     assert families["marmot_errors"].samples == []  # labelled: no fake unlabelled series
+    assert families["marmot_snapshot_age_seconds"].samples == []  # no age before there is a snapshot
 
     metrics.inc("rows_published", 5)
     metrics.inc("errors", kind="publish_timeout")
     metrics.set("stream_lag", 3, stream="marmot-changes-1")
-    families = {f.name: f for f in text_string_to_metric_families(metrics.render())}
+    metrics.set("snapshot_age_seconds", 12.5)
+    families = _families(metrics)
     assert [s.value for s in families["marmot_rows_published"].samples] == [5.0]
     (error,) = families["marmot_errors"].samples
     assert error.labels == {"kind": "publish_timeout"} and error.value == 1.0
     (lag,) = families["marmot_stream_lag"].samples
     assert lag.labels == {"stream": "marmot-changes-1"} and lag.value == 3.0
+    assert [s.value for s in families["marmot_snapshot_age_seconds"].samples] == [12.5]
+    assert metrics.get("rows_published") == 5 and metrics.get("stream_lag", stream="marmot-changes-1") == 3
+    metrics.remove("stream_lag", stream="marmot-changes-1")
+    assert _families(metrics)["marmot_stream_lag"].samples == []
+
+
+def test_no_created_series_and_histograms_render_their_buckets():
+    metrics = Metrics()
+    metrics.observe("apply_transaction_seconds", 0.003)
+    metrics.observe("apply_transaction_seconds", 0.2)
+    text = metrics.render()
+    assert "_created" not in text  # prometheus_client's extra series per counter stay out
+    assert "# TYPE marmot_apply_transaction_seconds histogram" in text
+    assert 'marmot_apply_transaction_seconds_bucket{le="0.005"} 1.0' in text
+    assert 'marmot_apply_transaction_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "marmot_apply_transaction_seconds_count 2.0" in text
+
+
+def test_each_runtime_counts_in_its_own_registry():
+    """Tests run several node runtimes in one process: one's counts never show on another's."""
+    first, second = Metrics(), Metrics()
+    first.inc("rows_applied", 7)
+    assert first.get("rows_applied") == 7 and second.get("rows_applied") == 0
+    second.declare_all(VERIFY_FAMILIES)
+    second.declare_all(VERIFY_FAMILIES)  # a part started again: kept, not registered twice
+    assert "marmot_verify_checks_total" in second.render() and "marmot_verify_checks" not in first.render()
+
+
+def test_every_call_site_names_a_declared_family_of_its_kind():
+    """A misspelt or undeclared name would raise KeyError on a rarely taken path (a forged
+    message, a failed restore); every literal name in the package is checked here instead."""
+    kinds = {family.name: family.kind for family in NODE_FAMILIES + VERIFY_FAMILIES}
+    wanted = {"inc": {"counter"}, "set": {"gauge"}, "observe": {"histogram"}, "remove": {"gauge", "counter"}}
+    call = re.compile(r"metrics\.(inc|set|observe|remove)\(\s*\"([a-z_]+)\"")
+    seen = 0
+    for path in (REPO / "marmot_appliance").rglob("*.py"):
+        for method, name in call.findall(path.read_text()):
+            seen += 1
+            assert name in kinds, f"{path.relative_to(REPO)}: {method}({name!r}) is not declared in families.py"
+            assert kinds[name] in wanted[method], f"{path.relative_to(REPO)}: {method}() on a {kinds[name]} {name!r}"
+    assert seen > 50
 
 
 def test_every_metric_docs_replication_md_names_exists_from_start_up():
     """The `GET /metrics` list in docs/replication.md: each family is on /metrics before its
-    first event (declared by the node runtime), not only after it happened once."""
-    import re
-    from pathlib import Path
-
-    from marmot_appliance.node import waiting_rows
-
-    doc = (Path(__file__).resolve().parents[1] / "docs" / "replication.md").read_text()
+    first event (declared by the node runtime), not only after it happened once; and each
+    family a node declares is documented there."""
+    doc = (REPO / "docs" / "replication.md").read_text()
     paragraph = doc[doc.index("`GET /metrics`:"):]
     paragraph = paragraph[:paragraph.index("\n\n")]
     documented = set(re.findall(r"`(marmot_[a-z_]+)", paragraph))
     metrics = Metrics()
-    for name, kind, help_text in NODE_METRICS:
-        metrics.declare(name, kind, help_text)
-    for name, kind, help_text in LABELLED_NODE_METRICS:
-        metrics.declare(name, kind, help_text, labelled=True)
-    for name, kind, help_text in UNSAMPLED_NODE_METRICS:
-        metrics.declare(name, kind, help_text, labelled=True)
-    waiting_rows.declare_metrics(metrics)
-    from marmot_appliance.verify.continuous import METRICS as VERIFY_METRICS  # declared when it runs
-
-    for name, kind, help_text in VERIFY_METRICS:
-        metrics.declare(name, kind, help_text, labelled=True)
+    metrics.declare_all(VERIFY_FAMILIES)  # declared where the continuous check runs
     rendered = set(re.findall(r"^# TYPE (\S+)", metrics.render(), re.M))
     assert documented and documented - rendered == set()
+    assert rendered - documented == set(), "declared but not listed in docs/replication.md"

@@ -41,11 +41,15 @@ def _alert_rules() -> list[dict]:
 
 def _exported_names(metrics_text: str) -> set[str]:
     """Sample names a node exports: `# TYPE` lines list every family, also a labelled one with
-    no series yet (counters carry the `_total` suffix on their samples)."""
+    no series yet (counters carry the `_total` suffix on their samples; a histogram's samples
+    are its `_bucket`, `_sum` and `_count`)."""
     names = set()
     for line in metrics_text.splitlines():
         if line.startswith("# TYPE "):
-            names.add(line.split()[2])
+            _, _, name, kind = line.split()
+            names.add(name)
+            if kind == "histogram":
+                names.update(f"{name}{suffix}" for suffix in ("_bucket", "_sum", "_count"))
     return names
 
 

@@ -26,7 +26,7 @@ async def test_health_status_codes_and_metrics_parse():
     status = RuntimeStatus(node="n1", db_path="/tmp/x.db", nats_connected=True, capture_installed=True, started=True)
     status.lag["marmot-changes-1"] = 3
     metrics = Metrics()
-    metrics.inc("rows_published", 5, help="rows")
+    metrics.inc("rows_published", 5)
     metrics.set("stream_lag", 3, stream="marmot-changes-1")
     server = ObservabilityServer("127.0.0.1", 0, status.as_health, metrics)
     await server.start()

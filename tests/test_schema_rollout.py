@@ -184,7 +184,11 @@ def test_declared_schema_rolls_out_under_writes_and_converges():
         reported = _wait(fingerprints, "every node to report the new schema")[0]
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics_ports['n2']}/metrics", timeout=5) as response:
             metrics = response.read().decode()
-        assert f'marmot_schema_table_fingerprint{{table="orders"}} {float(int(reported["orders"][:12], 16))!r}' in metrics
+        from prometheus_client.parser import text_string_to_metric_families
+
+        (exported,) = [sample.value for family in text_string_to_metric_families(metrics) for sample in family.samples
+                       if sample.name == "marmot_schema_table_fingerprint" and sample.labels == {"table": "orders"}]
+        assert exported == float(int(reported["orders"][:12], 16))
         status = cli("status", spec.name)
         assert status.returncode == 0 and "schema drift" not in status.stdout, describe(status)
         again = cli("plan", "--detailed-exitcode", spec.name)

@@ -166,13 +166,13 @@ class RestoreCoordinator:
             now = time.monotonic()
             for stream in streams:
                 self._failed_at[stream] = now
-            runtime.metrics.inc("errors", kind="restore", help="Errors by kind")
+            runtime.metrics.inc("errors", kind="restore")
             log.error("cannot restore a snapshot (%s): %s", ", ".join(sorted(streams)) or "?", exc)
             raise
         if restored:
             self.state.restores += 1
             self.state.last_error = None
-            runtime.metrics.inc("snapshot_restores", help="Snapshots restored while the node was running")
+            runtime.metrics.inc("snapshot_restores")
         for stream in streams:
             self._failed_at.pop(stream, None)
 
@@ -184,5 +184,4 @@ class RestoreCoordinator:
         )
         self.runtime.metrics.set(
             "snapshot_restore_in_progress", 0 if self.state.state == "idle" else 1,
-            help="1 while a snapshot restore is pending or running on this node",
         )

@@ -72,55 +72,6 @@ PUBLISH_ASYNC_WINDOW = 1024
 FATAL_STREAM_ERRORS = ("insufficient resources", "replicas", "subjects overlap", "exists with subjects")
 
 
-SCHEMA_FINGERPRINT_HELP = (
-    "Each table's schema fingerprint as a number (the first 48 bits of the hex fingerprint on /health); "
-    "nodes with equal values hold the same schema for the table"
-)
-GAPS_HELP = "Shard streams with entries gone before this node applied them (no snapshot closed it yet)"
-
-# Every family a node exports, present from start-up (labelled ones gain labels as they occur).
-NODE_METRICS = (
-    ("rows_published", "counter", "Rows acknowledged by JetStream"),
-    ("batches_published", "counter", "Batches acknowledged by JetStream"),
-    ("bytes_uncompressed", "counter", "Payload bytes before compression"),
-    ("bytes_compressed", "counter", "Payload bytes sent (after compression)"),
-    ("rows_applied", "counter", "Rows applied from other nodes"),
-    ("batches_applied", "counter", "Batches applied"),
-    ("dead_letters", "counter", "Messages and rows set aside in the dead-letter table"),
-    ("dead_letter_bytes", "counter", "Payload bytes kept in the dead-letter table"),
-    ("dead_letters_truncated", "counter", "Dead letters whose payload was cut to the kept maximum"),
-    ("rows_oversized", "counter", "Rows too large to replicate, dead-lettered on their origin"),
-    ("runs_split", "counter", "Publisher runs applied before their end arrived"),
-    ("pending_rows", "gauge", "Captured rows not yet acknowledged"),
-    ("gaps", "gauge", GAPS_HELP),
-    ("snapshot_restores", "counter", "Snapshots restored while the node was running"),
-    ("snapshot_restore_in_progress", "gauge", "1 while a snapshot restore is pending or running on this node"),
-    ("tombstones_collected", "counter", "Tombstones removed below the horizon"),
-    ("tombstones", "gauge", "Tombstones kept in the versions tables"),
-    ("tombstone_horizon", "gauge", "Version at or below which this node collected its tombstones (0: never)"),
-    ("reseeds", "counter", "Re-seeds because this node came back past the tombstone horizon"),
-    ("bookkeeping_bytes", "gauge", "Bytes of every _marmot_* table and index (SQLite dbstat)"),
-    ("change_log_oldest_age_seconds", "gauge", "Age of the oldest captured row not yet acknowledged (0: drained)"),
-    ("change_log_alarm", "gauge", "1 while the change log is not draining (replication.change_log_alarm_*)"),
-    ("dead_letters_dropped", "counter", "Oldest dead letters deleted past replication.max_dead_letters"),
-    ("healthy", "gauge", "1 while /health answers 200 (status ok), 0 while it answers 503"),
-)
-LABELLED_NODE_METRICS = (
-    ("errors", "counter", "Errors by kind"),
-    ("stream_lag", "gauge", "Stream entries not yet applied"),
-    ("stream_resets", "counter", "Shard streams found re-created (positions reset)"),
-    ("stream_gap_entries", "gauge", "Entries retention dropped before this node applied them (0: no gap)"),
-    ("apply_blocked", "gauge", "1 while a stream waits for the database to accept writes"),
-    ("schema_table_fingerprint", "gauge", SCHEMA_FINGERPRINT_HELP),
-    ("bookkeeping_rows", "gauge", "Rows of each _marmot_* table"),
-)
-# Listed from start-up, but without a sample until there is something to measure (an age of 0
-# would claim a fresh snapshot).
-UNSAMPLED_NODE_METRICS = (
-    ("snapshot_age_seconds", "gauge", "Seconds since the newest snapshot this node knows of"),
-)
-
-
 class NodeRuntime:
     """Runs one node until `stop` is set. Use `await NodeRuntime(config).run(stop)`."""
 
@@ -129,14 +80,7 @@ class NodeRuntime:
         self.cluster = config.cluster
         self.node = config.node
         self.replication = config.cluster.replication
-        self.metrics = metrics or Metrics()
-        for name, kind, help_text in NODE_METRICS:
-            self.metrics.declare(name, kind, help_text)
-        for name, kind, help_text in LABELLED_NODE_METRICS:
-            self.metrics.declare(name, kind, help_text, labelled=True)
-        waiting_rows.declare_metrics(self.metrics)
-        for name, kind, help_text in UNSAMPLED_NODE_METRICS:
-            self.metrics.declare(name, kind, help_text, labelled=True)
+        self.metrics = metrics or Metrics()  # every family a node exports (observability/families.py)
         self.status = RuntimeStatus(node=self.node.name, db_path=str(config.db_path))
         self.waiting = waiting_rows.WaitingRowsReporter(self.status, self.metrics, self.replication.max_clock_skew_s)
         self.http: ObservabilityServer | None = None
@@ -180,7 +124,7 @@ class NodeRuntime:
         return health
 
     def _refresh_gauges(self) -> None:
-        self.metrics.set("gaps", len(self.status.gaps), help=GAPS_HELP)
+        self.metrics.set("gaps", len(self.status.gaps))
         # What /health answers at this moment (its "status" is RuntimeStatus.healthy; the alert
         # MarmotNodeUnhealthy reads this).
         self.status.nats_connected = bool(self.nc is not None and self.nc.is_connected)
@@ -189,8 +133,7 @@ class NodeRuntime:
         if self.snapshot_scheduler is not None:
             self.status.last_snapshot = getattr(self.snapshot_scheduler, "last_snapshot", None)
         if self.status.last_snapshot:
-            self.metrics.set("snapshot_age_seconds", time.time() - self.status.last_snapshot,
-                             help="Seconds since the newest snapshot this node knows of")
+            self.metrics.set("snapshot_age_seconds", time.time() - self.status.last_snapshot)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -629,7 +572,7 @@ class NodeRuntime:
             except Exception as exc:  # noqa: BLE001 - reported on /health, retried next tick
                 self.status.database_ok = False
                 self.status.database_error = f"{type(exc).__name__}: {exc}"
-                self.metrics.inc("errors", kind="database", help="Errors by kind")
+                self.metrics.inc("errors", kind="database")
                 log.warning("database maintenance failed: %s", exc)
 
     async def _tombstone_round(self) -> None:
@@ -670,7 +613,7 @@ class NodeRuntime:
             if table not in tables:
                 self.metrics.remove("schema_table_fingerprint", table=table)
         for table, fingerprint in tables.items():
-            self.metrics.set("schema_table_fingerprint", int(fingerprint[:12], 16), help=SCHEMA_FINGERPRINT_HELP, table=table)
+            self.metrics.set("schema_table_fingerprint", int(fingerprint[:12], 16), table=table)
         self.status.schema = {"tables": tables, "views": shape.view_fingerprints()}
 
     async def _refresh_status(self) -> None:
@@ -678,7 +621,7 @@ class NodeRuntime:
         await self._trim_dead_letters()
         self.status.dead_letters = await self.apply_db.run(self.applier.dead_letter_count)
         self.waiting.publish(await self.apply_db.run(self.applier.waiting_report))
-        self.metrics.set("pending_rows", self.status.pending_rows, help="Captured rows not yet acknowledged")
+        self.metrics.set("pending_rows", self.status.pending_rows)
         self.status.tombstones = self.tombstones.state.as_status()
         await self._write_seq_map()
 
@@ -692,7 +635,7 @@ class NodeRuntime:
             log.warning("change log not draining: %s", alarm)
         self.status.pending_rows = backlog.rows
         self.status.change_log = {"pending_rows": backlog.rows, "oldest_age_s": round(age, 3), "alarm": alarm}
-        self.metrics.set("pending_rows", backlog.rows, help="Captured rows not yet acknowledged")
+        self.metrics.set("pending_rows", backlog.rows)
         self.metrics.set("change_log_oldest_age_seconds", age)
         self.metrics.set("change_log_alarm", 1 if alarm else 0)
 
@@ -712,11 +655,11 @@ class NodeRuntime:
 
         size = await self.apply_db.run(bookkeeping_size, str(self.config.db_path))
         for table, rows in size.rows.items():
-            self.metrics.set("bookkeeping_rows", rows, help="Rows of each _marmot_* table", table=table)
+            self.metrics.set("bookkeeping_rows", rows, table=table)
         if size.bytes is not None:
-            self.metrics.set("bookkeeping_bytes", size.bytes, help="Bytes of every _marmot_* table and index (SQLite dbstat)")
-        self.metrics.set("tombstones", size.tombstones, help="Tombstones kept in the versions tables")
-        self.metrics.set("tombstone_horizon", size.horizon, help="Version at or below which this node collected its tombstones (0: never)")
+            self.metrics.set("bookkeeping_bytes", size.bytes)
+        self.metrics.set("tombstones", size.tombstones)
+        self.metrics.set("tombstone_horizon", size.horizon)
         self.status.bookkeeping = {"rows": sum(size.rows.values()), "bytes": size.bytes, "tombstones": size.tombstones}
 
     async def _write_seq_map(self) -> None:
@@ -775,7 +718,7 @@ class NodeRuntime:
             # restart loop helps nobody. The node starts; the consumer of each gapped stream
             # holds before the gap, /health says so, and a snapshot is asked for (docs/replication.md).
             log.error("cannot restore a snapshot at start: %s", exc)
-            self.metrics.inc("errors", kind="restore", help="Errors by kind")
+            self.metrics.inc("errors", kind="restore")
 
     async def _on_truncated(self, stream: str, expected: int, available: int) -> bool | ResumeAfter:
         """A consumer found entries expected..available-1 gone. True: a restore was requested and
@@ -818,7 +761,7 @@ class NodeRuntime:
         """A consumer found its stream re-created and replays it from 0. Entries of the old
         instance that some node never applied are gone with it, so every node re-publishes the
         newest version of each row it originated (last writer wins makes the copies harmless)."""
-        self.metrics.inc("stream_resets", help="Shard streams found re-created (positions reset)", stream=stream)
+        self.metrics.inc("stream_resets", stream=stream)
         republished = 0
         if self.node.publish and (self._republished_at is None or time.monotonic() - self._republished_at > 60):
             self._republished_at = time.monotonic()  # once for all shards reset together

@@ -150,7 +150,7 @@ class TombstoneCollector:
             "down; set aside as dead letters, re-seeding from a snapshot", moved, highest,
         )
         self.state.reseeded = {"at": time.time(), "rows_set_aside": moved, "horizon": highest, "snapshot": None}
-        self.runtime.metrics.inc("reseeds", help="Re-seeds because this node came back past the tombstone horizon")
+        self.runtime.metrics.inc("reseeds")
         self.runtime.metrics.inc("dead_letters", moved)
         return moved
 
@@ -194,7 +194,7 @@ class TombstoneCollector:
                 self.state.horizon = outcome.horizon
                 self.state.collected_total += collected
                 if collected:
-                    runtime.metrics.inc("tombstones_collected", collected, help="Tombstones removed below the horizon")
+                    runtime.metrics.inc("tombstones_collected", collected)
                     log.info("collected %d tombstone(s) at or below horizon %d", collected, outcome.horizon)
                 self._candidate = None
         if waiting or not published:

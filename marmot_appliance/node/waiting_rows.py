@@ -18,24 +18,6 @@ from marmot_appliance.observability.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-WAITING_METRICS = (
-    ("parked_rows", "gauge", "Rows waiting for a table or column this node lacks"),
-    ("parked_overflow", "counter", "Rows dead-lettered because replication.max_parked_rows was reached"),
-    ("parked_retry_rows", "counter", "Parked rows looked at by retries after schema changes"),
-)
-LABELLED_WAITING_METRICS = (
-    ("clock_skew_held_rows", "gauge", "Rows held because their version is beyond max_clock_skew_s, by origin"),
-    ("clock_skew_seconds", "gauge", "How far ahead of this node's clock an origin's newest held or refused version is"),
-    ("clock_skew_dead_letters", "counter", "Rows dead-lettered for a version absurdly far ahead, by origin"),
-)
-
-
-def declare_metrics(metrics: Metrics) -> None:
-    for name, kind, help_text in WAITING_METRICS:
-        metrics.declare(name, kind, help_text)
-    for name, kind, help_text in LABELLED_WAITING_METRICS:
-        metrics.declare(name, kind, help_text, labelled=True)
-
 
 async def retry_parked(apply_db: Any, applier: Any) -> int:
     """Retry parked rows of tables whose schema changed since their last retry, chunk by chunk."""

@@ -1,87 +1,108 @@
-"""A tiny in-process metrics registry rendered in the Prometheus text format.
+"""A node's metrics in a prometheus_client registry of its own, rendered on `/metrics`.
 
-The node runtime's parts increment counters and set gauges here; the HTTP server in
-`marmot_appliance.observability.http` renders them on `/metrics`. Kept dependency-free on
-purpose: the hot path only does a dict lookup and an add.
+Each `Metrics` holds its own `CollectorRegistry` (never the library's global one): tests run
+several node runtimes in one process, and each must export only its own counts. Every family is
+declared up front from observability/families.py, so /metrics lists it before its first event
+(Prometheus rates and alerts need the series from the start). The runtime's parts call
+`inc` / `set` / `observe` by family name with label values as keywords; a name that is not
+declared is a programming error (KeyError; tests/test_metrics.py checks every call site).
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
 
-LabelKey = tuple[tuple[str, str], ...]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from marmot_appliance.observability.families import NODE_FAMILIES, Family
+
+_KINDS = {"counter": Counter, "gauge": Gauge, "histogram": Histogram}
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+class _UnsampledGauge:
+    """An unlabelled gauge listed from start-up without a sample until it is first set
+    (prometheus_client's Gauge starts at 0, which for an age would claim "just now")."""
+
+    def __init__(self, name: str, documentation: str):
+        self.name = name
+        self.documentation = documentation
+        self.value: float | None = None
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation)
+        if self.value is not None:
+            family.add_metric([], self.value)
+        yield family
 
 
-@dataclass
-class _Family:
-    name: str
-    kind: str  # "counter" | "gauge"
-    help: str
-    samples: dict[LabelKey, float] = field(default_factory=dict)
+class _WithoutCreated:
+    """The registry as rendered: without the `_created` series prometheus_client adds to each
+    counter and histogram (a second series per counter that no rule or dashboard here reads)."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class Metrics:
-    """Counters and gauges with labels. Thread-safe enough for asyncio plus one HTTP thread."""
+    """Counters, gauges and histograms by family name. Thread-safe (prometheus_client locks each
+    value): the database threads observe apply times while the event loop counts."""
 
-    def __init__(self, prefix: str = "marmot"):
+    def __init__(self, families: Iterable[Family] = NODE_FAMILIES, prefix: str = "marmot"):
         self.prefix = prefix
-        self._families: dict[str, _Family] = {}
-        self._lock = threading.Lock()
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._metrics: dict[str, Any] = {}
+        self._families: dict[str, Family] = {}
+        self._view = _WithoutCreated(self.registry)
+        self.declare_all(families)
 
-    def _family(self, name: str, kind: str, help_text: str) -> _Family:
-        full = f"{self.prefix}_{name}"
-        family = self._families.get(full)
-        if family is None:
-            with self._lock:
-                family = self._families.setdefault(full, _Family(full, kind, help_text))
-        return family
+    def declare_all(self, families: Iterable[Family]) -> None:
+        """Register families; one already declared is kept as it is (a part started again)."""
+        for family in families:
+            if family.name in self._families:
+                continue
+            full = f"{self.prefix}_{family.name}"
+            if family.unsampled:
+                metric: Any = _UnsampledGauge(full, family.help)
+                self.registry.register(metric)
+            elif family.kind == "histogram":
+                metric = Histogram(full, family.help, family.labels, registry=self.registry, buckets=family.buckets)
+            else:
+                metric = _KINDS[family.kind](full, family.help, family.labels, registry=self.registry)
+            self._metrics[family.name] = metric
+            self._families[family.name] = family
 
-    def declare(self, name: str, kind: str, help: str, labelled: bool = False) -> None:
-        """Register a family up front so /metrics lists it before its first event (Prometheus
-        rates and alerts need the series to exist from the start). An unlabelled family starts
-        at zero; a labelled one gains its series as label values occur."""
-        family = self._family(name, kind, help)
-        family.help = family.help or help
-        if not labelled and not family.samples:
-            family.samples[()] = 0.0
+    def inc(self, name: str, amount: float = 1.0, **labels: Any) -> None:
+        metric = self._metrics[name]
+        (metric.labels(**labels) if labels else metric).inc(amount)
 
-    def inc(self, name: str, amount: float = 1.0, help: str = "", **labels: str) -> None:
-        family = self._family(name, "counter", help)
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
-        family.samples[key] = family.samples.get(key, 0.0) + amount
+    def set(self, name: str, value: float, **labels: Any) -> None:
+        metric = self._metrics[name]
+        (metric.labels(**labels) if labels else metric).set(value)
 
-    def set(self, name: str, value: float, help: str = "", **labels: str) -> None:
-        family = self._family(name, "gauge", help)
-        key = tuple(sorted((k, str(v)) for k, v in labels.items()))
-        family.samples[key] = float(value)
+    def observe(self, name: str, value: float, **labels: Any) -> None:
+        metric = self._metrics[name]
+        (metric.labels(**labels) if labels else metric).observe(value)
 
-    def remove(self, name: str, **labels: str) -> None:
+    def remove(self, name: str, **labels: Any) -> None:
         """Drop one labelled series (e.g. a table that no longer exists)."""
-        family = self._families.get(f"{self.prefix}_{name}")
-        if family is not None:
-            family.samples.pop(tuple(sorted((k, str(v)) for k, v in labels.items())), None)
+        self._metrics[name].remove(*(labels[label] for label in self._families[name].labels))
 
-    def get(self, name: str, **labels: str) -> float:
-        family = self._families.get(f"{self.prefix}_{name}")
-        if family is None:
-            return 0.0
-        return family.samples.get(tuple(sorted((k, str(v)) for k, v in labels.items())), 0.0)
+    def get(self, name: str, **labels: Any) -> float:
+        """A counter's or gauge's current value (0 when the series does not exist yet)."""
+        family = self._families[name]
+        sample = f"{self.prefix}_{name}" + ("_total" if family.kind == "counter" else "")
+        value = self.registry.get_sample_value(sample, {k: str(v) for k, v in labels.items()})
+        return 0.0 if value is None else value
 
     def render(self) -> str:
-        lines: list[str] = []
-        with self._lock:
-            families = list(self._families.values())
-        for family in sorted(families, key=lambda f: f.name):
-            sample_name = family.name + ("_total" if family.kind == "counter" else "")
-            lines.append(f"# HELP {sample_name} {family.help or family.name}")
-            lines.append(f"# TYPE {sample_name} {family.kind}")
-            for key, value in sorted(dict(family.samples).items()):
-                labels = ",".join(f'{k}="{_escape(v)}"' for k, v in key)
-                label_text = f"{{{labels}}}" if labels else ""
-                lines.append(f"{sample_name}{label_text} {value!r}")
-        return "\n".join(lines) + "\n"
+        """The Prometheus text format (version 0.0.4)."""
+        return generate_latest(self._view).decode()

@@ -303,7 +303,7 @@ class ShardConsumer:
             try:
                 msg = await sub.next_msg(timeout=wait_s)
             except nats.errors.TimeoutError:
-                self.metrics.inc("runs_split", help="Publisher runs applied before their end arrived")
+                self.metrics.inc("runs_split")
                 log.info("stream %s: the end of a run from node(s) %s did not arrive within %.0fs; "
                          "applying what arrived", self.stream, ", ".join(sorted(open_runs)), wait_s)
                 break
@@ -311,7 +311,7 @@ class ShardConsumer:
             self._track_run(open_runs, msg)
             size += codec.uncompressed_size(msg.data)
             if size >= MAX_RUN_BYTES:
-                self.metrics.inc("runs_split", help="Publisher runs applied before their end arrived")
+                self.metrics.inc("runs_split")
                 break
         return group
 
@@ -350,7 +350,7 @@ class ShardConsumer:
 
     def _set_lag(self, behind: int) -> None:
         self.status.lag[self.stream] = behind
-        self.metrics.set("stream_lag", behind, help="Stream entries not yet applied", stream=self.stream)
+        self.metrics.set("stream_lag", behind, stream=self.stream)
 
     # -- one message ---------------------------------------------------------------------
 
@@ -396,8 +396,8 @@ class ShardConsumer:
                 rows = sum(_row_count(batch) for batch, _, _ in items)
                 self.position = items[-1][2]
                 self._unsaved_own_seq = None
-                self.metrics.inc("rows_applied", rows, help="Rows applied from other nodes")
-                self.metrics.inc("batches_applied", len(items), help="Batches applied")
+                self.metrics.inc("rows_applied", rows)
+                self.metrics.inc("batches_applied", len(items))
                 self._after_apply(msgs[-1].metadata.num_pending, rows)
                 return False
         if not simple or not items:
@@ -407,7 +407,20 @@ class ShardConsumer:
         return False
 
     async def _apply_many_with_retry(self, items: list[tuple[ChangeBatch, str, int]]) -> None:
-        await self._until_database_accepts(f"seq {items[0][2]}..{items[-1][2]}", self.applier.apply_many, items)
+        await self._until_database_accepts(f"seq {items[0][2]}..{items[-1][2]}", self._apply_timed, items)
+
+    def _apply_timed(self, items: list) -> list:
+        """On the database thread: one apply transaction, timed; once it committed, how long
+        after its origin's commit each message's newest row became visible here (the version's
+        clock is the origin's, so clock offset between the hosts adds to it; never below 0)."""
+        started = time.perf_counter()
+        outcomes = self.applier.apply_many(items)
+        self.metrics.observe("apply_transaction_seconds", time.perf_counter() - started)
+        now_ms = time.time() * 1000.0
+        for outcome in outcomes:
+            if outcome.max_version:  # 0: a duplicate, or our own rows, or nothing to apply
+                self.metrics.observe("commit_to_visible_seconds", max(0.0, now_ms - (outcome.max_version >> 16)) / 1000.0)
+        return outcomes
 
     async def _until_database_accepts(self, what: str, call: Callable[..., Any], *args: Any) -> Any:
         """Run `call` on the database thread, retrying transient and environment errors for as
@@ -430,8 +443,7 @@ class ShardConsumer:
                     raise
                 attempt += 1
                 environment = is_environment(exc)
-                self.metrics.inc("errors", kind="apply_environment" if environment else "apply_transient",
-                                 help="Errors by kind")
+                self.metrics.inc("errors", kind="apply_environment" if environment else "apply_transient")
                 if environment or attempt >= BLOCKED_AFTER_ATTEMPTS:
                     self._block(f"{what}: {type(exc).__name__}: {exc}")
                 if attempt in (1, 10) or attempt % 50 == 0:
@@ -449,14 +461,12 @@ class ShardConsumer:
         if self.stream not in self.status.apply_blocked:
             log.error("stream %s: applying paused until the database can be written: %s", self.stream, reason)
         self.status.apply_blocked[self.stream] = reason
-        self.metrics.set("apply_blocked", 1, help="1 while a stream waits for the database to accept writes",
-                         stream=self.stream)
+        self.metrics.set("apply_blocked", 1, stream=self.stream)
 
     def _unblock(self) -> None:
         if self.status.apply_blocked.pop(self.stream, None) is not None:
             log.warning("stream %s: the database accepts writes again; applying resumed", self.stream)
-            self.metrics.set("apply_blocked", 0, help="1 while a stream waits for the database to accept writes",
-                             stream=self.stream)
+            self.metrics.set("apply_blocked", 0, stream=self.stream)
 
     async def handle(
         self, seq: int, payload: bytes, headers: dict | None, num_pending: int = 0, subject: str | None = None
@@ -485,7 +495,7 @@ class ShardConsumer:
             return False
         forged = self._forged(subject, batch) if subject is not None else None
         if forged is not None:
-            self.metrics.inc("forged_messages", help="Messages whose origin does not match their publisher's subject")
+            self.metrics.inc("forged_messages")
             await self._dead_letter(seq, payload, forged)
             self._after_apply(num_pending, rows=0)
             return False
@@ -528,7 +538,7 @@ class ShardConsumer:
             await self._dead_letter(seq, payload, f"undecodable large row (its last fragment kept): {exc}")
         else:
             if batch.origin != fragment.origin:  # the pieces' subject vouched for fragment.origin only
-                self.metrics.inc("forged_messages", help="Messages whose origin does not match their publisher's subject")
+                self.metrics.inc("forged_messages")
                 await self._dead_letter(seq, payload, f"forged origin: a large row from node {fragment.origin} "
                                                       f"says node {batch.origin}")
                 batch = None
@@ -551,7 +561,7 @@ class ShardConsumer:
 
     async def _apply_with_retry(self, batch: "ChangeBatch | codec.GroupedBatch", seq: int, payload: bytes) -> None:
         try:
-            await self._until_database_accepts(f"seq {seq}", self.applier.apply, batch, self.stream, seq)
+            await self._until_database_accepts(f"seq {seq}", self._apply_timed, [(batch, self.stream, seq)])
         except (DatabaseReplacedError, ConsumerStopping):
             raise
         except Exception as exc:  # noqa: BLE001 - permanent: the message's fault, not the database's
@@ -559,8 +569,8 @@ class ShardConsumer:
             return
         self.position = seq
         self._unsaved_own_seq = None  # the applied position covers skipped own messages too
-        self.metrics.inc("rows_applied", _row_count(batch), help="Rows applied from other nodes")
-        self.metrics.inc("batches_applied", help="Batches applied")
+        self.metrics.inc("rows_applied", _row_count(batch))
+        self.metrics.inc("batches_applied")
 
     async def _dead_letter(self, seq: int, payload: bytes, reason: str) -> None:
         log.error("stream %s seq %d: dead-lettered: %s", self.stream, seq, reason)
@@ -581,11 +591,11 @@ class ShardConsumer:
         self.position = seq
         self._unsaved_own_seq = None
         self.status.dead_letters += 1
-        self.metrics.inc("dead_letters", help="Messages and rows set aside in the dead-letter table")
+        self.metrics.inc("dead_letters")
         kept = min(len(payload), MAX_KEPT_PAYLOAD_BYTES)
-        self.metrics.inc("dead_letter_bytes", kept, help="Payload bytes kept in the dead-letter table")
+        self.metrics.inc("dead_letter_bytes", kept)
         if kept < len(payload):
-            self.metrics.inc("dead_letters_truncated", help="Dead letters whose payload was cut to the kept maximum")
+            self.metrics.inc("dead_letters_truncated")
 
     async def _save_own_position(self) -> None:
         """Store the position reached by skipping own messages (an empty batch moves it)."""
@@ -626,7 +636,7 @@ class ShardConsumer:
             return False
         previous = await self.db.run(self.applier.reset_stream, self.stream, instance or stored or "")
         log.error("%s: position reset from %d to 0; replaying it from the start", reason, previous)
-        self.metrics.inc("errors", kind="stream_reset", help="Errors by kind")
+        self.metrics.inc("errors", kind="stream_reset")
         self.position = 0
         self._instance = instance
         self._unsaved_own_seq = None
@@ -649,7 +659,7 @@ class ShardConsumer:
             # Retention dropped only what this process published itself: nothing is missing.
             self.position = self._unsaved_own_seq = seq - 1
             return False
-        self.metrics.inc("errors", kind="log_truncated", help="Errors by kind")
+        self.metrics.inc("errors", kind="log_truncated")
         decision = await self.on_truncated(self.stream, expected, seq) if self.on_truncated is not None else False
         if isinstance(decision, ResumeAfter) and expected - 1 <= decision.position < seq:
             await self._until_database_accepts(f"gap {expected}..{seq - 1}", self.applier.skip_gap,
@@ -677,9 +687,7 @@ class ShardConsumer:
         self.status.gaps[self.stream] = {
             "missing_from": first, "missing_to": last, "missing": last - first + 1, "since": since,
         }
-        self.metrics.set("stream_gap_entries", last - first + 1,
-                         help="Entries retention dropped before this node applied them (0: no gap)",
-                         stream=self.stream)
+        self.metrics.set("stream_gap_entries", last - first + 1, stream=self.stream)
         if new:
             log.error(
                 "stream %s: entries %d..%d were dropped by retention before this node applied them and no "
@@ -697,13 +705,11 @@ class ShardConsumer:
         self.gap = None
         self.status.gaps.pop(self.stream, None)
         self.status.gap_recovery.pop(self.stream, None)
-        self.metrics.set("stream_gap_entries", 0,
-                         help="Entries retention dropped before this node applied them (0: no gap)",
-                         stream=self.stream)
+        self.metrics.set("stream_gap_entries", 0, stream=self.stream)
 
     async def _backoff(self, what: str, exc: BaseException, stop: asyncio.Event) -> None:
         self._failures += 1
-        self.metrics.inc("errors", kind="consume", help="Errors by kind")
+        self.metrics.inc("errors", kind="consume")
         delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(self._failures, 10)) * (0.5 + random.random() / 2)
         level = logging.WARNING if self._failures <= 3 else logging.ERROR
         log.log(level, "%s: %s: %s; retrying in %.2fs", what, type(exc).__name__, exc, delay)

@@ -29,6 +29,7 @@ import nats.js.errors
 from nats.js import JetStreamContext
 
 from marmot_appliance.natsd.permissions import origin_subject
+from marmot_appliance.observability.ack_timer import RoundAckTimer
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication import bookkeeping as bk
 from marmot_appliance.replication import codec
@@ -604,7 +605,7 @@ class Publisher:
     async def _backoff(self, exc: BaseException, stop: asyncio.Event) -> None:
         self._failures += 1
         kind = type(exc).__name__
-        self.metrics.inc("errors", kind=f"publish_{kind}", help="Errors by kind")
+        self.metrics.inc("errors", kind=f"publish_{kind}")
         delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(self._failures, 10))
         delay *= 0.5 + random.random() / 2  # jitter: nodes recovering together do not stampede
         level = logging.WARNING if self._failures <= 3 else logging.ERROR
@@ -659,6 +660,7 @@ class Publisher:
         """publish_async every batch in order; stop at the first that cannot be sent."""
         in_flight: list[tuple[OutgoingBatch, asyncio.Future]] = []
         failure: BaseException | None = None
+        started = time.monotonic()
         for outgoing in batches:
             if outgoing.oversized:  # never sent: "acknowledged" at once, dead-lettered when retired
                 done = asyncio.get_running_loop().create_future()
@@ -681,6 +683,8 @@ class Publisher:
                 failure = exc
                 break
             in_flight.append((outgoing, future))
+        if failure is None:
+            RoundAckTimer(self.metrics, started, [future for outgoing, future in in_flight if not outgoing.oversized])
         return in_flight, failure
 
     async def _dead_letter_oversized(self, oversized: list[OutgoingBatch]) -> None:
@@ -689,8 +693,7 @@ class Publisher:
             log.error("not replicated: %s; recorded in the dead-letter table", outgoing.oversized)
             stream = self.replication.stream_name(outgoing.shard)
             await self.retire_db.run(self.capture.record_dead_letter, stream, outgoing.oversized)
-            self.metrics.inc("rows_oversized", len(outgoing.log_ids),
-                             help="Rows too large to replicate, dead-lettered on their origin")
+            self.metrics.inc("rows_oversized", len(outgoing.log_ids))
             self.metrics.inc("dead_letters")  # one entry in the dead-letter table
 
     async def _collect_acks(
@@ -746,8 +749,8 @@ class Publisher:
                 failure = failure or exc
         # Batches never sent (publish_async raised) are simply not marked.
         if rows:
-            self.metrics.inc("rows_published", rows, help="Rows acknowledged by JetStream")
-            self.metrics.inc("batches_published", batches_count, help="Batches acknowledged by JetStream")
-            self.metrics.inc("bytes_compressed", raw_bytes, help="Payload bytes sent (after compression)")
-            self.metrics.inc("bytes_uncompressed", plain_bytes, help="Payload bytes before compression")
+            self.metrics.inc("rows_published", rows)
+            self.metrics.inc("batches_published", batches_count)
+            self.metrics.inc("bytes_compressed", raw_bytes)
+            self.metrics.inc("bytes_uncompressed", plain_bytes)
         return acked, failure

@@ -113,7 +113,7 @@ class SnapshotScheduler:
         self.newest = newest
         if self.metrics is not None and newest is not None:
             self.metrics.set(
-                "snapshot_age_seconds", max(0.0, time.time() - newest.created), help="Age of the newest snapshot"
+                "snapshot_age_seconds", max(0.0, time.time() - newest.created)
             )
 
     async def check_once(self) -> SnapshotInfo | None:
@@ -148,7 +148,7 @@ class SnapshotScheduler:
             except (SnapshotError, nats.errors.Error, asyncio.TimeoutError, OSError) as exc:
                 log.warning("automatic snapshot failed: %s", exc)
                 if self.metrics is not None:
-                    self.metrics.inc("errors", help="Errors by kind", kind="snapshot")
+                    self.metrics.inc("errors", kind="snapshot")
             self._wake.clear()
             waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
             try:

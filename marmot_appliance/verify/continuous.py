@@ -22,6 +22,7 @@ import random
 import time
 from typing import Any
 
+from marmot_appliance.observability.families import VERIFY_FAMILIES
 from marmot_appliance.verify.client import VerifyClient
 from marmot_appliance.verify.compare import CONVERGED, DEFAULT_BUCKETS, DIVERGED, VerifyReport, verify_cluster
 from marmot_appliance.verify.report import finding_to_json
@@ -30,10 +31,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_KEYS = 3
 MAX_ROUND_S = 300.0
-METRICS = (
-    ("diverged_keys", "gauge", "Keys found diverged by the continuous convergence check, per table"),
-    ("verify_checks", "counter", "Continuous convergence checks by result"),
-)
 
 
 class ContinuousVerify:
@@ -44,8 +41,7 @@ class ContinuousVerify:
         self.metrics = metrics
         self.interval_s = float(cluster.verify.interval_s)
         self.client = VerifyClient(nc, cluster.replication.stream_prefix)
-        for name, kind, help_text in METRICS:
-            metrics.declare(name, kind, help_text, labelled=True)
+        metrics.declare_all(VERIFY_FAMILIES)  # listed on /metrics only where the check runs
 
     def _expected(self) -> list[tuple[str, int]] | None:
         nodes = [n for n in self.cluster.nodes if n.replicate]
