@@ -86,8 +86,10 @@ def bench_overhead(tmp: Path) -> dict:
 
 # -- 2. end to end --------------------------------------------------------------------------------
 
-def start_node(node_id: int, db: Path, urls: str, port: int, log: Path) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "marmot_appliance", "node", "-db-path", str(db), "-node-id", str(node_id),
+def start_node(node_id: int, db: Path, urls: str, port: int, log: Path,
+               program: tuple[str, ...] = ("-m", "marmot_appliance")) -> subprocess.Popen:
+    """`program`: what python runs (bench/metrics_off_node.py for a node without metrics)."""
+    argv = [sys.executable, *program, "node", "-db-path", str(db), "-node-id", str(node_id),
             "-nats-url", urls, "-shards", "1", "-log-replicas", "3", "-max-log-entries", "10000000",
             "-enable-snapshot=false", "--metrics-port", str(port)]
     profile_dir = os.environ.get("MARMOT_BENCH_PROFILE")
@@ -116,6 +118,18 @@ def _die_with_parent() -> None:
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def stop_nodes(procs: list[subprocess.Popen], timeout_s: float = 30, sig: int = signal.SIGTERM) -> None:
+    """Stop the node processes this bench started, by pid: `sig`, then SIGKILL after `timeout_s`."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.kill(proc.pid, sig)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
 
 
 def wait_health(port: int, timeout_s: float = 60) -> None:
@@ -365,14 +379,8 @@ def main() -> int:
         print("\n## 3. commit-to-visible latency on node 2, 1000 single-row commits/s for 5 s")
         print(f"  p50 {p50:.2f} ms, p99 {p99:.2f} ms" + (f"  ({lost} rows not seen in time)" if lost else ""))
     finally:
-        for proc in procs:
-            if proc.poll() is None:  # py-spy writes its profile on SIGINT
-                os.kill(proc.pid, signal.SIGINT if os.environ.get("MARMOT_BENCH_PROFILE") else signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
+        # py-spy writes its profile on SIGINT
+        stop_nodes(procs, sig=signal.SIGINT if os.environ.get("MARMOT_BENCH_PROFILE") else signal.SIGTERM)
         cluster.stop()
         if not args.keep:
             import shutil

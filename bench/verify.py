@@ -166,14 +166,7 @@ def main() -> int:
               f"verify.interval_s): {plain:.0f} commits/s without, {busy:.0f} with -> ratio {busy / plain:.2f} "
               f"({len(runs)} verify runs)")
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.kill(proc.pid, signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
+        replication_bench.stop_nodes(procs, timeout_s=60)
         cluster.stop()
         import shutil
 

@@ -49,6 +49,8 @@ def test_declared_families_render_before_any_event_and_parse():
     assert metrics.get("rows_published") == 5 and metrics.get("stream_lag", stream="marmot-changes-1") == 3
     metrics.remove("stream_lag", stream="marmot-changes-1")
     assert _families(metrics)["marmot_stream_lag"].samples == []
+    metrics.set("stream_lag", 4, stream="marmot-changes-1")  # a series removed comes back when set again
+    assert [s.value for s in _families(metrics)["marmot_stream_lag"].samples] == [4.0]
 
 
 def test_no_created_series_and_histograms_render_their_buckets():
