@@ -73,7 +73,7 @@ class GapCloser:
         limit = self._ready.pop(stream, None)
         if limit is not None and available <= limit:
             self._first_seen.pop(stream, None)
-            self.runtime.metrics.inc("gaps_closed_by_republish", help="Gaps closed by every node publishing its rows again")
+            self.runtime.metrics.inc("gaps_closed_by_republish")
             return ResumeAfter(available - 1, "every other publishing node published its rows again after entry "
                                               f"{limit - 1}")
         # (available > limit: the stream rolled past where the re-published rows begin: ask again.)

@@ -52,6 +52,7 @@ NODE_FAMILIES = (
     Family("forged_messages", "counter", "Messages whose origin does not match their publisher's subject"),
     Family("pending_rows", "gauge", "Captured rows not yet acknowledged"),
     Family("gaps", "gauge", GAPS_HELP),
+    Family("gaps_closed_by_republish", "counter", "Gaps closed by every node publishing its rows again"),
     Family("snapshot_restores", "counter", "Snapshots restored while the node was running"),
     Family("snapshot_restore_in_progress", "gauge", "1 while a snapshot restore is pending or running on this node"),
     Family("snapshot_age_seconds", "gauge", "Seconds since the newest snapshot this node knows of", unsampled=True),
