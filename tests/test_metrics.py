@@ -3,6 +3,7 @@ runtime has a registry of its own, and every call site names a declared family o
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -76,17 +77,28 @@ def test_each_runtime_counts_in_its_own_registry():
 
 
 def test_every_call_site_names_a_declared_family_of_its_kind():
-    """A misspelt or undeclared name would raise KeyError on a rarely taken path (a forged
-    message, a failed restore); every literal name in the package is checked here instead."""
-    kinds = {family.name: family.kind for family in NODE_FAMILIES + VERIFY_FAMILIES}
+    """A misspelt or undeclared name, or a keyword that is not one of the family's labels (the
+    old registry took `help=`), would raise on a rarely taken path (a forged message, a failed
+    restore); every metrics call in the package is checked here instead."""
+    families = {family.name: family for family in NODE_FAMILIES + VERIFY_FAMILIES}
     wanted = {"inc": {"counter"}, "set": {"gauge"}, "observe": {"histogram"}, "remove": {"gauge", "counter"}}
-    call = re.compile(r"metrics\.(inc|set|observe|remove)\(\s*\"([a-z_]+)\"")
     seen = 0
     for path in (REPO / "marmot_appliance").rglob("*.py"):
-        for method, name in call.findall(path.read_text()):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in wanted):
+                continue
+            target = node.func.value
+            if (target.attr if isinstance(target, ast.Attribute) else getattr(target, "id", "")) not in (
+                    "metrics", "_metrics"):
+                continue
             seen += 1
-            assert name in kinds, f"{path.relative_to(REPO)}: {method}({name!r}) is not declared in families.py"
-            assert kinds[name] in wanted[method], f"{path.relative_to(REPO)}: {method}() on a {kinds[name]} {name!r}"
+            where = f"{path.relative_to(REPO)}:{node.lineno}"
+            name = node.args[0].value if node.args and isinstance(node.args[0], ast.Constant) else None
+            assert name in families, f"{where}: {node.func.attr}({name!r}) is not declared in families.py"
+            family = families[name]
+            assert family.kind in wanted[node.func.attr], f"{where}: {node.func.attr}() on a {family.kind} {name!r}"
+            keywords = {keyword.arg for keyword in node.keywords}
+            assert keywords == set(family.labels), f"{where}: {name!r} takes labels {family.labels}, got {keywords}"
     assert seen > 50
 
 
