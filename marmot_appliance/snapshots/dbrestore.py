@@ -31,6 +31,7 @@ from typing import Callable
 
 from marmot_appliance.errors import DatabaseStateError
 from marmot_appliance.replication.bookkeeping import META_DATABASE_EPOCH
+from marmot_appliance.replication.sqlite_defensive import enable_defensive
 from marmot_appliance.replication.sqlite_util import quote_ident
 from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, POSITIONS_TABLE
 from marmot_appliance.snapshots.dbcopy import strip_node_private_state
@@ -134,13 +135,12 @@ def prepare_copy_for_node(
 
 def _distrust_schema(conn: sqlite3.Connection) -> None:
     """A snapshot is untrusted input: its schema (views, triggers, defaults) may not call
-    functions with side effects, and, where this Python's sqlite3 can set it (3.12+), defensive
-    mode forbids writing the schema or shadow tables directly."""
+    functions with side effects, and defensive mode forbids writing the schema or shadow tables
+    directly (replication/sqlite_defensive.py). A connection that cannot be made defensive is
+    refused rather than used without it."""
     conn.execute("PRAGMA trusted_schema = OFF")
-    setconfig = getattr(conn, "setconfig", None)
-    defensive = getattr(sqlite3, "SQLITE_DBCONFIG_DEFENSIVE", None)
-    if setconfig is not None and defensive is not None:
-        setconfig(defensive, True)
+    if not enable_defensive(conn):
+        raise SnapshotError("cannot turn on SQLite's defensive mode for the downloaded snapshot; not restoring it")
 
 
 def _schema_objects(conn: sqlite3.Connection, schema: str, selection: TableSelection) -> dict[tuple[str, str], str]:
