@@ -129,8 +129,13 @@ def prepare_copy_for_node(
         capture_present = table_exists(copy, CLOCK_TABLE)
     finally:
         copy.close()
-    if install_capture and capture_present:
+    if install_capture:
+        # Also when the snapshot was saved before any capture existed: without this node's
+        # triggers, an application write between the restore and the node's next start would
+        # never be logged (tests/test_restore_without_capture.py).
         _install_own_capture(copy_path, node_id, selection)
+        if not capture_present and local_clock:
+            _raise_clock(copy_path, local_clock)  # this node's next versions stay above its last ones
 
 
 def _distrust_schema(conn: sqlite3.Connection) -> None:
@@ -229,6 +234,15 @@ def refresh_own_clock(copy_path: Path, db_path: Path) -> None:
             raise
     finally:
         copy.close()
+
+
+def _raise_clock(copy_path: Path, clock: int) -> None:
+    conn = sqlite3.connect(copy_path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
+    try:
+        if table_exists(conn, CLOCK_TABLE):
+            conn.execute(f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)", (clock,))
+    finally:
+        conn.close()
 
 
 def _install_own_capture(copy_path: Path, node_id: int, selection: TableSelection) -> None:
