@@ -1,4 +1,4 @@
-"""Rows committed together are applied together on replicas (DESIGN.md §2.5).
+"""Rows committed together are applied together on replicas (docs/replication.md, "Transactions stay whole").
 
 With `batch.max_rows` small, one local transaction travels as many messages: the publisher
 flags all but the last of a read's messages per shard (Marmot-More) and the receiver applies the

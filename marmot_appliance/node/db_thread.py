@@ -1,8 +1,11 @@
 """One dedicated thread per SQLite connection, driven from asyncio.
 
-sqlite3 connections belong to the thread that made them, and a write can wait on
-`busy_timeout`; running each component's connection in its own single worker thread keeps the
-event loop (NATS heartbeats, acks, /health) responsive and needs no `check_same_thread=False`.
+A write can wait on `busy_timeout`; running each component's connection in its own single
+worker thread keeps the event loop (NATS heartbeats, acks, /health) responsive, and one worker
+per connection means its calls never overlap. The connections are still opened with
+`check_same_thread=False` (replication/sqlite_util) because one can be made on one thread and
+used on another (the capture's retire connection is opened on the capture thread and used on the
+retire thread): these threads, not sqlite3's check, keep one caller per connection at a time.
 """
 
 from __future__ import annotations
