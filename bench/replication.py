@@ -193,7 +193,20 @@ def bench_end_to_end(dbs: list[Path], total_rows: int, cpu_pids: dict[str, list[
     return total_rows / (visible - start), total_rows / (written - start), cpu
 
 
-def print_cpu_per_row(cpu: dict[str, list[float]]) -> None:
+def raw_sqlite_baseline(db: Path) -> tuple[float, float]:
+    """The plain writer (100-row txns, no capture): rows/s and this process's CPU µs per row.
+
+    2b gives every process's CPU per row against it too: what the same rows cost with no
+    replication at all, measured in the same run on the same loaded machine."""
+    cpu_before = process_cpu_seconds(os.getpid())
+    start = time.perf_counter()
+    rate = writer_rate(db, 100)
+    rows = rate * (time.perf_counter() - start)  # the write loop is all but the whole call
+    return rate, (process_cpu_seconds(os.getpid()) - cpu_before) / rows * 1e6
+
+
+def print_cpu_per_row(cpu: dict[str, list[float]], raw_sqlite: float) -> None:
+    """raw_sqlite: CPU µs per row of the plain writer (raw_sqlite_baseline), for the ratios."""
     writer = cpu["writer"][0]
     receivers = cpu["receivers"]
     nats_total = sum(cpu["nats"])
@@ -204,16 +217,20 @@ def print_cpu_per_row(cpu: dict[str, list[float]]) -> None:
 
     print("\n## 2b. CPU per replicated row, whole processes (utime+stime from /proc/<pid>/stat,"
           " first commit until visible everywhere)")
-    line("writer (node-1 application, write loop only)", writer)
-    line("node 1 runtime (publishes)", cpu["publisher"][0], f"  -> {cpu['publisher'][0] / writer:.2f}x the writer")
+    def ratios(value: float) -> str:
+        return f"  -> {value / writer:.2f}x the writer, {value / raw_sqlite:.2f}x raw SQLite"
+
+    line("raw SQLite insert (no capture, same rows)", raw_sqlite)
+    line("writer (node-1 application, write loop only)", writer, f"  -> {writer / raw_sqlite:.2f}x raw SQLite")
+    line("node 1 runtime (publishes)", cpu["publisher"][0], ratios(cpu["publisher"][0]))
     for number, value in enumerate(receivers, 2):
-        line(f"node {number} runtime (receives)", value, f"  -> {value / writer:.2f}x the writer")
+        line(f"node {number} runtime (receives)", value, ratios(value))
     if len(receivers) > 1:
         print(f"  receivers: mean {statistics.mean(receivers):.1f}, min {min(receivers):.1f},"
               f" max {max(receivers):.1f} us/row")
     line(f"nats-servers ({len(cpu['nats'])}, together)", nats_total,
          f"  ({', '.join(f'{v:.1f}' for v in cpu['nats'])})")
-    line("replication total (nodes + nats-servers)", replication, f"  -> {replication / writer:.2f}x the writer")
+    line("replication total (nodes + nats-servers)", replication, ratios(replication))
 
 
 async def raw_jetstream_rate(urls: list[str], rows_per_msg: int = 100, seconds: float = PHASE_SECONDS) -> float:
@@ -354,7 +371,7 @@ def main() -> int:
     procs: list[subprocess.Popen] = []
     try:
         cluster.start(3)
-        raw_sqlite = writer_rate(make_db(tmp / "raw.db"), 100)
+        raw_sqlite, raw_sqlite_cpu = raw_sqlite_baseline(make_db(tmp / "raw.db"))
         raw_js = asyncio.run(raw_jetstream_rate(cluster.urls))
         dbs = [make_db(tmp / f"node{i}.db") for i in range(1, args.nodes + 1)]
         ports = free_ports(args.nodes)
@@ -367,11 +384,12 @@ def main() -> int:
         e2e, writer, cpu = bench_end_to_end(dbs, args.rows, cpu_pids)
         receivers = "node 2" if args.nodes == 2 else f"nodes 2-{args.nodes}"
         print(f"\n## 2. end to end: {args.rows} rows in 100-row txns on node 1, visible on {receivers} (R3)")
-        print(f"  end to end:                 {e2e:10.0f} rows/s")
+        print(f"  end to end:                 {e2e:10.0f} rows/s  -> {e2e / raw_sqlite:.2f} of raw SQLite,"
+              f" {e2e / raw_js:.3f} of raw JetStream")
         print(f"  node-1 writer (capture on): {writer:10.0f} rows/s  -> e2e / writer = {e2e / writer:.2f}")
         print(f"  raw SQLite insert:          {raw_sqlite:10.0f} rows/s (same rows, 100-row txns, no capture)")
         print(f"  raw JetStream R3 publish:   {raw_js:10.0f} rows/s (same encoded 100-row payload, async)")
-        print_cpu_per_row(cpu)
+        print_cpu_per_row(cpu, raw_sqlite_cpu)
 
         if os.environ.get("MARMOT_BENCH_SKIP_LATENCY"):
             return 0
