@@ -309,7 +309,9 @@ def test_unselected_tables_are_ignored_not_parked(wal_db):
     assert rows_of(db, "secret") == {}
 
 
-def test_own_origin_batches_are_skipped_but_advance_the_position(wal_db):
+@pytest.mark.parametrize("form", ["rows", "wire"])
+def test_own_origin_batches_are_skipped_but_advance_the_position(wal_db, form):
+    shape = wire if form == "wire" else (lambda b: b)
     db = wal_db(schema=SCHEMA)
     with ChangeCapture(db, 2) as capture, BatchApplier(db, 2) as applier:
         capture.install()
@@ -318,13 +320,16 @@ def test_own_origin_batches_are_skipped_but_advance_the_position(wal_db):
         pending = capture.read_pending()
         capture.mark_published([p.log_id for p in pending])
         conn.execute("UPDATE t SET v = 'edited since'")
-        outcome = applier.apply(ChangeBatch(origin=2, rows=tuple(p.change for p in pending)), "s", 1)
+        outcome = applier.apply(shape(ChangeBatch(origin=2, rows=tuple(p.change for p in pending))), "s", 1)
         assert outcome.own_origin and outcome.rows_applied == 0 and outcome.rows_stale == 0
         assert applier.positions() == {"s": 1}
         assert rows_of(db) == {"a": "edited since"}
 
 
-def test_own_rows_missing_after_a_restore_are_applied_from_the_stream(wal_db, tmp_path):
+@pytest.mark.parametrize("form", ["rows", "wire"])
+def test_own_rows_missing_after_a_restore_are_applied_from_the_stream(wal_db, tmp_path, form):
+    """Also as the stream delivers it (row groups): what the consumer decodes for apply."""
+    shape = wire if form == "wire" else (lambda b: b)
     db = wal_db(schema=SCHEMA)
     backup = tmp_path / "backup.db"
     with ChangeCapture(db, 2) as capture, BatchApplier(db, 2) as applier:
@@ -332,7 +337,7 @@ def test_own_rows_missing_after_a_restore_are_applied_from_the_stream(wal_db, tm
         connect(db).execute("VACUUM INTO ?", (str(backup),))  # the "snapshot"
         connect(db).execute("INSERT INTO t VALUES ('after snapshot', 1)")
         pending = capture.read_pending()
-        own_batch = ChangeBatch(origin=2, rows=tuple(p.change for p in pending))
+        own_batch = shape(ChangeBatch(origin=2, rows=tuple(p.change for p in pending)))
         capture.mark_published([p.log_id for p in pending])
         applier.apply(own_batch, "s", 1)  # normal operation: skipped, the row is here
     # Restore the snapshot into the live file with the backup API, as the snapshot part does.

@@ -233,6 +233,12 @@ class _VersionGetters(dict):
 _VERSION_OF = _VersionGetters()
 
 
+def _all_newer(batch: GroupedBatch, horizon: int) -> bool:
+    """Whether every row of the batch has a version above `horizon`."""
+    return all(min(map(_VERSION_OF[len(group.columns)], group.params)) > horizon
+               for group in batch.groups if group.params)
+
+
 def _single_key(index: int):
     def key_of(values: Sequence[object]) -> tuple:
         return (values[index],)
@@ -379,17 +385,23 @@ class BatchApplier:
                     outcome.duplicate = True
                     continue
                 stored[stream] = int(seq)
+                if batch.origin == self.node_id:
+                    outcome.own_origin = True
+                    if horizon is None:
+                        horizon = int(bk.get_meta(conn, META_OWN_ORIGIN_HORIZON, 0) or 0)
                 if isinstance(batch, GroupedBatch):
                     if batch.origin != self.node_id:
                         self._apply_groups(batch, outcome, stream, int(seq))
                         newest = max(newest, outcome.max_version)
                         continue
+                    # Our own batch: the consumer decodes it when the stream delivered it before
+                    # the publisher's ack named its sequence (16% of node 1's rows in one bench run).
+                    # Usually every row is newer than the horizon: skip it without row objects.
+                    if _all_newer(batch, horizon):
+                        continue
                     batch = batch.to_change_batch()  # rare: our own batch from an earlier life
                 rows = batch.rows
                 if batch.origin == self.node_id:
-                    outcome.own_origin = True
-                    if horizon is None:
-                        horizon = int(bk.get_meta(conn, META_OWN_ORIGIN_HORIZON, 0) or 0)
                     # Own rows newer than the horizon were written into this very file.
                     rows = tuple(row for row in rows if row.version <= horizon)
                     if not rows:
