@@ -185,7 +185,7 @@ def _dead_port() -> int:
         ([], "exactly one of --spec FILE or --nats-url"),
         (["--nats-url", "nats://127.0.0.1:1", "--spec", "x.yaml"], "exactly one of"),
         (["--nats-url", "nats://127.0.0.1:1", "--shards", "0"], "must be >= 1"),
-        (["--nats-url", "nats://127.0.0.1:1", "--shards", "two"], "not an integer"),
+        (["--nats-url", "nats://127.0.0.1:1", "--shards", "two"], "expected an integer"),
         (["--nats-url", "nats://127.0.0.1:1", "--from", "yesterday"], "cannot start from"),
         (["--nats-url", "nats://127.0.0.1:1", "--from", "0"], ">= 1"),
         (["--nats-url", "nats://127.0.0.1:1", "--op", "merge"], "invalid choice"),

@@ -16,7 +16,6 @@ The state file is saved after every start and stop: an interrupted apply is fini
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -255,23 +254,3 @@ def apply_local(cluster: Cluster, options: ApplyOptions | None = None, progress:
                 f"Read-only NATS credentials for watch and feed readers: {state.root / READER_CREDENTIALS_FILE}"
             )
         return plan
-
-
-def remote_module():
-    """marmot_appliance.deploy.remote (the Ansible path), imported only when a spec needs it."""
-    try:
-        remote = importlib.import_module("marmot_appliance.deploy.remote")
-    except ModuleNotFoundError as exc:
-        if exc.name in ("marmot_appliance.deploy", "marmot_appliance.deploy.remote"):
-            raise ApplianceError(
-                "the spec has nodes on other hosts; remote hosts are not supported yet by this installation"
-            ) from exc
-        raise
-    return remote
-
-
-def remote_entry(name: str):
-    function = getattr(remote_module(), name, None)
-    if function is None:
-        raise ApplianceError(f"the spec has nodes on other hosts; `{name}` for remote hosts is not supported yet")
-    return function

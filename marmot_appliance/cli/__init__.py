@@ -17,22 +17,22 @@ from marmot_appliance.errors import MarmotError, SpecError
 from . import (
     appliance_commands,
     lab_commands,
-    node_command,
-    schema_command,
+    node_commands,
+    schema_commands,
     snapshot_commands,
     spec_commands,
-    verify_command,
-    watch_command,
+    verify_commands,
+    watch_commands,
 )
 
 COMMAND_MODULES = (
     spec_commands,
     appliance_commands,
-    schema_command,
-    node_command,
+    schema_commands,
+    node_commands,
     snapshot_commands,
-    watch_command,
-    verify_command,
+    watch_commands,
+    verify_commands,
     lab_commands,
 )
 

@@ -13,6 +13,7 @@ import argparse
 import functools
 from typing import Callable
 
+from marmot_appliance.cli.options import positive_seconds
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.spec.model import Cluster
 
@@ -40,14 +41,25 @@ def _load(path: str) -> Cluster:
     return load_cluster(path)
 
 
+def _remote():
+    """The Ansible path, imported only for specs with other hosts (keeps local commands light).
+
+    The CLI picks between the two packages so that deploy may build on appliance (credentials,
+    state) and appliance never reaches back into deploy.
+    """
+    from marmot_appliance.deploy import remote
+
+    return remote
+
+
 @_environment_errors_as_messages
 def cmd_plan(args: argparse.Namespace) -> int:
-    from marmot_appliance.appliance.apply import plan_local, remote_entry
+    from marmot_appliance.appliance.apply import plan_local
     from marmot_appliance.appliance.plan import render_plan_json, render_plan_text
 
     cluster = _load(args.spec)
     if not cluster.is_local:
-        return int(remote_entry("plan_remote")(
+        return int(_remote().plan_remote(
             cluster, cluster.source, output=args.output, detailed_exitcode=args.detailed_exitcode) or 0)
     plan = plan_local(cluster, prune=args.prune)
     print(render_plan_json(plan) if args.output == "json" else render_plan_text(plan))
@@ -58,11 +70,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 @_environment_errors_as_messages
 def cmd_apply(args: argparse.Namespace) -> int:
-    from marmot_appliance.appliance.apply import ApplyOptions, apply_local, remote_entry
+    from marmot_appliance.appliance.apply import ApplyOptions, apply_local
 
     cluster = _load(args.spec)
     if not cluster.is_local:
-        return int(remote_entry("apply_remote")(cluster, cluster.source) or 0)
+        return int(_remote().apply_remote(cluster, cluster.source) or 0)
     apply_local(cluster, ApplyOptions(
         prune=args.prune, health_timeout_s=args.timeout, skip_incompatible_schema=args.skip_incompatible_schema))
     return 0
@@ -70,12 +82,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 @_environment_errors_as_messages
 def cmd_status(args: argparse.Namespace) -> int:
-    from marmot_appliance.appliance.apply import remote_entry
     from marmot_appliance.appliance.status import collect_status, render_status_json, render_status_text
 
     cluster = _load(args.spec)
     if not cluster.is_local:
-        return int(remote_entry("status_remote")(cluster, cluster.source, output=args.output) or 0)
+        return int(_remote().status_remote(cluster, cluster.source, output=args.output) or 0)
     statuses = collect_status(cluster)
     print(render_status_json(cluster, statuses) if args.output == "json" else render_status_text(cluster, statuses))
     return 0 if all(status.healthy for status in statuses) else 1
@@ -83,24 +94,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 @_environment_errors_as_messages
 def cmd_destroy(args: argparse.Namespace) -> int:
-    from marmot_appliance.appliance.apply import remote_entry
     from marmot_appliance.appliance.destroy import destroy_local
 
     cluster = _load(args.spec)
     if not cluster.is_local:
-        return int(remote_entry("destroy_remote")(cluster, cluster.source, purge=args.purge) or 0)
+        return int(_remote().destroy_remote(cluster, cluster.source, purge=args.purge) or 0)
     destroy_local(cluster, purge=args.purge)
     return 0
 
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError("must be greater than 0")
-    return value
 
 
 def register(subparsers) -> None:
@@ -135,7 +136,7 @@ def register(subparsers) -> None:
     )
     apply.add_argument(
         "--timeout",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=90.0,
         metavar="SECONDS",
         help="how long to wait for each process to become healthy (default 90)",

@@ -19,20 +19,12 @@ import json
 import time
 from pathlib import Path
 
+from marmot_appliance.cli.options import positive_int
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.snapshots.errors import SnapshotUpToDate
 
 JS_TIMEOUT_S = 30.0
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _target_arguments(parser: argparse.ArgumentParser, needs_db: bool) -> None:
@@ -44,9 +36,9 @@ def _target_arguments(parser: argparse.ArgumentParser, needs_db: bool) -> None:
     seed.add_argument("--nats-url", "-nats-url", metavar="URLS", help="comma-separated NATS URLs")
     if needs_db:
         seed.add_argument("--db-path", "-db-path", metavar="PATH", help="the node's SQLite database")
-        seed.add_argument("--node-id", "-node-id", type=_positive_int, default=1, metavar="N", help="node id (default 1)")
+        seed.add_argument("--node-id", "-node-id", type=positive_int, default=1, metavar="N", help="node id (default 1)")
     seed.add_argument("--stream-prefix", "-stream-prefix", metavar="P", help="stream prefix (default marmot-changes)")
-    seed.add_argument("--shards", "-shards", type=_positive_int, metavar="N", help="shard streams (default 8)")
+    seed.add_argument("--shards", "-shards", type=positive_int, metavar="N", help="shard streams (default 8)")
 
 
 def register(subparsers) -> None:

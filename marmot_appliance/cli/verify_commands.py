@@ -16,30 +16,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from marmot_appliance.cli.options import positive_int, positive_seconds
 from marmot_appliance.errors import MarmotError, SpecError
 
 EXIT_UNDECIDED = 2
 DEFAULT_BUCKETS = 4096  # = verify.compare.DEFAULT_BUCKETS (not imported here: keeps the CLI start light)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _target_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,14 +31,14 @@ def _target_arguments(parser: argparse.ArgumentParser) -> None:
     seed = parser.add_argument_group("a flag-mode cluster (no spec)")
     seed.add_argument("--nats-url", "-nats-url", metavar="URLS", help="comma-separated NATS URLs")
     seed.add_argument("--stream-prefix", "-stream-prefix", metavar="P", help="stream prefix (default marmot-changes)")
-    seed.add_argument("--expect-nodes", type=_positive_int, metavar="N",
+    seed.add_argument("--expect-nodes", type=positive_int, metavar="N",
                       help="how many nodes must answer the discovery (fewer: exit 2)")
-    seed.add_argument("--discover-s", type=_positive_float, default=2.0, metavar="S",
+    seed.add_argument("--discover-s", type=positive_seconds, default=2.0, metavar="S",
                       help="how long to collect discovery answers (default 2; ends early once --expect-nodes answered)")
     parser.add_argument("--table", action="append", metavar="T", help="only this table (repeatable)")
-    parser.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+    parser.add_argument("--timeout", type=positive_seconds, default=60.0, metavar="S",
                         help="give up waiting for lagging nodes after S seconds (default 60)")
-    parser.add_argument("--buckets", type=_positive_int, default=DEFAULT_BUCKETS, metavar="N",
+    parser.add_argument("--buckets", type=positive_int, default=DEFAULT_BUCKETS, metavar="N",
                         help=f"digest buckets per table (default {DEFAULT_BUCKETS}; at most 65536)")
 
 

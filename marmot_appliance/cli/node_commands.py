@@ -15,6 +15,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from marmot_appliance.cli.options import non_negative_int
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.node import config as node_config
 
@@ -30,15 +31,6 @@ def _go_bool(text: str) -> bool:
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
@@ -63,16 +55,16 @@ def register(subparsers) -> None:
 
     seed = parser.add_argument_group("from the seed's flags (no spec)")
     _flag(seed, "db-path", metavar="PATH", help=f"SQLite database (default {node_config.SEED_DB_PATH})")
-    _flag(seed, "node-id", type=_positive_int, metavar="N", help="unique positive node id (required without --spec)")
+    _flag(seed, "node-id", type=non_negative_int, metavar="N", help="unique positive node id (required without --spec)")
     _flag(seed, "nats-url", metavar="URLS", help=f"comma-separated NATS URLs (default {node_config.SEED_NATS_URL})")
-    _flag(seed, "shards", type=_positive_int, metavar="N", help=f"shard streams (default {node_config.SEED_SHARDS})")
-    _flag(seed, "max-log-entries", type=_positive_int, metavar="N",
+    _flag(seed, "shards", type=non_negative_int, metavar="N", help=f"shard streams (default {node_config.SEED_SHARDS})")
+    _flag(seed, "max-log-entries", type=non_negative_int, metavar="N",
           help=f"messages kept per stream (default {node_config.SEED_MAX_LOG_ENTRIES})")
-    _flag(seed, "log-replicas", type=_positive_int, metavar="N",
+    _flag(seed, "log-replicas", type=non_negative_int, metavar="N",
           help=f"stream replicas (default {node_config.SEED_LOG_REPLICAS})")
     _flag(seed, "subject-prefix", metavar="P", help=f"default {node_config.SEED_SUBJECT_PREFIX}")
     _flag(seed, "stream-prefix", metavar="P", help=f"default {node_config.SEED_STREAM_PREFIX}")
-    _flag(seed, "metrics-port", type=_positive_int, metavar="PORT",
+    _flag(seed, "metrics-port", type=non_negative_int, metavar="PORT",
           help="serve /health and /metrics on this port (flag mode: off unless given)")
     _flag(seed, "metrics-listen", default="127.0.0.1", metavar="ADDR", help="address for /health and /metrics")
 

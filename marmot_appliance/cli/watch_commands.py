@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from marmot_appliance.cli.options import positive_int
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.feed import OPERATIONS, changes, parse_start
 from marmot_appliance.spec.model import ReplicationSettings
@@ -50,7 +51,7 @@ def register(subparsers) -> None:
     source.add_argument("--stream-prefix", metavar="P", help="stream name prefix (default: marmot-changes)")
     source.add_argument("--subject-prefix", metavar="P", help="check streams capture <P>-<n>")
     source.add_argument(
-        "--shards", metavar="N", type=_positive_int, help="number of shard streams (default: discover)"
+        "--shards", metavar="N", type=positive_int, help="number of shard streams (default: discover)"
     )
     parser.add_argument(
         "--from",
@@ -63,15 +64,6 @@ def register(subparsers) -> None:
     parser.add_argument("--op", action="append", choices=OPERATIONS, help="only this operation (repeatable)")
     parser.set_defaults(func=run_watch)
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 @dataclass
