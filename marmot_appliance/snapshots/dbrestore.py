@@ -30,22 +30,20 @@ from pathlib import Path
 from typing import Callable
 
 from marmot_appliance.errors import DatabaseStateError
-from marmot_appliance.replication.bookkeeping import META_DATABASE_EPOCH
+from marmot_appliance.replication.bookkeeping import (
+    CLOCK_TABLE,
+    META_DATABASE_EPOCH,
+    META_NODE_ID,
+    META_TABLE,
+    object_exists,
+)
+from marmot_appliance.replication.introspect import user_tables
 from marmot_appliance.replication.sqlite_defensive import enable_defensive
 from marmot_appliance.replication.sqlite_util import quote_ident
 from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, POSITIONS_TABLE
 from marmot_appliance.snapshots.dbcopy import strip_node_private_state
 from marmot_appliance.snapshots.errors import RestoreRefusedError, SnapshotError
-from marmot_appliance.snapshots.local_state import (
-    BUSY_TIMEOUT_S,
-    CLOCK_TABLE,
-    META_NODE_ID,
-    META_TABLE,
-    open_readonly,
-    read_clock,
-    table_exists,
-    user_tables,
-)
+from marmot_appliance.snapshots.local_state import BUSY_TIMEOUT_S, open_readonly, read_clock
 from marmot_appliance.spec.model import TableSelection
 
 log = logging.getLogger(__name__)
@@ -87,9 +85,9 @@ def prepare_copy_for_node(
             copy.execute("ATTACH DATABASE ? AS live", (_sqlite_uri_ro(db_path),))
         copy.execute("BEGIN IMMEDIATE")
         try:
-            if table_exists(copy, CLOCK_TABLE):
+            if object_exists(copy, CLOCK_TABLE):
                 copy.execute(f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)", (local_clock,))
-            had_meta = table_exists(copy, META_TABLE)
+            had_meta = object_exists(copy, META_TABLE)
             copy.execute(f"CREATE TABLE IF NOT EXISTS {quote_ident(META_TABLE)} (key TEXT PRIMARY KEY, value)")
             copy.execute(
                 f"INSERT INTO {quote_ident(META_TABLE)} (key, value) VALUES (?, ?) "
@@ -126,7 +124,7 @@ def prepare_copy_for_node(
         if live_exists:
             copy.execute("DETACH DATABASE live")
             _match_page_size(copy, db_path)
-        capture_present = table_exists(copy, CLOCK_TABLE)
+        capture_present = object_exists(copy, CLOCK_TABLE)
     finally:
         copy.close()
     if install_capture:
@@ -221,7 +219,7 @@ def refresh_own_clock(copy_path: Path, db_path: Path) -> None:
         _distrust_schema(copy)
         copy.execute("BEGIN IMMEDIATE")
         try:
-            if table_exists(copy, CLOCK_TABLE):
+            if object_exists(copy, CLOCK_TABLE):
                 copy.execute(f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)", (local_clock,))
             horizon = max(int(time.time() * 1000) << 16, read_clock(copy), local_clock)
             copy.execute(
@@ -239,7 +237,7 @@ def refresh_own_clock(copy_path: Path, db_path: Path) -> None:
 def _raise_clock(copy_path: Path, clock: int) -> None:
     conn = sqlite3.connect(copy_path, isolation_level=None, timeout=BUSY_TIMEOUT_S)
     try:
-        if table_exists(conn, CLOCK_TABLE):
+        if object_exists(conn, CLOCK_TABLE):
             conn.execute(f"UPDATE {quote_ident(CLOCK_TABLE)} SET hlc = max(hlc, ?)", (clock,))
     finally:
         conn.close()
