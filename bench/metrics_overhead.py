@@ -38,7 +38,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from replication import (  # noqa: E402  (bench/replication.py)
-    ROOT, SYNCHRONOUS, count_rows, cpu_per_row, cpu_snapshot, make_db, row, start_node, stop_nodes, wait_health,
+    ROOT,
+    SYNCHRONOUS,
+    count_rows,
+    cpu_per_row,
+    cpu_snapshot,
+    make_db,
+    row,
+    start_node,
+    stop_nodes,
+    wait_health,
 )
 
 from tests.harness import NatsCluster, free_ports  # noqa: E402

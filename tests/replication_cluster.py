@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -17,7 +18,6 @@ import textwrap
 import time
 import urllib.error
 import urllib.request
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 

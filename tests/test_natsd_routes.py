@@ -19,10 +19,10 @@ import nats
 import pytest
 
 from marmot_appliance.errors import MarmotError
+from marmot_appliance.nats_client import connect_kwargs
 from marmot_appliance.natsd.config import ServerConfig, check_config_file, render_server_config
 from marmot_appliance.natsd.from_spec import ServerCredentials, monitor_endpoints, server_config_for
 from marmot_appliance.natsd.process import NatsServerProcess, fetch_monitor_json, wait_for_meta_leader
-from marmot_appliance.nats_client import connect_kwargs
 from marmot_appliance.spec.model import Cluster, NatsAuth, NatsTLS
 from tests.harness import free_ports
 from tests.test_natsd_config import generated, local_cluster

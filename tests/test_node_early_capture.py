@@ -5,7 +5,6 @@ Real nats-servers, real `marmot-appliance node` processes, real SQLite files.
 
 from __future__ import annotations
 
-
 import nats
 
 from marmot_appliance.node.config import config_from_flags

@@ -10,7 +10,7 @@ import time
 import nats
 
 from marmot_appliance.replication.types import DEAD_LETTER_TABLE
-from tests.replication_cluster import InProcessNode, digest, execute, http_get, table_rows, wait_converged, wait_until
+from tests.replication_cluster import InProcessNode, execute, http_get, table_rows, wait_converged, wait_until
 
 SCHEMA = "CREATE TABLE doc (id TEXT PRIMARY KEY, body TEXT, rev INTEGER)"
 

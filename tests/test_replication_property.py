@@ -4,7 +4,6 @@ and no node loses its own writes."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import sqlite3
 import uuid
 

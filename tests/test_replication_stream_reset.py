@@ -8,7 +8,6 @@ real `marmot-appliance node` processes, real SQLite files.
 
 from __future__ import annotations
 
-
 import nats
 
 from tests.replication_cluster import (

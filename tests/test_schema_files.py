@@ -9,8 +9,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from marmot_appliance.schema.migrate import (
     SchemaMigrationError,
     migrate_database,

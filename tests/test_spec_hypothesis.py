@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -21,7 +20,6 @@ from marmot_appliance.errors import SpecError
 from marmot_appliance.spec.loader import load_cluster_text
 from marmot_appliance.spec.model import Cluster
 from marmot_appliance.spec.render import cluster_to_dict
-
 from tests.spec_helpers import EXAMPLES
 
 # SPEC_FUZZ_EXAMPLES=5000 for a longer hunt; no deadline: the machine is shared and timing is not the point.

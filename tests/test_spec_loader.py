@@ -10,7 +10,6 @@ import pytest
 from marmot_appliance.errors import SpecError
 from marmot_appliance.spec.loader import load_cluster, load_cluster_text
 from marmot_appliance.spec.model import NatsAuth, NodePorts
-
 from tests.spec_helpers import EXAMPLES, MINIMAL, problems_of, single_problem
 
 LOCATED = re.compile(r"^spec\.yaml:(\d+):(\d+): \$[^:]*: .+")

@@ -17,7 +17,6 @@ from marmot_appliance.spec import model
 from marmot_appliance.spec.loader import load_cluster, load_cluster_text
 from marmot_appliance.spec.render import cluster_to_dict
 from marmot_appliance.spec.schema import SCHEMA_FILE, load_schema, schema_path
-
 from tests.spec_helpers import EXAMPLES, MINIMAL, REPO
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from marmot_appliance.spec.loader import load_cluster_text
-
 from tests.spec_helpers import MINIMAL, problems_of, single_problem
 
 LOCAL_HEAD = "apiVersion: marmot-appliance/v1\nkind: Cluster\nname: shop\n"

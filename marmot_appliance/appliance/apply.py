@@ -26,7 +26,6 @@ from marmot_appliance.appliance.databases import prepare_databases
 from marmot_appliance.appliance.errors import ApplianceError
 from marmot_appliance.appliance.plan import Plan, ResourceChange, compute_plan, render_plan_text
 from marmot_appliance.appliance.progress import Progress
-from marmot_appliance.appliance.schema_rollout import database_drift, migrate_nodes, plan_schema, refuse_incompatible
 from marmot_appliance.appliance.resources import (
     NATS_KIND,
     NODE_KIND,
@@ -34,11 +33,11 @@ from marmot_appliance.appliance.resources import (
     desired_resources,
     store_dir_for,
 )
+from marmot_appliance.appliance.schema_rollout import database_drift, migrate_nodes, plan_schema, refuse_incompatible
 from marmot_appliance.appliance.state import RecordedState, StateDir, write_private_file
 from marmot_appliance.appliance.supervisor import start_process, stop_process
-from marmot_appliance.nats_client import default_state_dir
+from marmot_appliance.nats_client import READER_CREDENTIALS_FILE, default_state_dir
 from marmot_appliance.natsd.config import check_config_file
-from marmot_appliance.nats_client import READER_CREDENTIALS_FILE
 from marmot_appliance.natsd.from_spec import Identity, ServerCredentials
 from marmot_appliance.spec.model import Cluster
 

@@ -15,7 +15,6 @@ from pathlib import Path
 from marmot_appliance.appliance.errors import ApplianceError
 from marmot_appliance.spec.model import Cluster
 
-
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 

@@ -39,20 +39,19 @@ import nats.js.errors
 
 from marmot_appliance.errors import DatabaseStateError, MarmotError
 from marmot_appliance.nats_client import failure_reason, shown_servers
-from marmot_appliance.node import snapshot_bridge
+from marmot_appliance.node import snapshot_bridge, waiting_rows
+from marmot_appliance.node.backlog_alarm import change_log_alarm
 from marmot_appliance.node.config import NodeConfig
 from marmot_appliance.node.db_lock import DatabaseLock
 from marmot_appliance.node.db_thread import DbThread
+from marmot_appliance.node.gap_closer import GapCloser
 from marmot_appliance.node.restore_coordinator import RestoreCoordinator
 from marmot_appliance.node.seq_map import write_seq_map
 from marmot_appliance.node.status import RuntimeStatus
-from marmot_appliance.node.backlog_alarm import change_log_alarm
-from marmot_appliance.node.gap_closer import GapCloser
 from marmot_appliance.node.tombstone_collector import TombstoneCollector
-from marmot_appliance.replication.backlog import change_log_backlog, trim_dead_letters
-from marmot_appliance.node import waiting_rows
 from marmot_appliance.observability.http import ObservabilityServer
 from marmot_appliance.observability.metrics import Metrics
+from marmot_appliance.replication.backlog import change_log_backlog, trim_dead_letters
 from marmot_appliance.replication.consumer import ResumeAfter, ShardConsumer
 from marmot_appliance.replication.publisher import OwnPublishes, Publisher
 from marmot_appliance.replication.sharding import shard_numbers

@@ -18,8 +18,8 @@ import sqlite3
 from pathlib import Path
 
 from marmot_appliance.errors import DatabaseStateError
-from marmot_appliance.replication.sqlite_util import quote_ident
 from marmot_appliance.replication.bookkeeping import log_tables
+from marmot_appliance.replication.sqlite_util import quote_ident
 from marmot_appliance.snapshots.local_state import BUSY_TIMEOUT_S, open_readonly, read_positions
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from nats.js import JetStreamContext
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.snapshots.errors import SnapshotError, SnapshotSkipped
 from marmot_appliance.snapshots.manifest import SnapshotInfo
-from marmot_appliance.snapshots.restore import stream_bounds
 from marmot_appliance.snapshots.requests import read_requests, servable_request
+from marmot_appliance.snapshots.restore import stream_bounds
 from marmot_appliance.snapshots.save import local_positions, open_store, save_snapshot
 from marmot_appliance.spec.model import Cluster, Node
 

@@ -28,8 +28,8 @@ from .model import (
     ObservabilitySettings,
     ReplicationSettings,
     SnapshotSettings,
-    VerifySettings,
     TableSelection,
+    VerifySettings,
 )
 from .semantic import all_nodes_local, effective_node_ports, is_loopback
 

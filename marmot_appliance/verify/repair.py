@@ -22,9 +22,9 @@ from marmot_appliance.verify import protocol
 from marmot_appliance.verify.client import NodeInfo, VerifyClient
 from marmot_appliance.verify.compare import (
     DIVERGED,
+    Deadline,
     KeyFinding,
     VerifyReport,
-    Deadline,
     verify_cluster,
     wait_streams_applied,
 )

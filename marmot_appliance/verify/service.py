@@ -9,7 +9,6 @@ caller to ask for less.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Awaitable, Callable
 
