@@ -124,7 +124,9 @@ def test_schema_defaults_equal_model_dataclass_defaults():
 
 def test_every_model_field_is_a_schema_property():
     schema_paths = {path.replace("[]", "") for path, _ in walk_properties(load_schema())}
-    not_in_spec = {"source", "api_version"}  # where the spec came from; apiVersion is top-level
+    # Where the spec came from; apiVersion is top-level; nodes_known is False only in flag mode
+    # (no spec at all), never written in one.
+    not_in_spec = {"source", "api_version", "nodes_known"}
 
     def fields_of(cls: type, prefix: str) -> Iterator[str]:
         hints = typing.get_type_hints(cls)
