@@ -48,3 +48,14 @@ def wal_db(tmp_path):
         return make_wal_db(tmp_path / name, schema)
 
     return factory
+
+
+@pytest.fixture(scope="session")
+def vagrant_lab(tmp_path_factory):
+    """The lab of vagrant/cluster.yaml's three hosts, brought up once for every lab module whose
+    cluster fits on them (tests/test_lab_deploy.py, then tests/test_lab_schema.py on the same
+    hosts with the packages already installed); `lab down` at the end of the session, or by
+    tests/test_lab_schema.py's last test, which checks that nothing is left behind."""
+    from tests.test_lab_deploy import SPEC, lab_for
+
+    yield from lab_for(SPEC, tmp_path_factory)

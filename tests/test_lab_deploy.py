@@ -1,8 +1,10 @@
 """Multi-host deployment on real systemd hosts: the lab + ansible/site.yml + the node runtime.
 
-One module-scoped lab (3 systemd-nspawn hosts in network namespaces, LAB.md) serves every test
-here, in file order: deploy, replicate both ways, idempotence, a rolling spec change under a
-bounded writer, a partition and its healing, and a teardown that leaves nothing behind.
+The session's lab (3 systemd-nspawn hosts in network namespaces, LAB.md; `vagrant_lab` in
+tests/conftest.py) serves every test here, in file order: deploy, replicate both ways,
+idempotence, a rolling spec change under a bounded writer, a partition and its healing, the
+attacks of docs/security.md, status and destroy. tests/test_lab_schema.py then uses the same
+hosts and ends with the teardown that must leave nothing behind.
 Needs root and the lab packages; skips with the reason otherwise (fails under MARMOT_REQUIRE_LAB=1).
 """
 
@@ -207,8 +209,10 @@ def lab_for(spec: Path, tmp_path_factory, extra_requirements: list[str] | None =
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory):
-    yield from lab_for(SPEC, tmp_path_factory)
+def lab(vagrant_lab):
+    """The session's lab (tests/conftest.py): tests/test_lab_schema.py deploys on the same hosts
+    after this module, and its last test takes the lab down and checks nothing is left."""
+    return vagrant_lab
 
 
 def test_site_yml_deploys_services_and_replicates_both_ways(lab):
@@ -432,17 +436,3 @@ def test_remote_destroy_stops_services_purges_state_and_keeps_databases(lab):
         assert states == ["inactive", "inactive", "disabled", "store-gone", "state-gone"], f"{host}: {states}"
     assert lab.ids("node2") == rows_before  # the application's database is untouched
     assert "from-node1" in rows_before
-
-
-def test_lab_down_leaves_nothing_behind(lab):
-    from marmot_appliance.lab.lifecycle import lab_down
-    from marmot_appliance.lab.network import NETNS_DIR, blackhole_present
-
-    pids = [record["pid"] for record in json.loads((lab.topology.state_dir / "state.json").read_text())["containers"].values()]
-    lab_down(lab.topology, progress=lambda _m: None)
-    lab_down(lab.topology, progress=lambda _m: None)  # idempotent
-    assert not any(NETNS_DIR.glob(f"mlab-{lab.topology.lab}-*")) if NETNS_DIR.is_dir() else True
-    assert not blackhole_present()
-    assert str(lab.topology.state_dir) not in Path("/proc/self/mounts").read_text()
-    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
-    assert not lab.topology.state_dir.exists()

@@ -1,7 +1,10 @@
 """The declared schema through ansible/site.yml on real systemd hosts (docs/schema.md).
 
-A lab of its own (`schemalab`: namespaces mlab-schemalab-*, so it never meets another lab):
-site.yml deploys a spec whose `schema:` declares `notes` (no CREATE TABLE on any host); then,
+It runs on the three hosts of tests/test_lab_deploy.py (the session's `vagrant_lab`, so the
+lab is brought up and the packages installed once for both modules): the hosts are first reset
+to "packages installed, nothing deployed" (services, configuration, state, databases removed),
+then site.yml deploys another cluster (`schemalab`) whose `schema:` declares `notes` (no
+CREATE TABLE on any host); then,
 while an application writes on every host, the schema file gains a column and a table and
 site.yml runs again: the serial play migrates one host at a time, no node restarts, the writers
 start using the new column as soon as their own host has it, and all hosts end with equal
@@ -11,6 +14,7 @@ otherwise (fails under MARMOT_REQUIRE_LAB=1). The writers are bounded in count a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -20,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_lab_deploy import DB, HOST_PYTHON, SPEC, lab_for
+from tests.test_lab_deploy import DB, HOST_PYTHON, SPEC
 
 pytestmark = [pytest.mark.lab, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -85,15 +89,26 @@ def schema_spec(tmp_path_factory) -> Path:
     return spec
 
 
+# What site.yml and the deploy module left on a host, but the installed packages (/opt).
+RESET = ("systemctl disable --now marmot-node nats-server 2>/dev/null; "
+         "rm -rf /var/lib/marmot-appliance /etc/marmot-appliance /etc/nats-server "
+         "/etc/systemd/system/marmot-node.service /etc/systemd/system/nats-server.service; "
+         "systemctl daemon-reload")
+
+
 @pytest.fixture(scope="module")
-def lab(schema_spec, tmp_path_factory):
-    yield from lab_for(schema_spec, tmp_path_factory)
+def lab(vagrant_lab, tmp_path_factory):
+    for host in HOSTS:
+        vagrant_lab.ssh(host, RESET)
+    # Another cluster: its own controller state (secrets), as a separate deployment would have.
+    return dataclasses.replace(vagrant_lab, controller_state=tmp_path_factory.mktemp("schemalab-controller-state"))
 
 
 def test_site_yml_rolls_a_schema_change_out_while_every_host_writes(lab, schema_spec):
     from marmot_appliance.lab.ssh import ssh_command
 
-    lab.playbook(schema_spec)
+    # The wheelhouse is as the session's lab built it (no second wheel build).
+    lab.playbook(schema_spec, "-e", "marmot_packages_build_wheelhouse=false")
     for host in HOSTS:
         assert json.loads(lab.python(host, COLUMNS)) == {"notes": ["id", "body"], "orders": []}
 
@@ -144,3 +159,17 @@ def test_site_yml_rolls_a_schema_change_out_while_every_host_writes(lab, schema_
     assert fingerprints[0] == fingerprints[1] == fingerprints[2] and set(fingerprints[0]) == {"notes", "orders"}
     _, recap = lab.playbook(schema_spec, "-e", "marmot_packages_build_wheelhouse=false")
     assert all(counts.get("changed") == 0 for host, counts in recap.items() if host in HOSTS), recap
+
+
+def test_lab_down_leaves_nothing_behind(lab):
+    from marmot_appliance.lab.lifecycle import lab_down
+    from marmot_appliance.lab.network import NETNS_DIR, blackhole_present
+
+    pids = [record["pid"] for record in json.loads((lab.topology.state_dir / "state.json").read_text())["containers"].values()]
+    lab_down(lab.topology, progress=lambda _m: None)
+    lab_down(lab.topology, progress=lambda _m: None)  # idempotent
+    assert not any(NETNS_DIR.glob(f"mlab-{lab.topology.lab}-*")) if NETNS_DIR.is_dir() else True
+    assert not blackhole_present()
+    assert str(lab.topology.state_dir) not in Path("/proc/self/mounts").read_text()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in pids)
+    assert not lab.topology.state_dir.exists()
