@@ -16,6 +16,7 @@ import asyncio
 import errno
 import json
 import logging
+import os
 import ssl
 from pathlib import Path
 from typing import Any, Awaitable, Callable, TypeVar
@@ -209,11 +210,26 @@ async def open_connection(options: dict, *, long_lived: bool = False):
         ) from exc
 
 
+def quiet_client_task_errors(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The loop's exception handler for commands: an error left in one of nats-py's own
+    background tasks (e.g. its reconnect task after the servers went away while the command
+    closed its connection) is logged at debug level instead of printed as a traceback; anything
+    else goes to asyncio's default handler. The command has already reported what failed."""
+    task = context.get("future") or context.get("task")
+    get_coro = getattr(task, "get_coro", None)
+    code = getattr(get_coro() if get_coro else None, "cr_code", None)
+    if code is not None and f"{os.sep}nats{os.sep}" in code.co_filename:
+        log.debug("nats client task %s: %s", code.co_name, context.get("exception") or context.get("message"))
+        return
+    loop.default_exception_handler(context)
+
+
 async def with_connection(options: dict, work: Callable[[Any], Awaitable[T]]) -> T:
     """Run `work(nc)` on a command's connection, then close it. A NATS request that fails
     becomes a MarmotError (one message at the CLI's edge, no traceback)."""
     import nats.errors
 
+    asyncio.get_running_loop().set_exception_handler(quiet_client_task_errors)
     nc = await open_connection(options)
     try:
         return await work(nc)
