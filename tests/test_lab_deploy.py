@@ -372,6 +372,18 @@ def test_partitioned_stream_leader_catches_up_and_all_converge(lab):
     assert digests[0] == digests[1] == digests[2], digests
 
 
+def test_a_seeded_chaos_run_with_partitions_converges(lab):
+    """One short run of the lab chaos harness (tests/lab_chaos.py; bench/chaos_lab.py runs many):
+    writers on every host while a host is cut off, the node service is killed and paused; then
+    digests equal, `verify` converged, every acknowledged write kept and no deleted key back."""
+    from tests.lab_chaos import run_lab_chaos
+
+    result = run_lab_chaos(lab, SPEC, seed=6, duration_s=35, say=lambda _line: None)
+    assert result.ok, "\n".join([*result.faults, *result.problems])
+    assert any(" partition " in fault for fault in result.faults), result.faults
+    assert result.operations > 100, result.operations
+
+
 def _cli(lab, *args: str) -> subprocess.CompletedProcess:
     """marmot-appliance from the controller namespace (ssh reaches the lab hosts from there)."""
     return subprocess.run(
