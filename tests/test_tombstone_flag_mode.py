@@ -46,9 +46,15 @@ async def test_flag_mode_never_drops_a_delayed_peer_write(nats_cluster, wal_db, 
         await wait_until(lambda: table_rows(db2, "kv") == [] and n2.health()["status"] == "ok", 30, 0.2,
                          "node 2 to apply the delete")
 
+        # The application holds the write lock before node 2 is paused, so node 2 cannot be frozen
+        # in the middle of a write transaction of its own (the insert would wait out its timeout).
+        app = sqlite3.connect(db2, timeout=30, isolation_level=None)
+        app.execute("BEGIN IMMEDIATE")
         os.kill(n2.process.pid, signal.SIGSTOP)  # its application writes; nothing publishes
         try:
-            execute(db2, "INSERT INTO kv VALUES ('late', 2)")
+            app.execute("INSERT INTO kv VALUES ('late', 2)")
+            app.execute("COMMIT")
+            app.close()
             await _while_node_2_is_paused(n1, db2)
         finally:
             os.kill(n2.process.pid, signal.SIGCONT)
