@@ -31,7 +31,7 @@ from marmot_appliance.appliance.health import NodeHealth
 from marmot_appliance.appliance.status import NodeStatus, ProcessStatus, render_status_text
 from marmot_appliance.natsd.process import fetch_monitor_json, wait_for_meta_leader
 from marmot_appliance.node.config import config_from_flags
-from marmot_appliance.snapshots import save_snapshot
+from marmot_appliance.snapshots import SnapshotBusyError, save_snapshot
 from tests.replication_cluster import SubprocessNode, digest, positions, wait_until
 
 SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, origin INTEGER NOT NULL, body TEXT NOT NULL);"
@@ -88,12 +88,16 @@ def server_of(cluster, client_name: str) -> int | None:
 
 
 async def settled(request, timeout_s: float = 60.0):
-    """A JetStream request, repeated while the cluster elects a leader after a server stopped."""
+    """A JetStream request, repeated while the cluster elects a leader after a server stopped.
+
+    A snapshot save also waits while another node holds the save lease: node 3 asks the cluster
+    for a snapshot when it finds a gap, and node 1 or 2 may be saving that one right now."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         try:
             return await request()
-        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError):
+        except (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError, nats.errors.TimeoutError,
+                SnapshotBusyError):
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.5)
@@ -125,7 +129,7 @@ async def test_restore_while_running_with_four_shards_loses_no_rows(nats_cluster
     dbs = [wal_db(f"n{i}.db", SCHEMA) for i in (1, 2, 3)]
     # Nodes 1 and 2 may use any server; node 3 only the third, which the test takes away.
     urls = [",".join(nats_cluster.urls[:2]), ",".join(nats_cluster.urls[:2]), nats_cluster.urls[2]]
-    # Snapshots on: restores on a gap (never saves on its own here).
+    # Snapshots on: restores on a gap; a node saves only when another asks for a snapshot.
     nodes = [SubprocessNode(i, db, url, tmp_path / f"n{i}.log", shards=SHARDS, extra=["-enable-snapshot=true"])
              for i, db, url in zip((1, 2, 3), dbs, urls)]
     flags = dict(db_path=str(dbs[0]), node_id=1, nats_url=nats_cluster.url, shards=SHARDS, log_replicas=3,
