@@ -231,7 +231,7 @@ class TableStateReader:
             # (the digest did not see them either). Other rowids may be renumbered by VACUUM:
             # used only while nothing was written since.
             if placement is not None and rowid and (layout.rowid_alias or placement.data_version == _data_version(conn)):
-                rowids = [r for r, b in zip(placement.rowids, placement.buckets) if b in wanted_set]
+                rowids = placement.rowids_in(wanted, buckets)
                 by_rowid = f"{sql} WHERE {rowid} IN (SELECT value FROM json_each(?))"
                 for start in range(0, len(rowids), 10_000):
                     chunk = json.dumps(rowids[start:start + 10_000])
@@ -293,6 +293,28 @@ class _Placement:
         self.rowids = array("q")
         self.buckets = array("H")  # buckets are at most 65536
         self.data_version = -1
+        self._by_bucket: array | None = None  # rowids grouped by bucket (built on the first listing)
+        self._starts: list[int] = []
+
+    def rowids_in(self, wanted: list[int], buckets: int) -> list[int]:
+        """The rowids the digest put in the wanted buckets. The first call groups every rowid by
+        bucket (one counting sort, about 10 more bytes a row); each call after that costs only the
+        rows it returns: a listing asks chunk by chunk, and a scan of the whole placement per
+        chunk made naming 1,000 keys in a million rows take seconds."""
+        if self._by_bucket is None:
+            starts = [0] * (buckets + 1)
+            for bucket in self.buckets:
+                starts[bucket + 1] += 1
+            for bucket in range(buckets):
+                starts[bucket + 1] += starts[bucket]
+            grouped = array("q", bytes(8 * len(self.rowids)))
+            fill = starts[:-1]
+            for rowid, bucket in zip(self.rowids, self.buckets):
+                grouped[fill[bucket]] = rowid
+                fill[bucket] += 1
+            self._by_bucket, self._starts = grouped, starts
+        grouped, starts = self._by_bucket, self._starts
+        return [rowid for bucket in sorted(set(wanted)) for rowid in grouped[starts[bucket]:starts[bucket + 1]]]
 
 
 def _data_version(conn: sqlite3.Connection) -> int:
