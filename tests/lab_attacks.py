@@ -1,7 +1,7 @@
 """Attacks on a cluster deployed by ansible/site.yml, from the lab's controller namespace.
 
 tests/test_lab_deploy.py runs this module there (`ip netns exec <controller> python -m
-tests.lab_attacks ...`): lab traffic leaves only from inside a lab namespace (LAB.md), and a
+tests.lab_attacks ...`): lab traffic leaves only from inside a lab namespace (docs/deploy.md, "The lab"), and a
 stray nats-server started here sits on the lab network like any other machine would. The
 checks are the ones the quick-start cluster passes on 127.0.0.1 (tests/test_natsd_routes.py,
 tests/test_security_cluster.py), pointed at node1's address:

@@ -1,6 +1,6 @@
 """Multi-host deployment on real systemd hosts: the lab + ansible/site.yml + the node runtime.
 
-The session's lab (3 systemd-nspawn hosts in network namespaces, LAB.md; `vagrant_lab` in
+The session's lab (3 systemd-nspawn hosts in network namespaces, docs/deploy.md "The lab"; `vagrant_lab` in
 tests/conftest.py) serves every test here, in file order: deploy, replicate both ways,
 idempotence, a rolling spec change under a bounded writer, a partition and its healing, the
 attacks of docs/security.md, status and destroy. tests/test_lab_schema.py then uses the same

@@ -1,4 +1,4 @@
-"""A lab of real systemd hosts without VMs (see docs/deploy.md and LAB.md).
+"""A lab of real systemd hosts without VMs (docs/deploy.md, "The lab": what it builds and its safety rules).
 
 Each host a spec names becomes a systemd-nspawn container booted into its own network
 namespace, reachable over ssh from a controller namespace; the namespaces hang off a bridge in

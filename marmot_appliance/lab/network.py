@@ -1,6 +1,6 @@
 """Network namespaces, the switch bridge and the root-namespace blackhole route.
 
-Safety (LAB.md): the blackhole route for the lab subnet is added before any lab address exists
+Safety (docs/deploy.md, "The lab"): the blackhole route for the lab subnet is added before any lab address exists
 and removed last, so a mistaken request from the root namespace never leaves the machine.
 """
 
