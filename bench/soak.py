@@ -31,7 +31,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 import urllib.request
@@ -42,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.replication import _die_with_parent  # noqa: E402
 from tests.harness import NatsCluster, free_ports  # noqa: E402
+from tests.replication_cluster import external_nats_spec  # noqa: E402
 
 SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER NOT NULL, label TEXT)"
 OPS_PER_TXN = 100
@@ -62,25 +62,10 @@ def make_db(path: Path) -> Path:
 
 
 def spec_text(urls: list[str], dbs: list[Path], ports: list[int]) -> str:
-    nodes = "\n".join(
-        f"  - {{name: n{i}, id: {i}, host: 127.0.0.1, db: {db}, ports: {{metrics: {port}}}}}"
-        for i, (db, port) in enumerate(zip(dbs, ports), 1)
-    )
-    return textwrap.dedent(
-        f"""\
-        apiVersion: marmot-appliance/v1
-        kind: Cluster
-        name: soak
-        replication: {{shards: 1, log_replicas: 3, max_log_entries: 10000000, tombstone_interval_s: 1}}
-        snapshots: {{enabled: false}}
-        verify: {{interval_s: null}}
-        nats:
-          embedded: false
-          urls: [{", ".join(urls)}]
-          auth: none
-        nodes:
-        """
-    ) + nodes + "\n"
+    return external_nats_spec(
+        "soak", urls, {f"n{i}": db for i, db in enumerate(dbs, 1)}, {f"n{i}": port for i, port in enumerate(ports, 1)},
+        replication="{shards: 1, log_replicas: 3, max_log_entries: 10000000, tombstone_interval_s: 1}",
+        verify="{interval_s: null}")
 
 
 def start_node(spec: Path, name: str, log: Path) -> subprocess.Popen:

@@ -49,9 +49,11 @@ def table_rows(db: Path, table: str) -> list[tuple]:
 
 
 def external_nats_spec(cluster: str, urls: list[str], dbs: dict[str, Path], ports: dict[str, int] | None = None, *,
-                       replication: str = "{shards: 1, log_replicas: 1}", snapshots: str = "{enabled: false}") -> str:
+                       replication: str = "{shards: 1, log_replicas: 1}", snapshots: str = "{enabled: false}",
+                       verify: str | None = None) -> str:
     """A cluster spec for node processes on the tests' own nats-server(s): node `name` of `dbs`
-    gets id 1, 2, ... in order, and its metrics port from `ports` (else the default)."""
+    gets id 1, 2, ... in order, and its metrics port from `ports` (else the default).
+    `verify` is the spec's verify section (None: the default)."""
     nodes = "\n".join(
         f"  - {{name: {name}, id: {i}, host: 127.0.0.1, db: {db}"
         + (f", ports: {{metrics: {ports[name]}}}" if ports else "")
@@ -65,6 +67,7 @@ def external_nats_spec(cluster: str, urls: list[str], dbs: dict[str, Path], port
         name: {cluster}
         replication: {replication}
         snapshots: {snapshots}
+        {"verify: " + verify if verify else ""}
         nats:
           embedded: false
           urls: [{", ".join(urls)}]
