@@ -57,6 +57,7 @@ from marmot_appliance.replication.publisher import OwnPublishes, Publisher
 from marmot_appliance.replication.sharding import shard_numbers
 from marmot_appliance.replication.streams import StreamSetupError, ensure_streams, retry_while_settling
 from marmot_appliance.replication.wakeup import CommitWakeup
+from marmot_appliance.replication.wal_checkpoint import CHECKPOINT_INTERVAL_S, WalCheckpointer
 from marmot_appliance.snapshots.errors import SnapshotError
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class NodeRuntime:
         # The publisher retires acknowledged rows here, on a connection of its own, so a retire
         # waiting for the write lock never delays reading (and sending) the next commits.
         self.retire_db = DbThread(f"retire-{self.node.name}")
+        # The only connection of the runtime that checkpoints the WAL (replication/wal_checkpoint.py).
+        self.checkpoint_db = DbThread(f"checkpoint-{self.node.name}")
+        self.wal = WalCheckpointer(config.db_path)
         self.wakeup: CommitWakeup | None = None
         self.publisher: Publisher | None = None
         self.consumers: list[ShardConsumer] = []
@@ -334,6 +338,7 @@ class NodeRuntime:
         self._start_flow()
         await self._start_verify_service()
         tasks.append(asyncio.create_task(self._maintenance(self.parts_stop), name="maintenance"))
+        tasks.append(asyncio.create_task(self._checkpoint_wal(self.parts_stop), name="wal-checkpoint"))
         tasks.append(asyncio.create_task(self.restores.run(self.parts_stop), name="restore-coordinator"))
         for task in tasks:
             task.add_done_callback(self._part_finished)
@@ -507,7 +512,8 @@ class NodeRuntime:
                     pass
         if self.http is not None:
             await self.http.close()
-        for thread, part in ((self.capture_db, self.capture), (self.apply_db, self.applier)):
+        for thread, part in ((self.capture_db, self.capture), (self.apply_db, self.applier),
+                             (self.checkpoint_db, self.wal)):
             if part is not None:
                 try:
                     await thread.run(part.close)
@@ -520,8 +526,29 @@ class NodeRuntime:
         self.capture_db.shutdown()
         self.apply_db.shutdown()
         self.retire_db.shutdown()
+        self.checkpoint_db.shutdown()
 
     # -- periodic work -----------------------------------------------------------------------
+
+    async def _checkpoint_wal(self, stop: asyncio.Event) -> None:
+        """A PASSIVE checkpoint every CHECKPOINT_INTERVAL_S, on a connection and thread of its own."""
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), CHECKPOINT_INTERVAL_S)
+                return
+            except asyncio.TimeoutError:
+                pass
+            if self.restores.busy:
+                continue  # the restore writes the file through the backup API; checkpoint after it
+            try:
+                state = await self.checkpoint_db.run(self.wal.checkpoint)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - retried next tick; the WAL only grows meanwhile
+                self.metrics.inc("errors", kind="checkpoint")
+                log.warning("WAL checkpoint failed: %s", exc)
+                continue
+            self.metrics.set("wal_frames_pending", state.frames - state.checkpointed)
 
     async def _maintenance(self, stop: asyncio.Event) -> None:
         """Schema drift, parked rows, log purge, status, seq-map copy. One slow loop."""

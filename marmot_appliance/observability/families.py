@@ -65,6 +65,8 @@ NODE_FAMILIES = (
     Family("change_log_oldest_age_seconds", "gauge", "Age of the oldest captured row not yet acknowledged (0: drained)"),
     Family("change_log_alarm", "gauge", "1 while the change log is not draining (replication.change_log_alarm_*)"),
     Family("dead_letters_dropped", "counter", "Oldest dead letters deleted past replication.max_dead_letters"),
+    Family("wal_frames_pending", "gauge",
+           "WAL frames not yet copied into the database file at the runtime's last checkpoint (every second)"),
     Family("healthy", "gauge", "1 while /health answers 200 (status ok), 0 while it answers 503"),
     Family("errors", "counter", "Errors by kind", ("kind",)),
     Family("stream_lag", "gauge", "Stream entries not yet applied", ("stream",)),

@@ -69,8 +69,14 @@ def connect(
     synchronous_normal: bool = False,
     cache_mib: int | None = None,
     temp_store_memory: bool = False,
+    checkpoints: bool = False,
 ) -> sqlite3.Connection:
     """Open an existing database (never create one: a typo in a path must not make an empty db).
+
+    A writable connection never checkpoints the WAL on its own (`wal_autocheckpoint = 0`) unless
+    `checkpoints`: the node runtime checkpoints from one connection of its own, off the apply
+    path (replication/wal_checkpoint.py). A command that runs without a node still leaves a
+    checkpointed file: SQLite checkpoints when the last connection to the database closes.
 
     check_same_thread=False because the async runtime calls in through asyncio.to_thread; one
     connection is still used by one caller at a time.
@@ -83,6 +89,8 @@ def connect(
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+        if not readonly and not checkpoints:
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
         if synchronous_normal:
             # WAL + NORMAL: a commit survives a process crash; only a power cut can lose the
             # last commits, and then rows and stream positions roll back together (same
