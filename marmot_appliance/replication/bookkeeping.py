@@ -170,9 +170,17 @@ _WATERMARK_TO_CLOCK_SQL = (
 )
 
 
-def get_meta(conn: sqlite3.Connection, key: str, default: object = None) -> object:
+# What a meta value can be: the meta table's value column has no declared type, so it holds
+# whatever SQLite storage class was written.
+MetaValue = int | float | str | bytes | None
+
+
+def get_meta(conn: sqlite3.Connection, key: str, default: MetaValue = None) -> MetaValue:
     row = conn.execute(_GET_META_SQL, (key,)).fetchone()
-    return default if row is None else row[0]
+    if row is None:
+        return default
+    value: MetaValue = row[0]
+    return value
 
 
 def set_meta(conn: sqlite3.Connection, key: str, value: object) -> None:

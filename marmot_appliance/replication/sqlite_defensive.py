@@ -15,32 +15,35 @@ from __future__ import annotations
 import ctypes
 import sqlite3
 import sys
+from collections.abc import Callable
 
 SQLITE_DBCONFIG_DEFENSIVE = 1010
 
 
 def enable_defensive(conn: sqlite3.Connection) -> bool:
     """Turn defensive mode on for `conn`; True when it is on (read back)."""
+    # getattr, not conn.setconfig: the type checker targets 3.11, whose sqlite3 has neither.
     setconfig = getattr(conn, "setconfig", None)
     if setconfig is not None:  # Python 3.12+
         try:
             setconfig(SQLITE_DBCONFIG_DEFENSIVE, True)
-            return bool(conn.getconfig(SQLITE_DBCONFIG_DEFENSIVE))
+            return bool(getattr(conn, "getconfig")(SQLITE_DBCONFIG_DEFENSIVE))
         except sqlite3.ProgrammingError:  # a closed connection
             return False
-    handle, db_config = _c_handle(conn)
-    if handle is None:
+    found = _c_handle(conn)
+    if found is None:
         return False
+    handle, db_config = found
     state = ctypes.c_int(-1)
     if db_config(handle, SQLITE_DBCONFIG_DEFENSIVE, 1, ctypes.byref(state)) != 0:
         return False
     return state.value == 1
 
 
-def _c_handle(conn: sqlite3.Connection):
-    """(the connection's `sqlite3 *`, sqlite3_db_config) on CPython 3.7–3.11, else (None, None)."""
+def _c_handle(conn: sqlite3.Connection) -> tuple[ctypes.c_void_p, Callable[..., int]] | None:
+    """(the connection's `sqlite3 *`, sqlite3_db_config) on CPython 3.7–3.11, else None."""
     if sys.implementation.name != "cpython" or not (3, 7) <= sys.version_info[:2] < (3, 12):
-        return None, None
+        return None
     import _sqlite3
 
     try:
@@ -48,15 +51,15 @@ def _c_handle(conn: sqlite3.Connection):
         db_config = library.sqlite3_db_config
         db_handle_filename = library.sqlite3_db_filename
     except (OSError, AttributeError):
-        return None, None
+        return None
     db_config.restype = ctypes.c_int
     db_handle_filename.restype = ctypes.c_char_p
     db_handle_filename.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
     handle = ctypes.c_void_p.from_address(id(conn) + object.__basicsize__).value
     if not handle:
-        return None, None  # a closed connection
+        return None  # a closed connection
     # The handle must name this connection's own file: a layout we do not know fails here.
     expected = {row[2] for row in conn.execute("PRAGMA database_list") if row[1] == "main"}
     if (db_handle_filename(handle, b"main") or b"").decode(errors="replace") not in expected:
-        return None, None
+        return None
     return ctypes.c_void_p(handle), db_config

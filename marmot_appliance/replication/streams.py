@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -25,6 +27,8 @@ from marmot_appliance.replication.sharding import shard_numbers
 from marmot_appliance.spec.model import ReplicationSettings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Long enough to cover a crash + restart of the node runtime; JetStream keeps the ids in memory.
 DUPLICATE_WINDOW_S = 600.0
@@ -56,6 +60,8 @@ def stream_config(replication: ReplicationSettings, shard: int, replicas: int) -
 
 async def ensure_stream(js: JetStreamContext, wanted: StreamConfig, timeout_s: float = 10.0) -> StreamInfo:
     """Create the stream, or update replicas / retention of an existing one to match."""
+    if wanted.name is None:  # nats-py's StreamConfig allows it; every config built here has one
+        raise StreamSetupError("cannot set up a stream without a name")
     try:
         info = await js.stream_info(wanted.name)
     except nats.js.errors.NotFoundError:
@@ -163,11 +169,11 @@ def is_settling_error(exc: BaseException) -> bool:
 
 async def retry_while_settling(
     what: str,
-    request,
+    request: Callable[[], Awaitable[T]],
     timeout_s: float,
-    retryable=is_settling_error,
+    retryable: Callable[[BaseException], bool] = is_settling_error,
     stop: asyncio.Event | None = None,
-):
+) -> T:
     """Run `request()` (a coroutine factory) until it succeeds, repeating `retryable` errors
     with growing pauses for up to `timeout_s`; then the last error is raised.
 

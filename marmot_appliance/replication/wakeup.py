@@ -95,7 +95,7 @@ class CommitWakeup:
         self._watch: InotifyWatch | None = None
         self._conn: sqlite3.Connection | None = None
         self._last_data_version: int | None = None
-        self._poll_task: asyncio.Task | None = None
+        self._poll_task: asyncio.Task[None] | None = None
 
     @property
     def mode(self) -> str:
@@ -121,7 +121,8 @@ class CommitWakeup:
     def _data_version(self) -> int | None:
         try:
             assert self._conn is not None
-            return self._conn.execute("PRAGMA data_version").fetchone()[0]
+            version: int = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            return version
         except sqlite3.Error:
             return None
 
