@@ -18,7 +18,7 @@ import sqlite3
 from pathlib import Path
 
 from marmot_appliance.errors import DatabaseStateError
-from marmot_appliance.replication.bookkeeping import log_tables
+from marmot_appliance.replication.bookkeeping import fold_pending, log_tables
 from marmot_appliance.replication.sqlite_util import quote_ident
 from marmot_appliance.snapshots.local_state import BUSY_TIMEOUT_S, open_readonly, read_positions
 
@@ -52,11 +52,7 @@ def strip_node_private_state(copy: sqlite3.Connection) -> int:
     copy.execute("PRAGMA synchronous = OFF")  # a scratch file: a crash just means a new copy
     copy.execute("BEGIN IMMEDIATE")
     try:
-        try:
-            from marmot_appliance.replication.bookkeeping import fold_pending
-        except ImportError:
-            fold_pending = None
-        if fold_pending is not None and log_tables(copy):
+        if log_tables(copy):
             fold_pending(copy)
         removed = 0
         for name in log_tables(copy):

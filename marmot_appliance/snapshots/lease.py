@@ -38,7 +38,7 @@ class SnapshotLease:
         self.token = uuid.uuid4().hex  # tells our own writes apart from a restarted us
         self.revision = 0
         self._ttl_s = ttl_s
-        self._renewer: asyncio.Task | None = None
+        self._renewer: asyncio.Task[None] | None = None
         self._lost: BaseException | None = None
         # The background renewer and the fencing renew before publishing must not both send
         # an update with the same expected revision: one would fail and look like a lost lease.
@@ -118,7 +118,7 @@ class SnapshotLease:
         self._renewer = asyncio.create_task(self._renew_forever(), name=f"snapshot-lease-{self.holder}")
         return self
 
-    async def __aexit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         if self._renewer is not None:
             self._renewer.cancel()
             try:

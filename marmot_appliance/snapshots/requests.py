@@ -20,6 +20,8 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
+from typing import Any
 
 import nats.js.errors
 
@@ -31,8 +33,11 @@ log = logging.getLogger(__name__)
 REQUEST_KEY = "save-request"
 CAS_ATTEMPTS = 5
 
+# node name -> {"required": {stream: seq}, "at": unix time}, as read from JSON (not validated)
+Requests = dict[str, dict[str, Any]]
 
-async def read_requests(store: SnapshotStore) -> tuple[dict[str, dict], int]:
+
+async def read_requests(store: SnapshotStore) -> tuple[Requests, int]:
     """(node name -> {"required": {stream: seq}, "at": unix time}, KV revision; 0 when none)."""
     try:
         entry = await store.manifest_kv.get(REQUEST_KEY)
@@ -48,7 +53,7 @@ async def read_requests(store: SnapshotStore) -> tuple[dict[str, dict], int]:
     return requests, int(entry.revision or 0)
 
 
-async def _write(store: SnapshotStore, requests: dict[str, dict], revision: int) -> None:
+async def _write(store: SnapshotStore, requests: Requests, revision: int) -> None:
     value = json.dumps({"requests": requests}, sort_keys=True).encode()
     if revision == 0:
         await retry_no_responders(lambda: store.manifest_kv.create(REQUEST_KEY, value))
@@ -56,7 +61,7 @@ async def _write(store: SnapshotStore, requests: dict[str, dict], revision: int)
         await retry_no_responders(lambda: store.manifest_kv.update(REQUEST_KEY, value, last=revision))
 
 
-async def _change(store: SnapshotStore, change) -> bool:
+async def _change(store: SnapshotStore, change: Callable[[Requests], bool]) -> bool:
     """Apply `change(requests) -> bool (changed?)` with compare-and-set; True when written."""
     for attempt in range(CAS_ATTEMPTS):
         requests, revision = await read_requests(store)
@@ -77,7 +82,7 @@ async def request_snapshot(store: SnapshotStore, node_name: str, required: dict[
     """Ask for a snapshot reflecting at least `required`; True when the request was (re)written."""
     wanted = {stream: int(seq) for stream, seq in required.items()}
 
-    def change(requests: dict[str, dict]) -> bool:
+    def change(requests: Requests) -> bool:
         current = requests.get(node_name) or {}
         if current.get("required") == wanted:
             return False
@@ -91,14 +96,14 @@ async def request_snapshot(store: SnapshotStore, node_name: str, required: dict[
 
 
 async def withdraw_request(store: SnapshotStore, node_name: str) -> bool:
-    def change(requests: dict[str, dict]) -> bool:
+    def change(requests: Requests) -> bool:
         return requests.pop(node_name, None) is not None
 
     return await _change(store, change)
 
 
 def servable_request(
-    requests: dict[str, dict], newest: SnapshotInfo | None, local_positions: dict[str, int], own_name: str
+    requests: Requests, newest: SnapshotInfo | None, local_positions: dict[str, int], own_name: str
 ) -> str | None:
     """Why this node should save a snapshot for someone else's request, or None.
 

@@ -25,7 +25,7 @@ from marmot_appliance.snapshots.local_state import open_readonly, read_positions
 from marmot_appliance.snapshots.manifest import SnapshotInfo
 from marmot_appliance.snapshots.progress import finish_progress, progress_for
 from marmot_appliance.snapshots.selection import describe_tables
-from marmot_appliance.snapshots.store import SnapshotStore
+from marmot_appliance.snapshots.store import DEFAULT_LEASE_TTL_S, SnapshotStore
 from marmot_appliance.spec.model import Cluster, Node
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,12 @@ def snapshot_replicas(cluster: Cluster) -> int:
     return cluster.snapshots.replicas or cluster.effective_log_replicas
 
 
-async def open_store(js: JetStreamContext, cluster: Cluster, create: bool = True, **kwargs) -> SnapshotStore:
-    return await SnapshotStore.open(js, cluster.snapshot_bucket, snapshot_replicas(cluster), create=create, **kwargs)
+async def open_store(
+    js: JetStreamContext, cluster: Cluster, create: bool = True, lease_ttl_s: float = DEFAULT_LEASE_TTL_S
+) -> SnapshotStore:
+    return await SnapshotStore.open(
+        js, cluster.snapshot_bucket, snapshot_replicas(cluster), create=create, lease_ttl_s=lease_ttl_s
+    )
 
 
 def scratch_dir(db_path: Path, work_dir: Path | None) -> Path:

@@ -23,13 +23,15 @@ import json
 import logging
 import uuid
 from collections import deque
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
 
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import Header, ObjectInfo, ObjectMetaOptions
+from nats.js.api import Header, ObjectInfo, ObjectMetaOptions, PubAck
 from nats.js.kv import KeyValue
 
 from marmot_appliance.replication.streams import retry_while_settling, wait_for_stream_leader
@@ -38,6 +40,8 @@ from marmot_appliance.snapshots.manifest import Manifest, SnapshotInfo
 from marmot_appliance.snapshots.progress import ProgressCallback, no_progress
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MANIFEST_KEY = "manifest"
 CHUNK_SIZE = 256 * 1024  # measured: 256 KiB with 8 in flight beats larger chunks on a 3-server R3 cluster
@@ -65,7 +69,7 @@ NO_RESPONDER_ERRORS = (nats.js.errors.NoStreamResponseError, nats.errors.NoRespo
 NO_RESPONDER_RETRIES = 6
 
 
-async def retry_no_responders(request, attempts: int = NO_RESPONDER_RETRIES):
+async def retry_no_responders(request: Callable[[], Awaitable[T]], attempts: int = NO_RESPONDER_RETRIES) -> T:
     """Run `request()` (a coroutine factory), retrying while JetStream has no responder yet.
 
     Safe for compare-and-set writes: a request that got no responder was not stored.
@@ -77,6 +81,7 @@ async def retry_no_responders(request, attempts: int = NO_RESPONDER_RETRIES):
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 async def _wait_for_leader(js: JetStreamContext, stream: str, timeout_s: float = 30.0) -> None:
@@ -159,7 +164,7 @@ class SnapshotStore:
         except nats.js.errors.BucketNotFoundError:
             if not create:
                 raise NoSnapshotError(f"snapshot index {name!r} does not exist: no snapshot was ever saved") from None
-        params: dict = {"bucket": name, "history": history, "replicas": replicas}
+        params: dict[str, Any] = {"bucket": name, "history": history, "replicas": replicas}
         if ttl:
             params["ttl"] = ttl
         kv = await js.create_key_value(**params)
@@ -213,9 +218,9 @@ class SnapshotStore:
         digest = hashlib.sha256()
         size = 0
         chunks = 0
-        in_flight: deque[asyncio.Future] = deque()
+        in_flight: deque[asyncio.Future[PubAck]] = deque()
 
-        def read_chunk(handle) -> bytes:
+        def read_chunk(handle: BinaryIO) -> bytes:
             data = handle.read(CHUNK_SIZE)
             digest.update(data)  # hashing in the worker thread keeps the event loop free
             return data
