@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from .model import (
     API_VERSION,
@@ -34,18 +34,23 @@ from .model import (
 from .semantic import all_nodes_local, effective_node_ports, is_loopback
 
 
+# A path given stays a str, an absent one stays None: the overloads tell the type checker so.
+@overload
+def _resolve(path: str, base_dir: Path, relative_allowed: bool) -> str: ...
+@overload
+def _resolve(path: None, base_dir: Path, relative_allowed: bool) -> None: ...
 def _resolve(path: str | None, base_dir: Path, relative_allowed: bool) -> str | None:
     if path is None or os.path.isabs(path) or not relative_allowed:
         return path
     return os.path.normpath(base_dir / path)
 
 
-def _floats(section: dict, *keys: str) -> dict:
+def _floats(section: dict[str, Any], *keys: str) -> dict[str, Any]:
     """YAML `5` is an int; the model's seconds are floats."""
     return {key: float(value) if key in keys and value is not None else value for key, value in section.items()}
 
 
-def _nats(section: dict, base_dir: Path, local: bool) -> NatsSettings:
+def _nats(section: dict[str, Any], base_dir: Path, local: bool) -> NatsSettings:
     values = _floats(dict(section), "connect_timeout_s")
     jetstream = dict(values.pop("jetstream", {}))
     for limit in ("max_memory", "max_file"):
@@ -65,7 +70,7 @@ def _nats(section: dict, base_dir: Path, local: bool) -> NatsSettings:
     return NatsSettings(**values, jetstream=JetStreamSettings(**jetstream), auth=NatsAuth(**auth), tls=tls)
 
 
-def _replication(section: dict) -> ReplicationSettings:
+def _replication(section: dict[str, Any]) -> ReplicationSettings:
     values = _floats(
         dict(section), "cleanup_interval_s", "max_clock_skew_s", "tombstone_interval_s", "tombstone_node_timeout_s",
         "change_log_alarm_age_s",
@@ -75,7 +80,7 @@ def _replication(section: dict) -> ReplicationSettings:
     return ReplicationSettings(**values, batch=batch, compression=compression)
 
 
-def _node(data: dict, node: dict, base_dir: Path) -> Node:
+def _node(data: dict[str, Any], node: dict[str, Any], base_dir: Path) -> Node:
     values = dict(node)
     local = is_loopback(values["host"])
     values.setdefault("advertise", values["host"])

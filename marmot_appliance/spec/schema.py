@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from marmot_appliance.errors import MarmotError
 
@@ -22,5 +23,6 @@ def schema_path() -> Path:
 
 
 @lru_cache(maxsize=1)
-def load_schema() -> dict:
-    return json.loads(schema_path().read_text(encoding="utf-8"))
+def load_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads(schema_path().read_text(encoding="utf-8"))
+    return schema

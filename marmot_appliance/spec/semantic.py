@@ -17,22 +17,22 @@ LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 MAX_JETSTREAM_REPLICAS = 5
 
 
-def _section(data: Any, key: str) -> dict:
+def _section(data: Any, key: str) -> dict[str, Any]:
     value = data.get(key) if isinstance(data, dict) else None
     return value if isinstance(value, dict) else {}
 
 
-def _int(section: dict, key: str) -> int | None:
+def _int(section: dict[str, Any], key: str) -> int | None:
     value = section.get(key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def _str(section: dict, key: str) -> str | None:
+def _str(section: dict[str, Any], key: str) -> str | None:
     value = section.get(key)
     return value if isinstance(value, str) else None
 
 
-def _nodes(data: Any) -> list[tuple[int, dict]]:
+def _nodes(data: Any) -> list[tuple[int, dict[str, Any]]]:
     nodes = data.get("nodes") if isinstance(data, dict) else None
     if not isinstance(nodes, list):
         return []
@@ -64,7 +64,7 @@ def nats_server_count(data: Any) -> int:
     return len(urls) if isinstance(urls, list) else 0
 
 
-def effective_node_ports(data: Any, node: dict) -> dict[str, int]:
+def effective_node_ports(data: Any, node: dict[str, Any]) -> dict[str, int]:
     """The node's ports after overrides: node ports, else nats/observability-level, else model defaults."""
     nats = _section(data, "nats")
     observability = _section(data, "observability")
@@ -227,10 +227,10 @@ class _Checker:
             host = _str(node, "host")
             local = host is not None and is_loopback(host)
             for key in ("db", "seq_map_path"):
-                value = _str(node, key)
-                if value is not None:
+                node_path = _str(node, key)
+                if node_path is not None:
                     self._check_path(
-                        ("nodes", index, key), value, local, "relative paths are only allowed for local nodes"
+                        ("nodes", index, key), node_path, local, "relative paths are only allowed for local nodes"
                     )
         deploy = _section(self.data, "deploy")
         install_dir = _str(deploy, "install_dir")

@@ -121,7 +121,7 @@ def _message(error: ValidationError, document: SourceDocument, path: JsonPath) -
         return "items must be unique"
     if kind in ("anyOf", "oneOf") and error.context:
         return _message(best_match(error.context), document, path)
-    return error.message
+    return str(error.message)  # jsonschema ships no types: its message is a str
 
 
 def schema_problems(document: SourceDocument) -> list[Problem]:

@@ -181,7 +181,7 @@ class _Builder:
             advice = f"write {value!r} if you mean that number; quote it only where a string is expected"
         self._flag(path, node, f"ambiguous YAML 1.1 value {text!r} (read as the {kind} {value!r}) — {advice}")
 
-    def _mapping(self, node: MappingNode, path: JsonPath, depth: int) -> dict:
+    def _mapping(self, node: MappingNode, path: JsonPath, depth: int) -> dict[str, Any]:
         if node.tag != _MAP_TAG:
             self._flag(path, node, f"unsupported YAML tag {node.tag!r}")
         result: dict[str, Any] = {}
@@ -213,7 +213,7 @@ class _Builder:
             result[key] = self.build(value_node, key_path, depth + 1)
         return result
 
-    def _sequence(self, node: SequenceNode, path: JsonPath, depth: int) -> list:
+    def _sequence(self, node: SequenceNode, path: JsonPath, depth: int) -> list[Any]:
         if node.tag != _SEQ_TAG:
             self._flag(path, node, f"unsupported YAML tag {node.tag!r}")
         return [self.build(item, path + (index,), depth + 1) for index, item in enumerate(node.value)]
