@@ -67,8 +67,8 @@ def topology_for(cluster: Cluster, cache_dir: Path | None = None) -> LabTopology
     cache = cache_dir or default_cache_dir()
     lab = _slug(cluster.name)
     seen: dict[str, str] = {}
-    hosts = []
-    problems = []
+    hosts: list[LabHost] = []
+    problems: list[str] = []
     for node in cluster.nodes:
         try:
             address = ipaddress.ip_address(node.host)

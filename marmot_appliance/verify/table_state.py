@@ -115,14 +115,18 @@ class TableStateReader:
     def tables(self) -> list[str]:
         conn = self._connection()
         with read_transaction(conn):
-            return [name for name in user_tables(conn) if self._replicated_layout(conn, name, strict=False)]
+            return [name for name in user_tables(conn) if self._layout_if_replicated(conn, name)]
 
-    def _replicated_layout(self, conn: sqlite3.Connection, table: str, strict: bool = True) -> TableLayout | None:
+    def _layout_if_replicated(self, conn: sqlite3.Connection, table: str) -> TableLayout | None:
         layout = table_layout(conn, table) if self.selection.selects(table) else None
         if layout is None or not layout.primary_key or table not in user_tables(conn):
-            if strict:
-                raise TableNotReplicated(f"table {table!r} is not replicated on this node")
             return None
+        return layout
+
+    def _replicated_layout(self, conn: sqlite3.Connection, table: str) -> TableLayout:
+        layout = self._layout_if_replicated(conn, table)
+        if layout is None:
+            raise TableNotReplicated(f"table {table!r} is not replicated on this node")
         return layout
 
     def progress(self) -> dict:
