@@ -26,9 +26,10 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +246,7 @@ async def _resolve_streams(
     resolved = []
     for name in names:
         try:
-            info = await retry_while_settling(f"reading {name}", lambda name=name: js.stream_info(name), SETUP_RETRY_S)
+            info = await retry_while_settling(f"reading {name}", partial(js.stream_info, name), SETUP_RETRY_S)
         except nats.js.errors.NotFoundError:
             raise FeedError(
                 f"stream {name} does not exist; check the stream prefix and shard count "
@@ -275,7 +276,7 @@ async def changes(
     connect_options: dict | None = None,
     credentials: str | Path | None = None,
     on_undecodable: Callable[[str, int, CodecError], None] | None = None,
-) -> AsyncIterator[ChangeRecord]:
+) -> AsyncGenerator[ChangeRecord, None]:  # closable early: contextlib.aclosing
     """Every row change on the shard streams, as typed records.
 
     nats_url_or_conn: "nats://host:4222[,nats://...]" (connected here, drained at the end;
@@ -326,14 +327,16 @@ async def changes(
             seq, stored_at = _position(msg)
             try:
                 # Off the event loop (the codec bounds size, items and nesting first).
-                batch = await asyncio.to_thread(decode_message, msg.data)
-                if isinstance(batch, Fragment):
-                    forged = origin_mismatch(msg.subject, batch.origin)
+                decoded = await asyncio.to_thread(decode_message, msg.data)
+                if isinstance(decoded, Fragment):
+                    forged = origin_mismatch(msg.subject, decoded.origin)
                     if forged:  # never let a forged piece join another node's row
                         raise CodecError(forged)
-                    batch = await large_rows.add(stream, batch)
+                    batch = await large_rows.add(stream, decoded)
                     if batch is None:
                         continue  # more pieces of the row follow
+                else:
+                    batch = decoded
             except CodecError as exc:
                 report(stream, seq, exc)
                 continue

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from marmot_appliance.appliance import health
@@ -101,6 +102,12 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _desired(change: ResourceChange) -> DesiredResource:
+    """What a create or update converges to (deletes carry none; run() never converges them)."""
+    assert change.desired is not None, change.resource
+    return change.desired
+
+
 class _Converger:
     """Carries out one plan; saves the state after every process start/stop."""
 
@@ -173,15 +180,14 @@ class _Converger:
         cold = [c for c in changes if not c.running]
         warm = [c for c in changes if c.running]
         for change in cold:
-            assert change.desired is not None
             self.stop(change.resource)  # forget the dead record (no signal: it is not running)
-            self.start(change.desired)
+            self.start(_desired(change))
         for change in cold:
-            self.wait_healthy(change.desired)
+            self.wait_healthy(_desired(change))
         for change in warm:  # rolling: one at a time, healthy before the next
             self.stop(change.resource)
-            self.start(change.desired)
-            self.wait_healthy(change.desired)
+            self.start(_desired(change))
+            self.wait_healthy(_desired(change))
 
     def final_check(self) -> None:
         timeout = self.options.health_timeout_s
@@ -199,7 +205,7 @@ class _Converger:
             health.wait_for(
                 name,
                 self.recorded.processes.get(name),
-                lambda node=node: health.node_problem(self.cluster, node),
+                partial(health.node_problem, self.cluster, node),
                 timeout,
                 self.progress,
                 "GET /health = 200",

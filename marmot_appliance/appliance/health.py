@@ -136,7 +136,7 @@ def wait_for(
     Fails at once when the recorded process exited: waiting longer cannot help.
     """
     deadline = time.monotonic() + timeout_s
-    missing = "not checked yet"
+    missing: str | None = "not checked yet"
     while True:
         if record is not None and not is_running(record):
             progress.clear()

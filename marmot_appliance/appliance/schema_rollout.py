@@ -35,7 +35,7 @@ def database_drift(cluster: Cluster) -> dict[str, list[str]]:
     from marmot_appliance.schema.drift import schema_drift
     from marmot_appliance.schema.migrate import database_shape
 
-    shapes = {}
+    shapes: dict[str, dict[str, dict[str, str]] | None] = {}
     for node in _nodes_in_order(cluster):
         try:
             shape = database_shape(node.db)

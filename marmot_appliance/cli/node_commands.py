@@ -38,7 +38,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
     parser.add_argument(f"--{name}", f"-{name}", **kwargs)
 
 
-def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str, default: bool) -> None:
+def _bool_flag(parser: argparse.ArgumentParser, name: str, help: str, default: bool | None) -> None:
     _flag(parser, name, nargs="?", const=True, default=default, type=_go_bool, metavar="BOOL", help=help)
 
 

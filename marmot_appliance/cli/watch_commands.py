@@ -131,6 +131,7 @@ async def _watch(args: argparse.Namespace, target: WatchTarget) -> int:
     """Print until interrupted. Ctrl-C / SIGTERM cancel this task; both are a normal end."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
+    assert task is not None  # a coroutine that asyncio.run runs is always inside a task
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, task.cancel)
     watching_pipe = _cancel_when_pipe_closes(loop, task)

@@ -184,7 +184,7 @@ class RemoteNodeStatus:
 
     @property
     def healthy(self) -> bool:
-        return self.http_status == 200 and bool(self.health) and self.health.get("status") == "ok"
+        return self.http_status == 200 and self.health is not None and self.health.get("status") == "ok"
 
 
 def collect_remote_status(cluster: Cluster, spec_path: Path, extra_args: list[str] | None = None) -> list[RemoteNodeStatus]:

@@ -437,6 +437,8 @@ class NodeRuntime:
             for consumer in self.consumers
         ]
         if self.node.publish:
+            # _start_parts makes the publisher before the flow first starts; a resume follows a pause.
+            assert self.publisher is not None
             tasks.append(asyncio.create_task(self.publisher.run(self._flow_stop), name="publish"))
         for task in tasks:
             task.add_done_callback(self._part_finished)

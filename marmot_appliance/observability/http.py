@@ -40,7 +40,7 @@ class ObservabilityServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
-        sockets = self._server.sockets or []
+        sockets = self._server.sockets or ()
         if sockets:
             self.port = sockets[0].getsockname()[1]  # port 0 picks a free port (tests)
 

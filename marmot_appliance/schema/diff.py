@@ -161,17 +161,17 @@ def diff_schema(declared: SchemaShape, actual: SchemaShape) -> list[SchemaChange
             changes.append(SchemaChange("+", "table", table.name, "", (table.sql,)))
         else:
             changes += _table_changes(table, existing)
-    for key, obj in declared.objects.items():
-        existing = actual.objects.get(key)
-        if existing is None:
+    for object_key, obj in declared.objects.items():
+        existing_object = actual.objects.get(object_key)
+        if existing_object is None:
             changes.append(SchemaChange("+", obj.kind, obj.name, "", (obj.sql,)))
-        elif existing.definition != obj.definition:
-            drop = f"DROP {obj.kind.upper()} {quote_ident(existing.name)}"
+        elif existing_object.definition != obj.definition:
+            drop = f"DROP {obj.kind.upper()} {quote_ident(existing_object.name)}"
             changes.append(SchemaChange("~", obj.kind, obj.name, "definition changed: re-created", (drop, obj.sql)))
     for key, table in actual.tables.items():
         if key not in declared.tables:
             changes.append(SchemaChange("?", "table", table.name, "not in the schema files (kept)"))
-    for key, obj in actual.objects.items():
-        if key not in declared.objects:
+    for object_key, obj in actual.objects.items():
+        if object_key not in declared.objects:
             changes.append(SchemaChange("?", obj.kind, obj.name, "not in the schema files (kept)"))
     return changes
