@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from marmot_appliance.replication import bookkeeping as bk
+from marmot_appliance.replication.parked_rows import decode_parked_change
 from marmot_appliance.replication.sqlite_util import connect, quote_ident, read_transaction, write_transaction
 from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, DEAD_LETTER_TABLE
 
@@ -72,8 +73,6 @@ def _waiting_floor(conn: sqlite3.Connection) -> int | None:
     """The oldest version among rows this node received but has not applied yet (parked for a
     table or column it lacks, held for clock skew): they will be applied later, so the horizon
     must stay below them."""
-    from marmot_appliance.replication.applier import decode_parked_change  # import cycle otherwise
-
     floor = None
     row = conn.execute(f"SELECT min(version) FROM {quote_ident(bk.HELD_TABLE)}").fetchone()
     if row and row[0] is not None:

@@ -48,7 +48,7 @@ from marmot_appliance.spec.model import TableSelection
 
 log = logging.getLogger(__name__)
 
-META_OWN_ORIGIN_HORIZON = "own_origin_horizon"  # see replication/applier.py reset_own_origin_horizon
+META_OWN_ORIGIN_HORIZON = "own_origin_horizon"  # see replication/own_origin_horizon.py
 BACKUP_STEP_PAGES = 1024  # pages per backup step: progress granularity, lock is held throughout
 SQLITE_OK = 0
 

@@ -15,7 +15,7 @@ origin is the re-publishing node. So:
   rows as stale once tombstones are collected, docs/capture.md) is sent as a new write of the
   same image instead: a fresh version of this node, above every horizon;
 - the original writer is not the batch's origin (unless it re-publishes itself), so its
-  applier does not skip the rows as its own (applier.py, own-origin horizon).
+  applier does not skip the rows as its own (replication/own_origin_horizon.py).
 """
 
 from __future__ import annotations
