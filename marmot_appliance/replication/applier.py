@@ -171,7 +171,9 @@ class BatchApplier:
         self._planner = RowPlanner(self._conn, self.selection, trigger_guard)
         self._parked = ParkedRows(self._tx, self.max_parked_rows)
         self._rows = RowWriter(self._tx, self._planner, self._parked)
-        self._retry = ParkedRetry(self._tx, self._planner, self._parked, self._rows, self._applying, self._finish_applying)
+        self._retry = ParkedRetry(
+            self._tx, self._planner, self._parked, self._rows, self._applying, self._finish_applying
+        )
         with write_transaction(self._conn):
             bk.ensure_bookkeeping(self._conn)
             ensure_own_origin_horizon(self._conn)

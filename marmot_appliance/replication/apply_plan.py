@@ -1,9 +1,9 @@
 """How the applier writes rows of one shape (table, columns, op): the statements, built once.
 
-A plan says whether rows of that shape are applied, parked (the table or a column is missing
-here) or ignored (the table is not selected, or has no primary key here), and for applied rows
-holds the versions-table upsert and the row statement (docs/replication.md). RowPlanner keeps
-the plans of the current schema and drops them when the schema changes.
+A plan says whether rows of that shape are applied, parked (the table or a column is missing here)
+or ignored (the table is not selected, or has no primary key here), and for applied rows holds the
+versions-table upsert and the row statement (applier.py, steps 3 and 4). RowPlanner keeps the
+plans of the current schema and drops them when the schema changes.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ KeyOf = Callable[[Sequence[Any]], tuple[Any, ...]]
 GroupedKeyOf = Callable[[Sequence[Any]], Any]
 # table -> its local layout signature (fingerprint or None when missing, selected or not).
 TableSignature = tuple[str | None, bool]
+# (table, columns, op): rows of one shape share a plan.
+Shape = tuple[str, tuple[str, ...], str]
 
 
 def _no_key(values: Sequence[Any]) -> tuple[Any, ...]:
@@ -84,7 +86,7 @@ class RowPlanner:
         self._trigger_guard = trigger_guard
         self.schema_version: int | None = None
         self._layouts: dict[str, TableLayout] = {}  # lower-case name -> layout
-        self.plans: dict[tuple[str, tuple[str, ...], str], RowPlan] = {}
+        self.plans: dict[Shape, RowPlan] = {}
         self._versions_ready: set[str] = set()
 
     def forget_schema(self) -> None:

@@ -2,9 +2,9 @@
 
 All version records of a batch go in first, so the versions tables name each key's winner, then
 exactly the rows that won are applied, each guarded by "the versions table holds my (version,
-origin)" (docs/replication.md). Rows of a missing table or column are parked, rows from beyond
-the allowed clock skew held (parked_rows.py); a row SQLite refuses is retried on its own, its
-UNIQUE collision settled (unique_collisions.py) or the row dead-lettered.
+origin)" (applier.py, steps 3 and 4). Rows of a missing table or column are parked, rows from
+beyond the allowed clock skew held (parked_rows.py); a row SQLite refuses is retried on its own,
+its UNIQUE collision settled (unique_collisions.py) or the row dead-lettered.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from marmot_appliance.replication.apply_plan import RowPlan, RowPlanner, version_of
+from marmot_appliance.replication.apply_plan import RowPlan, RowPlanner, Shape, version_of
 from marmot_appliance.replication.apply_transaction import ApplyOutcome, ApplyTransaction
 from marmot_appliance.replication.codec import GroupedBatch
 from marmot_appliance.replication.parked_rows import HeldEntry, ParkedEntry, ParkedRows, encode_parked_change
@@ -22,8 +22,6 @@ from marmot_appliance.replication.sqlite_util import is_busy_error, is_environme
 from marmot_appliance.replication.types import RowChange
 from marmot_appliance.replication.unique_collisions import settle_unique_collision
 
-# (table, columns, op): rows of one shape share a plan.
-Shape = tuple[str, tuple[str, ...], str]
 # A group of a GroupedBatch to apply: (plan, rows to record versions of, rows to apply).
 GroupWork = tuple[RowPlan, list[list[Any]], list[list[Any]]]
 

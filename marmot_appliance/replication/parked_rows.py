@@ -10,7 +10,6 @@ drives the retries and publishes the report.
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -45,10 +44,6 @@ def encode_parked_change(change: RowChange) -> bytes:
 def decode_parked_change(blob: bytes) -> RowChange:
     table, op, pk, columns, values, version, origin = cbor2.loads(blob)
     return RowChange(table, op, tuple(pk), tuple(columns), tuple(values), int(version), int(origin))
-
-
-def parked_entry(row: RowChange, reason: str, blob: bytes, stream: str | None, seq: int | None) -> ParkedEntry:
-    return (row.table, reason, blob, stream, seq, time.time())
 
 
 @dataclass(frozen=True)
@@ -87,7 +82,8 @@ class ParkedRows:
         limits = self._tx.limits
         if not limits.hold_above < row.version <= limits.reject_above:
             ahead = limits.ahead_s(row.version) if 0 <= row.version else 0.0
-            self._tx.dead_letter_row(stream, seq, encode_parked_change(row), limits.reject_reason(row.version, row.origin))
+            reason = limits.reject_reason(row.version, row.origin)
+            self._tx.dead_letter_row(stream, seq, encode_parked_change(row), reason)
             self._tx.counts[("skew", row.origin)] += 1
             self._skew_seen[row.origin] = max(self._skew_seen.get(row.origin, 0.0), ahead)
             return False

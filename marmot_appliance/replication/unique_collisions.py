@@ -2,7 +2,7 @@
 
 Called by RowWriter (apply_rows.py) when applying a row fails with "UNIQUE constraint failed":
 the same last-writer-wins rule as per key, decided from the versions tables, so every node keeps
-the same survivor (docs/replication.md).
+the same survivor (docs/capture.md, "A UNIQUE collision on another index").
 """
 
 from __future__ import annotations
