@@ -526,13 +526,11 @@ def test_malformed_fragments_are_refused(document):
         codec.decode_for_apply(body_payload(document))
 
 
-def test_a_row_beyond_the_limit_cannot_be_fragmented():
+def test_a_row_beyond_the_limit_cannot_be_fragmented(monkeypatch):
+    from marmot_appliance.replication.wire import encode
+
     batch = ChangeBatch(origin=1, rows=(RowChange("t", "upsert", (1,), ("id", "v"), (1, b"x" * 5000), 9, 1),))
     small = BatchCodec()
-    original = codec.MAX_ROW_BODY_BYTES
-    codec.MAX_ROW_BODY_BYTES = 4000
-    try:
-        with pytest.raises(CodecError, match="more than the 4000"):
-            small.fragment_payloads(codec.body_map(batch), 1024)
-    finally:
-        codec.MAX_ROW_BODY_BYTES = original
+    monkeypatch.setattr(encode, "MAX_ROW_BODY_BYTES", 4000)  # where the encoder reads it
+    with pytest.raises(CodecError, match="more than the 4000"):
+        small.fragment_payloads(codec.body_map(batch), 1024)

@@ -82,9 +82,9 @@ async def test_a_row_beyond_the_limit_is_dead_lettered_on_its_origin_and_later_r
     """The documented limit (codec.MAX_ROW_BODY_BYTES, 68 MiB) lowered to 4 MiB here so the
     test needs no 70 MB row: a 5 MiB row is reported on its origin (dead letter + metric)
     and the rows after it replicate."""
-    from marmot_appliance.replication import codec
+    from marmot_appliance.replication.wire import encode
 
-    monkeypatch.setattr(codec, "MAX_ROW_BODY_BYTES", 4 * 1024 * 1024)
+    monkeypatch.setattr(encode, "MAX_ROW_BODY_BYTES", 4 * 1024 * 1024)  # where the encoder reads it
     url = stock_payload_server.url
     dbs = [wal_db(f"o{i}.db", SCHEMA) for i in (1, 2)]
     nodes = [InProcessNode(i, db, url, shards=1, replicas=1) for i, db in zip((1, 2), dbs)]

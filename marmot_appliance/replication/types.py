@@ -7,7 +7,12 @@ selects a table whose name starts with it (exact prefix comparison, not LIKE).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Collection
+
+    from marmot_appliance.replication.capture import PendingRows
 
 BOOKKEEPING_PREFIX = "_marmot_"
 # Applied stream positions, written in the same transaction as the rows they applied.
@@ -51,3 +56,54 @@ class ChangeBatch:
 class StreamPosition:
     stream: str
     seq: int
+
+
+# -- the publisher's hand-offs (issue 17, item 3) --------------------------------------------
+# What the publisher and the codec need from the objects the node runtime hands them; the
+# runtime's concrete classes (node/db_thread.DbThread, capture.ChangeCapture, wakeup.CommitWakeup,
+# node/status.RuntimeStatus) match these by shape, so replication/ imports nothing above it.
+_T = TypeVar("_T")
+
+
+class LogLayout(Protocol):
+    """The layout a log row was captured with (capture's _marmot_layouts row)."""
+
+    @property
+    def table(self) -> str: ...
+    @property
+    def columns(self) -> tuple[str, ...]: ...
+    @property
+    def primary_key(self) -> tuple[str, ...]: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def pk_indexes(self) -> tuple[int, ...]: ...
+
+
+class WorkerThread(Protocol):
+    """Runs blocking database calls off the event loop, one at a time (a DbThread)."""
+
+    async def run(self, fn: Callable[..., _T], *args: Any) -> _T: ...
+
+
+class PublishSource(Protocol):
+    """The captured-row log the publisher reads, retires and reports into (a ChangeCapture)."""
+
+    def fingerprints(self) -> dict[str, str]: ...
+    def primary_keys(self) -> dict[str, tuple[str, ...]]: ...
+    def read_pending_rows(self, limit: int = ..., after_id: int = ...) -> PendingRows: ...
+    def mark_rows_published(self, read: PendingRows, acked: Collection[int] | None = ...) -> int: ...
+    def record_dead_letter(self, stream: str, reason: str) -> None: ...
+
+
+class CommitSignal(Protocol):
+    """Wakes the publisher when a local commit may have logged rows (a CommitWakeup)."""
+
+    async def wait(self, timeout_s: float | None = None) -> bool: ...
+
+
+class PublishStatus(Protocol):
+    """The part of the node's status the publisher keeps current (a RuntimeStatus)."""
+
+    pending_rows: int
+    last_publish: float | None

@@ -1,0 +1,1 @@
+"""The wire codec: envelope, CBOR bounds, encoding and decoding (see replication/codec.py)."""
