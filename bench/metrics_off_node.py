@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from marmot_appliance.observability import metrics  # noqa: E402
-from marmot_appliance.replication import consumer, publisher  # noqa: E402
+from marmot_appliance.replication import consumer, sending  # noqa: E402
 
 
 def _nothing(*_args, **_kwargs) -> None:
@@ -25,8 +25,8 @@ def _nothing(*_args, **_kwargs) -> None:
 for method in ("inc", "set", "observe"):
     if hasattr(metrics.Metrics, method):
         setattr(metrics.Metrics, method, _nothing)
-if hasattr(publisher, "RoundAckTimer"):
-    publisher.RoundAckTimer = _nothing
+if hasattr(sending, "RoundAckTimer"):  # the publisher's per-round ack timer
+    sending.RoundAckTimer = _nothing
 if hasattr(consumer.ShardConsumer, "_apply_timed"):
     consumer.ShardConsumer._apply_timed = lambda self, items: self.applier.apply_many(items)
 

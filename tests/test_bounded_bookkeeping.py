@@ -17,7 +17,7 @@ import nats
 
 from marmot_appliance.appliance.health import NodeHealth
 from marmot_appliance.appliance.status import NodeStatus, ProcessStatus, render_status_text
-from marmot_appliance.replication.publisher import OwnPublishes
+from marmot_appliance.replication.own_publishes import OwnPublishes
 from marmot_appliance.spec.loader import load_cluster
 from tests.harness import free_ports
 from tests.replication_cluster import SubprocessNode, execute, external_nats_spec, wait_until

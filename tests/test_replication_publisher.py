@@ -11,9 +11,11 @@ import pytest
 from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.node.status import RuntimeStatus
 from marmot_appliance.observability.metrics import Metrics
+from marmot_appliance.replication.batching import BatchBuilder
 from marmot_appliance.replication.capture import ChangeCapture
 from marmot_appliance.replication.codec import MSG_ID_HEADER, decode_batch
-from marmot_appliance.replication.publisher import BatchBuilder, OwnPublishes, Publisher
+from marmot_appliance.replication.own_publishes import OwnPublishes
+from marmot_appliance.replication.publisher import Publisher
 from marmot_appliance.replication.sharding import shard_for
 from marmot_appliance.replication.streams import ensure_streams, stream_config
 from marmot_appliance.spec.model import BatchLimits, ReplicationSettings
@@ -122,10 +124,9 @@ async def test_retry_of_same_rows_is_deduplicated(wal_db, js_conn):
     capture.install()
     _insert(db, [("x", 1, b"\x00")])
     try:
-        pending = capture.read_pending(100)
         builder = BatchBuilder(3, replication, nc.max_payload, capture.fingerprints(), capture.primary_keys())
-        first = builder.build(pending)
-        again = builder.build(capture.read_pending(100))  # "after the crash": nothing was marked
+        first = builder.build_rows(capture.read_pending_rows(100))
+        again = builder.build_rows(capture.read_pending_rows(100))  # "after the crash": nothing was marked
         assert [b.msg_id for b in first] == [b.msg_id for b in again]
         for outgoing in first + again:
             ack = await js.publish(f"{replication.subject(1)}.3", outgoing.payload, headers={MSG_ID_HEADER: outgoing.msg_id})
@@ -144,7 +145,7 @@ def test_oversized_batches_are_split_by_encoded_size(wal_db):
     _insert(db, [(f"r{i}", i, os.urandom(3000)) for i in range(40)])  # incompressible
     try:
         builder = BatchBuilder(4, ReplicationSettings(), max_payload=4096 + 20_000)
-        batches = builder.build(capture.read_pending(1000))
+        batches = builder.build_rows(capture.read_pending_rows(1000))
         assert len(batches) > 1
         assert all(len(b.payload) <= 20_000 for b in batches)
         assert sorted(i for b in batches for i in b.log_ids) == sorted(p.log_id for p in capture.read_pending(1000))
@@ -163,7 +164,7 @@ async def test_ack_wait_counts_from_the_send_not_from_the_collection(wal_db, js_
 
     import nats.errors
 
-    from marmot_appliance.replication.publisher import OutgoingBatch
+    from marmot_appliance.replication.batching import OutgoingBatch
 
     nc, js = js_conn
     replication = ReplicationSettings(shards=1, stream_prefix="silent", subject_prefix="silent-subj")

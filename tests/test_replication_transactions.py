@@ -11,7 +11,7 @@ import asyncio
 import sqlite3
 import threading
 
-from marmot_appliance.replication.publisher import OutgoingBatch, mark_continuations
+from marmot_appliance.replication.batching import OutgoingBatch, mark_continuations
 from tests.replication_cluster import InProcessNode, execute, wait_converged
 
 SCHEMA = "CREATE TABLE ledger (id INTEGER PRIMARY KEY, txn INTEGER, amount INTEGER)"

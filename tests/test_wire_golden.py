@@ -17,8 +17,8 @@ import struct
 import pytest
 
 from marmot_appliance.replication import codec
+from marmot_appliance.replication.batching import BatchBuilder, mark_continuations
 from marmot_appliance.replication.capture import PendingRows, _Layout
-from marmot_appliance.replication.publisher import BatchBuilder, mark_continuations
 from marmot_appliance.replication.types import ChangeBatch, RowChange
 from marmot_appliance.spec.model import BatchLimits, CompressionSettings, ReplicationSettings
 

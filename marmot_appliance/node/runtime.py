@@ -53,7 +53,8 @@ from marmot_appliance.observability.http import ObservabilityServer
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication.backlog import change_log_backlog, trim_dead_letters
 from marmot_appliance.replication.consumer import ResumeAfter, ShardConsumer
-from marmot_appliance.replication.publisher import OwnPublishes, Publisher
+from marmot_appliance.replication.own_publishes import OwnPublishes
+from marmot_appliance.replication.publisher import Publisher
 from marmot_appliance.replication.sharding import shard_numbers
 from marmot_appliance.replication.streams import StreamSetupError, ensure_streams, retry_while_settling
 from marmot_appliance.replication.wakeup import CommitWakeup

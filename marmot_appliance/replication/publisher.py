@@ -10,39 +10,33 @@ order: nothing is skipped. A batch re-sent after a crash or failure carries the 
 `Nats-Msg-Id` when it holds the same rows, so JetStream drops the duplicate; if the composition
 differs, the re-sent rows carry their original versions and replicas ignore what they already
 have.
+
+Cutting rows into messages is batching.py's, sending them and reading their acks sending.py's,
+and every byte on the wire the codec's (wire/); this module runs the rounds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from operator import itemgetter
-from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 
-from marmot_appliance.natsd.permissions import origin_subject
-from marmot_appliance.observability.ack_timer import RoundAckTimer
 from marmot_appliance.observability.metrics import Metrics
-from marmot_appliance.replication import bookkeeping as bk
 from marmot_appliance.replication import codec
+from marmot_appliance.replication.batching import BatchBuilder, OutgoingBatch, mark_continuations
 from marmot_appliance.replication.capture import PendingRows
-from marmot_appliance.replication.sharding import shard_for
-from marmot_appliance.replication.types import ChangeBatch, RowChange
+from marmot_appliance.replication.own_publishes import OwnPublishes
+from marmot_appliance.replication.sending import ACK_TIMEOUT_S, Sent, await_acks, send_batches
+from marmot_appliance.replication.types import CommitSignal, PublishSource, PublishStatus, WorkerThread
 from marmot_appliance.spec.model import ReplicationSettings
 
 log = logging.getLogger(__name__)
 
-# Room left under the server's max_payload for headers and protocol framing.
-PAYLOAD_HEADROOM = 4096
-ACK_TIMEOUT_S = 10.0
 BACKOFF_INITIAL_S = 0.05
 BACKOFF_MAX_S = 5.0
 # Rounds read and sent whose acks (and retire) are still pending, at most. Under a trickle of
@@ -50,333 +44,8 @@ BACKOFF_MAX_S = 5.0
 # publish_async window bounds the bytes in flight.
 MAX_ROUNDS_IN_FLIGHT = 64
 
-
-@dataclass(frozen=True)
-class OutgoingBatch:
-    shard: int
-    log_ids: tuple[int, ...]
-    batch: ChangeBatch | None  # None when encoded straight from raw log rows (build_rows)
-    payload: bytes
-    msg_id: str
-    more: bool = False  # more rows of the same read follow on this shard (MORE_HEADER)
-    # Why this row cannot be sent at all (beyond codec.MAX_ROW_BODY_BYTES): never published,
-    # dead-lettered on this node and retired so that later rows flow.
-    oversized: str = ""
-
-
-def mark_continuations(batches: list[OutgoingBatch], read_was_cut: bool) -> list[OutgoingBatch]:
-    """Flag every batch but the last of its shard: a receiver applies the run together.
-
-    One read of the log holds whole committed transactions unless it stopped at its row limit
-    (`read_was_cut`); then the last batch of each shard is flagged too and the run continues
-    into the next read. Batches arrive grouped by shard (build / build_rows sort them).
-    """
-    flagged = []
-    for index, outgoing in enumerate(batches):
-        last_of_shard = index + 1 == len(batches) or batches[index + 1].shard != outgoing.shard
-        more = read_was_cut or not last_of_shard
-        flagged.append(replace(outgoing, more=True) if more else outgoing)
-    return flagged
-
-
-def estimate_row_bytes(change: RowChange) -> int:
-    """A cheap upper-bound-ish size of a row on the wire, to cut batches before encoding."""
-    size = 16 + len(change.table)
-    for value in change.values:
-        if isinstance(value, (str, bytes)):
-            size += len(value) + 5
-        else:
-            size += 9
-    return size
-
-
-def message_id(node_id: int, log_ids: Sequence[int], payload: bytes) -> str:
-    """Deterministic for the same rows: node, first and last log id, and a payload digest.
-
-    The digest keeps two different batches from ever sharing an id (log ids can restart after
-    the log table was emptied), while a retry of identical rows yields an identical id.
-    """
-    digest = hashlib.blake2b(payload, digest_size=8).hexdigest()
-    return f"{node_id}-{log_ids[0]}-{log_ids[-1]}-{digest}"
-
-
-_FIRST = itemgetter(0)
-_LAYOUT_AND_OP = itemgetter(1, 2)
-_NUMERIC = frozenset((int, float, type(None)))
-
-
-def _tuple_getter(indexes: list[int]):
-    """A getter returning a tuple of the given positions (a slice when they are consecutive)."""
-    if indexes == list(range(indexes[0], indexes[0] + len(indexes))):
-        return itemgetter(slice(indexes[0], indexes[0] + len(indexes)))
-    return itemgetter(*indexes)
-
-
-def _estimate_row_tuple_bytes(row: tuple) -> int:
-    """estimate_row_bytes for a raw log row (id, layout, op, values...)."""
-    size = 16
-    for value in row[3:]:
-        if isinstance(value, (str, bytes)):
-            size += len(value) + 5
-        else:
-            size += 9
-    return size
-
-
-def _estimate_chunk_bytes(chunk: list[tuple]) -> int:
-    """Roughly the encoded size of raw log rows, column by column (map/sum run in C)."""
-    total = 16 * len(chunk)
-    for position, column in enumerate(zip(*chunk)):
-        if position < 3:
-            continue
-        kinds = set(map(type, column))
-        if kinds <= _NUMERIC:
-            total += 9 * len(column)
-        elif kinds == {str} or kinds == {bytes}:
-            total += sum(map(len, column)) + 5 * len(column)
-        else:
-            total += sum(len(v) + 5 if isinstance(v, (str, bytes)) else 9 for v in column)
-    return total
-
-
-class BatchBuilder:
-    """Turns pending rows into encoded per-shard batches within the configured limits."""
-
-    def __init__(
-        self,
-        node_id: int,
-        replication: ReplicationSettings,
-        max_payload: int,
-        fingerprints: dict[str, str] | None = None,
-        primary_keys: dict[str, tuple[str, ...]] | None = None,
-    ):
-        self.node_id = node_id
-        self.replication = replication
-        self.max_payload = max(1024, max_payload - PAYLOAD_HEADROOM)
-        self.max_bytes = min(replication.batch.max_bytes, self.max_payload)
-        self.max_rows = max(1, replication.batch.max_rows)
-        self.fingerprints = fingerprints or {}
-        self.primary_keys = primary_keys or {}
-
-    def _too_large(self, payload: bytes) -> bool:
-        """Whether an encoded batch exceeds what the server accepts in one message."""
-        return len(payload) > self.max_payload
-
-    def _large_row(self, shard: int, log_ids: tuple[int, ...], body: dict, table: str) -> list[OutgoingBatch]:
-        """One row too large for a message: its fragments, flagged as one run (mark_continuations).
-
-        Only the last fragment carries the row's log id, so the row is marked published only
-        once every fragment was acknowledged (a shard's batches after a failed one are never
-        marked). A row beyond codec.MAX_ROW_BODY_BYTES cannot travel at all: it comes back as
-        an `oversized` batch that is never sent, which the publisher dead-letters on this node
-        and retires, so the rows after it flow on.
-        """
-        try:
-            payloads = codec.fragment_payloads(body, self.max_payload - codec.FRAGMENT_OVERHEAD,
-                                               self.replication.compression)
-        except codec.CodecError as exc:
-            reason = f"a change of table {table!r} (log id {log_ids[0]}) cannot be replicated: {exc}"
-            return [OutgoingBatch(shard, log_ids, None, b"", f"{self.node_id}-{log_ids[0]}-oversized", oversized=reason)]
-        row_id = message_id(self.node_id, log_ids, payloads[0] + payloads[-1])
-        count = len(payloads)
-        return [
-            OutgoingBatch(shard, log_ids if index == count - 1 else (), None, payload, f"{row_id}-{index + 1}of{count}")
-            for index, payload in enumerate(payloads)
-        ]
-
-    def build(self, pending: Sequence[Any]) -> list[OutgoingBatch]:
-        """`pending` holds PendingChange(log_id, change) in commit order."""
-        shards = self.replication.shards
-        per_shard: dict[int, list[Any]] = {}
-        for item in pending:
-            change = item.change
-            shard = shard_for(change.table, change.pk, shards)
-            per_shard.setdefault(shard, []).append(item)
-        batches: list[OutgoingBatch] = []
-        for shard in sorted(per_shard):
-            chunk: list[Any] = []
-            chunk_bytes = 0
-            for item in per_shard[shard]:
-                size = estimate_row_bytes(item.change)
-                if chunk and (len(chunk) >= self.max_rows or chunk_bytes + size > self.max_bytes):
-                    batches.extend(self._encode(shard, chunk))
-                    chunk, chunk_bytes = [], 0
-                chunk.append(item)
-                chunk_bytes += size
-            if chunk:
-                batches.extend(self._encode(shard, chunk))
-        return batches
-
-    def _encode(self, shard: int, items: list[Any]) -> list[OutgoingBatch]:
-        rows = tuple(item.change for item in items)
-        tables = {row.table for row in rows}
-        # The layout each row was captured with (rows outlive schema changes in the log).
-        fingerprints = {t: self.fingerprints[t] for t in tables if t in self.fingerprints}
-        for item in items:
-            captured_with = getattr(item, "fingerprint", "")
-            if captured_with:
-                fingerprints[item.change.table] = captured_with
-        batch = ChangeBatch(
-            origin=self.node_id,
-            rows=rows,
-            fingerprints=fingerprints,
-            primary_keys={t: tuple(self.primary_keys[t]) for t in tables if t in self.primary_keys},
-        )
-        # CBOR items at most: per row its array, group, version, values array, values, origin
-        # and a pk array; per table and group their names. Receivers refuse more than MAX_CBOR_ITEMS.
-        cbor_items = sum(len(row.values) + len(row.pk) + 7 for row in rows)
-        cbor_items += sum(2 * len(columns) + 16 for columns in {row.columns for row in rows})
-        if len(items) > 1 and cbor_items > codec.MAX_CBOR_ITEMS:
-            middle = len(items) // 2
-            return self._encode(shard, items[:middle]) + self._encode(shard, items[middle:])
-        payload = codec.encode_batch(batch, self.replication.compression)
-        log_ids = tuple(item.log_id for item in items)
-        if self._too_large(payload):
-            if len(items) == 1:
-                return self._large_row(shard, log_ids, codec.body_map(batch), rows[0].table)
-            middle = len(items) // 2  # the estimate was off (incompressible data): split and retry
-            return self._encode(shard, items[:middle]) + self._encode(shard, items[middle:])
-        return [OutgoingBatch(shard, log_ids, batch, payload, message_id(self.node_id, log_ids, payload))]
-
-    # -- the fast path: raw log rows (capture.read_pending_rows) ---------------------------------
-
-    def build_rows(self, read: PendingRows) -> list[OutgoingBatch]:
-        """Encoded per-shard batches straight from raw log rows: no per-row objects.
-
-        Produces the same wire format (and, for the same rows, the same bytes) as build() on
-        the equivalent PendingChange list, with each table's layout taken from the layout the
-        rows were captured with.
-        """
-        rows = read.rows
-        if not rows:
-            return []
-        shards = self.replication.shards
-        if shards == 1:
-            per_shard = {1: rows}
-        else:
-            per_shard = {}
-            layouts = read.layouts
-            for row in rows:
-                layout = layouts[row[1]]
-                pk = tuple([row[3 + i] for i in layout.pk_indexes])
-                per_shard.setdefault(shard_for(layout.table, pk, shards), []).append(row)
-        batches: list[OutgoingBatch] = []
-        max_rows = self.max_rows
-        for shard in sorted(per_shard):
-            shard_rows = per_shard[shard]
-            start = 0
-            while start < len(shard_rows):
-                chunk = shard_rows[start : start + max_rows]
-                if len(chunk) > 1 and _estimate_chunk_bytes(chunk) > self.max_bytes:
-                    chunk = chunk[: self._rows_within_bytes(chunk)]
-                batches.extend(self._encode_rows(shard, chunk, read.layouts))
-                start += len(chunk)
-        return batches
-
-    def _rows_within_bytes(self, chunk: list[tuple]) -> int:
-        """How many leading rows fit max_bytes (at least one). Only for chunks of large rows."""
-        total = 0
-        for count, row in enumerate(chunk):
-            size = _estimate_row_tuple_bytes(row)
-            if count and total + size > self.max_bytes:
-                return count
-            total += size
-        return len(chunk)
-
-    def _encode_rows(self, shard: int, chunk: list[tuple], layouts: dict) -> list[OutgoingBatch]:
-        tables: list[list[Any]] = []
-        table_slot: dict[str, int] = {}
-        groups: list[list[Any]] = []
-        slots: dict[tuple[int, int], tuple[int, Any]] = {}  # (layout id, op) -> (group, values getter)
-        for layout_id, op in dict.fromkeys(map(_LAYOUT_AND_OP, chunk)):  # first-appearance order
-            layout = layouts[layout_id]
-            index = table_slot.get(layout.table)
-            if index is None:
-                index = table_slot[layout.table] = len(tables)
-                tables.append([layout.table, layout.fingerprint, list(layout.primary_key)])
-            else:
-                tables[index][1] = layout.fingerprint  # the last layout's, as build() does
-            if op == bk.OP_UPSERT:
-                groups.append([index, "upsert", list(layout.columns), list(layout.pk_indexes)])
-                getter = itemgetter(slice(3, 3 + len(layout.columns)))
-            else:
-                groups.append([index, "delete", list(layout.primary_key), list(range(len(layout.primary_key)))])
-                getter = _tuple_getter([3 + i for i in layout.pk_indexes])
-            slots[(layout_id, op)] = (len(groups) - 1, getter)
-        if len(slots) == 1:
-            ((group, getter),) = slots.values()
-            entries = [(group, row[0], getter(row)) for row in chunk]
-        else:
-            entries = []
-            append = entries.append
-            for row in chunk:
-                group, getter = slots[row[1], row[2]]
-                append((group, row[0], getter(row)))
-        body = {"o": self.node_id, "t": tables, "g": groups, "r": entries}
-        # CBOR items: per row its array, group, version, values array and values (len(row) - 3
-        # + 4); per group and table their names. Receivers refuse a body above MAX_CBOR_ITEMS.
-        items = sum(map(len, chunk)) + len(chunk) + sum(2 * len(g[2]) + 16 for g in groups) + 16
-        if len(chunk) > 1 and items > codec.MAX_CBOR_ITEMS:
-            middle = len(chunk) // 2
-            return self._encode_rows(shard, chunk[:middle], layouts) + self._encode_rows(shard, chunk[middle:], layouts)
-        payload = codec.encode_body(body, self.replication.compression)
-        log_ids = tuple(map(_FIRST, chunk))
-        if self._too_large(payload):
-            if len(chunk) == 1:
-                return self._large_row(shard, log_ids, body, layouts[chunk[0][1]].table)
-            middle = len(chunk) // 2  # the estimate was off (incompressible data): split and retry
-            return self._encode_rows(shard, chunk[:middle], layouts) + self._encode_rows(shard, chunk[middle:], layouts)
-        return [OutgoingBatch(shard, log_ids, None, payload, message_id(self.node_id, log_ids, payload))]
-
-
-class OwnPublishes:
-    """Stream sequences this process published and JetStream acknowledged.
-
-    The consumer of the same node can skip exactly these (their rows are already in the local
-    database) without decoding them. Messages of our origin from an earlier lifetime are applied
-    normally: after a snapshot restore they may hold rows the database no longer has.
-    """
-
-    # Bounded: a consumer that stopped (a gap, a blocked database) or jumped past them (a
-    # restore) never takes its own sequences. Past the cap the lowest half is forgotten; a
-    # forgotten one is merely decoded and applied like any message (its versions are already
-    # recorded here, so it changes nothing), never lost.
-    MAX_PER_STREAM = 65_536
-
-    def __init__(self, max_per_stream: int = MAX_PER_STREAM) -> None:
-        self._seqs: dict[str, set[int]] = {}
-        self.max_per_stream = max_per_stream
-
-    def add(self, stream: str, seq: int) -> None:
-        seqs = self._seqs.setdefault(stream, set())
-        seqs.add(seq)
-        if len(seqs) > self.max_per_stream:
-            self._seqs[stream] = set(sorted(seqs)[len(seqs) - self.max_per_stream // 2:])
-
-    def tracked(self) -> int:
-        return sum(len(seqs) for seqs in self._seqs.values())
-
-    def take(self, stream: str, seq: int) -> bool:
-        """True (and forget it) if `seq` on `stream` was published by this process."""
-        seqs = self._seqs.get(stream)
-        if not seqs or seq not in seqs:
-            return False
-        seqs.discard(seq)
-        return True
-
-    def take_range(self, stream: str, first: int, last: int) -> bool:
-        """True (and forget them) if every sequence first..last was published by this process:
-        a "gap" of only our own messages is no gap (their rows are in the database)."""
-        seqs = self._seqs.get(stream)
-        if not seqs or last - first + 1 > len(seqs) or any(s not in seqs for s in range(first, last + 1)):
-            return False
-        seqs.difference_update(range(first, last + 1))
-        return True
-
-    def forget_below(self, stream: str, seq: int) -> None:
-        seqs = self._seqs.get(stream)
-        if seqs:
-            self._seqs[stream] = {s for s in seqs if s >= seq}
+# A round for the retirer: number, the read, what was sent, why sending stopped, ack deadline.
+Round = tuple[int, PendingRows, Sent, BaseException | None, float]
 
 
 class Publisher:
@@ -385,18 +54,18 @@ class Publisher:
     def __init__(
         self,
         js: JetStreamContext,
-        capture: Any,
-        db: Any,
+        capture: PublishSource,
+        db: WorkerThread,
         node_id: int,
         replication: ReplicationSettings,
         max_payload: int,
-        wakeup: Any,
+        wakeup: CommitSignal,
         metrics: Metrics,
-        status: Any,
-        own_publishes: "OwnPublishes | None" = None,
+        status: PublishStatus,
+        own_publishes: OwnPublishes | None = None,
         read_limit: int | None = None,
-        retire_db: Any = None,
-    ):
+        retire_db: WorkerThread | None = None,
+    ) -> None:
         self.js = js
         self.capture = capture
         self.db = db
@@ -447,10 +116,10 @@ class Publisher:
         """
         delay_s = self.replication.batch.max_delay_ms / 1000.0
         fallback_s = self.replication.poll_interval_ms / 1000.0
-        self._rounds: asyncio.Queue = asyncio.Queue()
+        self._rounds: asyncio.Queue[Round] = asyncio.Queue()
         self._in_flight = 0  # rounds sent whose acks / retire are not done
-        self._pipeline_failure = None
-        self._failed_round = None  # rounds after this one are re-sent, not marked
+        self._pipeline_failure: BaseException | None = None
+        self._failed_round: int | None = None  # rounds after this one are re-sent, not marked
         self._next_round = 0
         self._round_done = asyncio.Event()
         retirer = asyncio.create_task(self._retire_rounds(), name="publish-retire")
@@ -550,7 +219,7 @@ class Publisher:
                     # the write lock; fewer is faster under a stream of small commits).
                     reads = [read]
                     while not self._rounds.empty():
-                        next_number, next_read, next_sent, next_failure, _ = self._rounds._queue[0]
+                        next_number, next_read, next_sent, next_failure, _ = self._rounds._queue[0]  # type: ignore[attr-defined]  # a peek; Queue has none
                         if next_failure is not None or not all(f.done() for _, f in next_sent):
                             break
                         if self._failed_round is not None and next_number > self._failed_round:
@@ -587,7 +256,7 @@ class Publisher:
                 self._round_done.set()
 
     @staticmethod
-    def _abandon(sent: list[tuple[OutgoingBatch, asyncio.Future]]) -> None:
+    def _abandon(sent: Sent) -> None:
         """Stop waiting for a round's acks (its rows stay pending and are sent again)."""
         for _, future in sent:
             future.cancel()
@@ -654,38 +323,8 @@ class Publisher:
         sent, failure = await self._send_batches(batches)
         return await self._collect_acks(sent, failure)
 
-    async def _send_batches(
-        self, batches: list[OutgoingBatch]
-    ) -> tuple[list[tuple[OutgoingBatch, asyncio.Future]], BaseException | None]:
-        """publish_async every batch in order; stop at the first that cannot be sent."""
-        in_flight: list[tuple[OutgoingBatch, asyncio.Future]] = []
-        failure: BaseException | None = None
-        started = time.monotonic()
-        for outgoing in batches:
-            if outgoing.oversized:  # never sent: "acknowledged" at once, dead-lettered when retired
-                done = asyncio.get_running_loop().create_future()
-                done.set_result(None)
-                in_flight.append((outgoing, done))
-                continue
-            headers = {codec.MSG_ID_HEADER: outgoing.msg_id, codec.ORIGIN_HEADER: str(self.node_id)}
-            if outgoing.more:
-                headers[codec.MORE_HEADER] = "1"
-            try:
-                future = await self.js.publish_async(
-                    # Our own origin token: the only subject our identity may publish on.
-                    origin_subject(self.replication, outgoing.shard, self.node_id),
-                    outgoing.payload,
-                    wait_stall=ACK_TIMEOUT_S,
-                    stream=self.replication.stream_name(outgoing.shard),
-                    headers=headers,
-                )
-            except Exception as exc:  # noqa: BLE001 - stop sending; what is in flight still counts
-                failure = exc
-                break
-            in_flight.append((outgoing, future))
-        if failure is None:
-            RoundAckTimer(self.metrics, started, [future for outgoing, future in in_flight if not outgoing.oversized])
-        return in_flight, failure
+    async def _send_batches(self, batches: list[OutgoingBatch]) -> tuple[Sent, BaseException | None]:
+        return await send_batches(self.js, self.replication, self.node_id, self.metrics, batches)
 
     async def _dead_letter_oversized(self, oversized: list[OutgoingBatch]) -> None:
         """Rows too large to replicate: recorded in this node's dead-letter table, counted."""
@@ -698,7 +337,7 @@ class Publisher:
 
     async def _collect_acks(
         self,
-        in_flight: list[tuple[OutgoingBatch, asyncio.Future]],
+        in_flight: Sent,
         failure: BaseException | None,
         ack_deadline: float | None = None,
     ) -> tuple[list[int], BaseException | None]:
@@ -709,37 +348,11 @@ class Publisher:
         stream leader cost ACK_TIMEOUT_S per round in flight (minutes under a trickle of
         single-row commits) instead of ACK_TIMEOUT_S once.
         """
-        if in_flight:
-            timeout_s = ACK_TIMEOUT_S if ack_deadline is None else max(0.0, ack_deadline - time.monotonic())
-            done, not_done = await asyncio.wait([f for _, f in in_flight], timeout=timeout_s)
-            for future in not_done:
-                future.cancel()
-            if not_done and failure is None:
-                failure = nats.errors.TimeoutError()
-        acked: list[int] = []
-        oversized: list[OutgoingBatch] = []
-        blocked_shards: set[int] = set()
-        rows = batches_count = raw_bytes = plain_bytes = 0
-        for outgoing, future in in_flight:
-            ok = future.done() and not future.cancelled() and future.exception() is None
-            if not ok:
-                blocked_shards.add(outgoing.shard)
-                if failure is None and future.done() and not future.cancelled():
-                    failure = future.exception()
-                continue
-            if outgoing.shard in blocked_shards:
-                continue  # keep a shard's rows in order: nothing after a failed batch is marked
-            acked.extend(outgoing.log_ids)
-            if outgoing.oversized:
-                oversized.append(outgoing)
-                continue
-            if self.own_publishes is not None:
-                ack = future.result()
+        acks = await await_acks(in_flight, failure, ack_deadline)
+        acked, oversized, failure = acks.acked, acks.oversized, acks.failure
+        if self.own_publishes is not None:
+            for _outgoing, ack in acks.published:
                 self.own_publishes.add(ack.stream, ack.seq)
-            rows += len(outgoing.log_ids)
-            batches_count += 1
-            raw_bytes += len(outgoing.payload)
-            plain_bytes += codec.uncompressed_size(outgoing.payload)
         if oversized:
             try:
                 await self._dead_letter_oversized(oversized)
@@ -747,10 +360,11 @@ class Publisher:
                 oversized_ids = {log_id for outgoing in oversized for log_id in outgoing.log_ids}
                 acked = [log_id for log_id in acked if log_id not in oversized_ids]
                 failure = failure or exc
-        # Batches never sent (publish_async raised) are simply not marked.
-        if rows:
+        rows = sum(len(outgoing.log_ids) for outgoing, _ack in acks.published)
+        if rows:  # (a round of only leading fragments of a large row counts with its last one)
+            payloads = [outgoing.payload for outgoing, _ack in acks.published]
             self.metrics.inc("rows_published", rows)
-            self.metrics.inc("batches_published", batches_count)
-            self.metrics.inc("bytes_compressed", raw_bytes)
-            self.metrics.inc("bytes_uncompressed", plain_bytes)
+            self.metrics.inc("batches_published", len(payloads))
+            self.metrics.inc("bytes_compressed", sum(map(len, payloads)))
+            self.metrics.inc("bytes_uncompressed", sum(map(codec.uncompressed_size, payloads)))
         return acked, failure
