@@ -415,7 +415,15 @@ class LargeRows:
             return None
         del self._pieces[key]
         body = b"".join(pieces)
-        return await asyncio.to_thread(decode_assembled, body, for_apply=False)
+        return await asyncio.to_thread(_whole_row_batch, body)
+
+
+def _whole_row_batch(body: bytes) -> ChangeBatch:
+    """The object form of a reassembled large row (decode_assembled gives it for for_apply=False)."""
+    batch = decode_assembled(body, for_apply=False)
+    if not isinstance(batch, ChangeBatch):
+        raise CodecError(f"a reassembled large row decoded to {type(batch).__name__}, not a change batch")
+    return batch
 
 
 async def _next_message(queue: asyncio.Queue, connection: NatsClient):
