@@ -160,11 +160,21 @@ def stream_instance(info: StreamInfo) -> str | None:
     return created.isoformat() if hasattr(created, "isoformat") else str(created)
 
 
+# "no suitable peers for placement" (JetStream's JSClusterNoPeersErrF). With ", peer offline" it
+# names a peer the meta leader has not seen current yet: for a moment after any server starts
+# (and under load, when one misses its heartbeats) placing a replicated stream fails this way.
+NO_PEERS_ERR_CODE = 10005
+
+
 def is_settling_error(exc: BaseException) -> bool:
     """A JetStream request that may well succeed if repeated (a cluster still settling)."""
     if isinstance(exc, (nats.errors.TimeoutError, nats.errors.NoRespondersError, asyncio.TimeoutError)):
         return True
-    return isinstance(exc, nats.js.errors.APIError) and exc.code == 503
+    if not isinstance(exc, nats.js.errors.APIError):
+        return False
+    if exc.code == 503:
+        return True
+    return exc.err_code == NO_PEERS_ERR_CODE and "offline" in str(exc.description or "")
 
 
 async def retry_while_settling(
