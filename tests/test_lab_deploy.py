@@ -327,7 +327,7 @@ def test_spec_change_rolls_one_node_at_a_time_while_writes_continue(lab, tmp_pat
     # Every node restarted, strictly one after the other, each healthy before the next began.
     rolling = result.stdout[result.stdout.index("PLAY [Rolling restart"):]
     events = re.findall(
-        r"TASK \[marmot_node : (Restart marmot-node \(systemd\)|Wait until the node answers /health with 200)\].*?\n"
+        r"TASK \[marmot_service : (Restart under systemd marmot-node|Wait until healthy marmot-node)\].*?\n"
         r"(?:.*\n)*?(?:changed|ok): \[(node\d)\]",
         rolling,
     )
