@@ -10,7 +10,9 @@ import re
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -22,9 +24,9 @@ SERVICE_ROLES = ("nats_server", "marmot_node")
 SHARED = ROLES_DIR / "marmot_service" / "tasks"
 
 
-def _tasks(path: Path) -> list[dict]:
+def _tasks(path: Path) -> list[dict[str, Any]]:
     """Every task of a task file, blocks flattened."""
-    found: list[dict] = []
+    found: list[dict[str, Any]] = []
     for task in yaml.safe_load(path.read_text()) or []:
         found.append(task)
         for key in ("block", "rescue", "always"):
@@ -33,24 +35,25 @@ def _tasks(path: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("role", SERVICE_ROLES)
-def test_each_role_hands_the_shared_role_every_parameter_it_reads(role):
+def test_each_role_hands_the_shared_role_every_parameter_it_reads(role: str) -> None:
     params = yaml.safe_load((ROLES_DIR / role / "vars" / "main.yml").read_text())[f"{role}_service"]
     read = {name for path in SHARED.glob("*.yml") for name in re.findall(r"marmot_service_params\.(\w+)", path.read_text())}
     assert set(params) == read
 
 
 @pytest.mark.parametrize("role", SERVICE_ROLES)
-def test_only_the_shared_role_starts_restarts_or_stops_services(role):
+def test_only_the_shared_role_starts_restarts_or_stops_services(role: str) -> None:
     for path in [*(ROLES_DIR / role / "tasks").glob("*.yml"), ROLES_DIR / role / "handlers" / "main.yml"]:
         for task in _tasks(path):
             assert "ansible.builtin.systemd_service" not in task, (path.name, task["name"])
             assert "supervisorctl" not in str(task.get("ansible.builtin.command", "")), (path.name, task["name"])
 
 
-def test_handler_includes_cannot_be_shadowed_by_a_callers_task_file():
+def test_handler_includes_cannot_be_shadowed_by_a_callers_task_file() -> None:
     """A handler includes notified.yml by path in its own role, where a relative include looks in
     that role's tasks/ first: the files notified.yml reaches must not exist there."""
-    reached, todo = set(), ["notified.yml"]
+    reached: set[str] = set()
+    todo = ["notified.yml"]
     while todo:
         name = todo.pop()
         for task in _tasks(SHARED / name):
@@ -67,8 +70,8 @@ def test_handler_includes_cannot_be_shadowed_by_a_callers_task_file():
 
 
 @pytest.mark.parametrize("role", ["marmot_packages", *SERVICE_ROLES])
-def test_tags_carry_the_role_prefix(role):
-    tags = set()
+def test_tags_carry_the_role_prefix(role: str) -> None:
+    tags: set[str] = set()
     for path in (ROLES_DIR / role / "tasks").glob("*.yml"):
         for task in _tasks(path):
             tags.update(task.get("tags", []))
@@ -79,7 +82,7 @@ def test_tags_carry_the_role_prefix(role):
     assert all(tag.startswith(f"{role}_") for tag in tags), tags
 
 
-def test_site_yml_lists_the_prefixed_tags():
+def test_site_yml_lists_the_prefixed_tags() -> None:
     result = subprocess.run([str(BIN / "ansible-playbook"), "-i", "vagrant/cluster.yaml", "ansible/site.yml", "--list-tags"],
                             capture_output=True, text=True, cwd=REPO, timeout=300,
                             env=dict(os.environ, ANSIBLE_CONFIG=str(REPO / "ansible" / "ansible.cfg")))
@@ -88,7 +91,7 @@ def test_site_yml_lists_the_prefixed_tags():
     assert listed == {f"{role}_{tag}" for role in SERVICE_ROLES for tag in ("install", "configure", "service")}
 
 
-def test_destroy_yml_only_calls_the_roles_uninstall_tasks():
+def test_destroy_yml_only_calls_the_roles_uninstall_tasks() -> None:
     plays = yaml.safe_load((REPO / "ansible" / "destroy.yml").read_text())
     called = []
     for play in plays:
@@ -140,13 +143,13 @@ PLAYBOOK = """
 
 
 @pytest.fixture(scope="module")
-def health_url():
+def health_url() -> Iterator[str]:
     class Healthy(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 (the http.server hook's name)
+        def do_GET(self) -> None:  # noqa: N802 (the http.server hook's name)
             self.send_response(200)
             self.end_headers()
 
-        def log_message(self, *args):
+        def log_message(self, *args: Any) -> None:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
@@ -165,7 +168,8 @@ def health_url():
     ("immediate", True, ["update demo", "restart demo", "rolling", "restart demo"]),
     ("never", True, ["update demo", "rolling"]),
 ])
-def test_restart_decisions(tmp_path, health_url, strategy, running_before, expected):
+def test_restart_decisions(tmp_path: Path, health_url: str, strategy: str, running_before: bool,
+                           expected: list[str]) -> None:
     bin_dir = tmp_path / "venv" / "bin"
     bin_dir.mkdir(parents=True)
     (bin_dir / "supervisorctl").write_text(SUPERVISORCTL)
