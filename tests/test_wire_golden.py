@@ -18,7 +18,8 @@ import pytest
 
 from marmot_appliance.replication import codec
 from marmot_appliance.replication.batching import BatchBuilder, mark_continuations
-from marmot_appliance.replication.capture import PendingRows, _Layout
+from marmot_appliance.replication.capture import PendingRows
+from marmot_appliance.replication.change_log import LogLayout
 from marmot_appliance.replication.types import ChangeBatch, RowChange
 from marmot_appliance.spec.model import BatchLimits, CompressionSettings, ReplicationSettings
 
@@ -27,10 +28,10 @@ NAN_WITH_PAYLOAD = struct.unpack(">d", b"\x7f\xf8\x00\x00\x00\x00\x00\x2a")[0]
 INCOMPRESSIBLE = random.Random(17).randbytes(150_000)  # travels as fragments
 ODD = [0.1, -0.0, 2**63 - 1, -(2**63), None, "", b"", b"\x00\xff", "\u00e9\U0001f600", 1e308, 7]
 
-ITEMS = _Layout(1, "items", ("id", "n", "price", "label", "data"), ("id",), "fp-items-1", (0,))
-ITEMS_2 = _Layout(2, "items", ("id", "n", "price", "label", "data", "extra"), ("id",), "fp-items-2", (0,))
-PAIRS = _Layout(3, "pairs", ("a", "b", "v"), ("b", "a"), "fp-pairs", (1, 0))
-WIDE = _Layout(4, "wide", tuple(f"c{i}" for i in range(12)), ("c0",), "fp-wide", (0,))
+ITEMS = LogLayout(1, "items", ("id", "n", "price", "label", "data"), ("id",), "fp-items-1", (0,))
+ITEMS_2 = LogLayout(2, "items", ("id", "n", "price", "label", "data", "extra"), ("id",), "fp-items-2", (0,))
+PAIRS = LogLayout(3, "pairs", ("a", "b", "v"), ("b", "a"), "fp-pairs", (1, 0))
+WIDE = LogLayout(4, "wide", tuple(f"c{i}" for i in range(12)), ("c0",), "fp-wide", (0,))
 LAYOUTS = {layout.id: layout for layout in (ITEMS, ITEMS_2, PAIRS, WIDE)}
 
 

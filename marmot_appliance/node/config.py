@@ -42,7 +42,7 @@ class NodeConfig:
     save_snapshot: bool = False
     use_inotify: bool = True
     # The operator's explicit consent to run on a database another node id owned (see
-    # replication/capture.py NodeIdChangeError); without it such a start is refused.
+    # replication/capture_install.py NodeIdChangeError); without it such a start is refused.
     allow_node_id_change: bool = False
 
     @property
