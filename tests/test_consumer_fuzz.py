@@ -18,12 +18,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nats.js.api import StreamConfig
 
-from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.node.status import RuntimeStatus
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication import codec
 from marmot_appliance.replication.applier import BatchApplier
 from marmot_appliance.replication.consumer import ShardConsumer
+from marmot_appliance.replication.db_thread import DbThread
 from marmot_appliance.replication.types import DEAD_LETTER_TABLE, ChangeBatch, RowChange
 from marmot_appliance.spec.model import CompressionSettings
 from tests.harness import make_wal_db

@@ -242,9 +242,9 @@ async def test_pipelined_publisher_publishes_everything_once(wal_db, nats_server
 
     import nats
 
-    from marmot_appliance.node.db_thread import DbThread
     from marmot_appliance.node.status import RuntimeStatus
     from marmot_appliance.observability.metrics import Metrics
+    from marmot_appliance.replication.db_thread import DbThread
     from marmot_appliance.replication.publisher import Publisher
     from marmot_appliance.replication.streams import ensure_streams
     from marmot_appliance.spec.model import BatchLimits

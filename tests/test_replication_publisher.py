@@ -8,12 +8,12 @@ import sqlite3
 import nats
 import pytest
 
-from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.node.status import RuntimeStatus
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication.batching import BatchBuilder
 from marmot_appliance.replication.capture import ChangeCapture
 from marmot_appliance.replication.codec import MSG_ID_HEADER, decode_batch
+from marmot_appliance.replication.db_thread import DbThread
 from marmot_appliance.replication.own_publishes import OwnPublishes
 from marmot_appliance.replication.publisher import Publisher
 from marmot_appliance.replication.sharding import shard_for

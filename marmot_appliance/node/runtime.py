@@ -43,7 +43,6 @@ from marmot_appliance.node import snapshot_bridge, waiting_rows
 from marmot_appliance.node.backlog_alarm import change_log_alarm
 from marmot_appliance.node.config import NodeConfig
 from marmot_appliance.node.db_lock import DatabaseLock
-from marmot_appliance.node.db_thread import DbThread
 from marmot_appliance.node.gap_closer import GapCloser
 from marmot_appliance.node.restore_coordinator import RestoreCoordinator
 from marmot_appliance.node.seq_map import write_seq_map
@@ -53,6 +52,7 @@ from marmot_appliance.observability.http import ObservabilityServer
 from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication.backlog import change_log_backlog, trim_dead_letters
 from marmot_appliance.replication.consumer import ResumeAfter, ShardConsumer
+from marmot_appliance.replication.db_thread import DbThread
 from marmot_appliance.replication.own_publishes import OwnPublishes
 from marmot_appliance.replication.publisher import Publisher
 from marmot_appliance.replication.sharding import shard_numbers

@@ -1,6 +1,6 @@
 """The verify service of one node runtime: answers digests, keys and lookups over NATS.
 
-Database work runs on a thread of its own (node/db_thread.DbThread) with a read-only
+Database work runs on a thread of its own (replication/db_thread.DbThread) with a read-only
 connection (verify/table_state.py), so a full-table digest never blocks the event loop (acks,
 heartbeats, /health) nor the application's writes. Requests are answered one at a time per
 subject; a reply larger than the server's max_payload is answered with an error that tells the
@@ -13,7 +13,7 @@ import logging
 from typing import Any, Awaitable, Callable
 
 from marmot_appliance.errors import MarmotError
-from marmot_appliance.node.db_thread import DbThread
+from marmot_appliance.replication.db_thread import DbThread
 from marmot_appliance.verify import protocol
 from marmot_appliance.verify.republish import fresh_version, publish_repair, repair_rows
 from marmot_appliance.verify.table_state import KeyState, TableNotReplicated, TableStateReader
