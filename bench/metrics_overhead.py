@@ -103,7 +103,7 @@ def time_hot_path_calls(repeat: int = 20_000) -> tuple[float, float]:
 
     metrics = Metrics()
 
-    def applied_message() -> None:  # replication/consumer.py: handle_group + _apply_timed + _after_apply
+    def applied_message() -> None:  # replication/consumer_messages.py: handle_group + _apply_timed + _after_apply
         metrics.observe("apply_transaction_seconds", 0.0012)
         metrics.observe("commit_to_visible_seconds", 0.004)
         metrics.inc("rows_applied", 100)

@@ -1,7 +1,7 @@
 """Fuzz the consumer's real path: no payload stalls a shard (issue 10 case 16).
 
 Truncated, bit-flipped and random payloads (and garbage run headers) go through a real
-nats-server into a real ShardConsumer (the node's class: _gather, handle_group, handle,
+nats-server into a real ShardConsumer (the node's class: consumer_gather.gather, handle_group, handle,
 dead letters) with a real BatchApplier on a real SQLite file. After them comes one valid
 batch: it must be applied, the position must reach the last sequence, and every message must
 have been either applied or dead-lettered. Each hypothesis example uses a fresh stream.

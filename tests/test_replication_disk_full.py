@@ -96,7 +96,7 @@ def test_a_full_database_raises_the_full_error_not_a_savepoint_error(tmp_path):
     savepoint" from a ROLLBACK TO after SQLite already rolled the transaction back."""
     from marmot_appliance.errors import DatabaseStateError
     from marmot_appliance.replication.applier import BatchApplier
-    from marmot_appliance.replication.consumer import is_environment, is_transient
+    from marmot_appliance.replication.consumer_errors import is_environment, is_transient
     from marmot_appliance.replication.types import ChangeBatch, RowChange
 
     db = make_wal_db(tmp_path / "full.db", SCHEMA)

@@ -69,9 +69,9 @@ async def test_a_replica_never_shows_part_of_a_transaction(nats_cluster, wal_db)
 
 async def test_a_run_past_the_size_cap_is_applied_in_pieces_and_still_converges(nats_cluster, wal_db, monkeypatch):
     """The cap bounds a receiver's memory; past it a run is split (counted), nothing is lost."""
-    from marmot_appliance.replication import consumer
+    from marmot_appliance.replication import consumer_gather
 
-    monkeypatch.setattr(consumer, "MAX_RUN_BYTES", 2_000)
+    monkeypatch.setattr(consumer_gather, "MAX_RUN_BYTES", 2_000)
     db1, db2 = wal_db("c1.db", SCHEMA), wal_db("c2.db", SCHEMA)
     prefixes = {"prefixes": "txncap", "batch_max_rows": 10}
     node1 = await InProcessNode(1, db1, nats_cluster.url, shards=1, extra=prefixes).start()

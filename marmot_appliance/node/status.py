@@ -29,7 +29,7 @@ class RuntimeStatus:
     # the node unhealthy: it cannot converge with that origin until time catches up.
     clock_skew: dict = field(default_factory=dict)
     # stream -> the entries retention dropped before this node applied them, while no snapshot
-    # has closed the gap: {"missing_from", "missing_to", "missing", "since"} (see consumer.py)
+    # has closed the gap: {"missing_from", "missing_to", "missing", "since"} (see replication/consumer_messages.py)
     gaps: dict[str, dict] = field(default_factory=dict)
     gap_recovery: dict[str, str] = field(default_factory=dict)  # stream -> what is being done about it
     # stream -> why applying it is paused: the database cannot be written (disk full, I/O error,

@@ -60,7 +60,7 @@ class StreamPosition:
 
 # -- the publisher's hand-offs (issue 17, item 3) --------------------------------------------
 # What the publisher and the codec need from the objects the node runtime hands them; the
-# runtime's concrete classes (node/db_thread.DbThread, capture.ChangeCapture, wakeup.CommitWakeup,
+# runtime's concrete classes (db_thread.DbThread, capture.ChangeCapture, wakeup.CommitWakeup,
 # node/status.RuntimeStatus) match these by shape, so replication/ imports nothing above it.
 _T = TypeVar("_T")
 
@@ -107,3 +107,23 @@ class PublishStatus(Protocol):
 
     pending_rows: int
     last_publish: float | None
+
+
+# -- the shard consumer's hand-offs (issue 17, item 3) ---------------------------------------
+# The consumer takes the concrete BatchApplier, DbThread and OwnPublishes (all in replication/);
+# only the status lives in node/, so it is matched by shape (node/status.RuntimeStatus fits).
+
+
+class ConsumerStatus(Protocol):
+    """The part of the node's status a shard consumer reports into (/health reads it)."""
+
+    applied: dict[str, int]  # stream -> applied position
+    lag: dict[str, int]  # stream -> entries behind
+    # stream -> entries dropped by retention before they were applied, while no snapshot closes
+    # them: {"missing_from", "missing_to", "missing", "since"}
+    gaps: dict[str, dict[str, Any]]
+    gap_recovery: dict[str, str]  # stream -> what is being done about the gap (the node's word)
+    apply_blocked: dict[str, str]  # stream -> why the database cannot take its rows now
+    dead_letters: int
+    last_apply: float | None  # unix time of the last applied batch
+
