@@ -37,7 +37,7 @@ from tests.replication_cluster import SubprocessNode, digest, positions, wait_un
 SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, origin INTEGER NOT NULL, body TEXT NOT NULL);"
 SHARDS = 4
 RESTORES_WANTED = 20
-MAX_ROUNDS = 30
+MAX_ROUNDS = 45  # a round whose node 3 caught up before the truncation restores nothing (under load: 1 in 3)
 OUTAGE_S = 1.0
 TRUNCATE_MARGIN = 20
 
