@@ -28,6 +28,9 @@ HOSTS = ("node1", "node2", "node3")
 WRITER_PATH = "/tmp/marmot-lab-chaos-writer.py"
 CONTESTED_KEYS = 5
 FAULT_KINDS = ("partition", "node-kill9", "node-pause", "nats-restart")
+FAULT_COMMAND_TIMEOUT_S = 30  # a fault's remote command; every remote command has a timeout
+MAIN_PID_WAIT_S = 15.0  # how long a signal fault waits for systemd to have restarted the node
+NO_MAIN_PROCESS = "no-main-process"
 
 WRITER = r'''
 import json, random, sqlite3, sys, time
@@ -130,7 +133,7 @@ def run_lab_chaos(lab, spec: Path, seed: int, duration_s: float, say=print) -> L
         lab.ssh(host, f"nohup /opt/marmot-appliance/venv/bin/python {WRITER_PATH} /var/lib/marmot-appliance/data/app.db "
                       f"{host} {seed} {duration_s} {logs[host]} </dev/null >/dev/null 2>&1 &")
     cut: set[str] = set()
-    paused: set[str] = set()
+    paused: dict[str, str] = {}  # host -> the PID its pause stopped ("" while not known)
     try:
         for at, kind, host, seconds in plan_faults(seed, duration_s):
             delay = at - (time.monotonic() - started)
@@ -146,16 +149,23 @@ def run_lab_chaos(lab, spec: Path, seed: int, duration_s: float, say=print) -> L
                 set_link(lab.topology, host, up=True)
                 cut.discard(host)
                 lab.console = set(cut)
-            elif kind == "node-kill9":
-                lab.ssh(host, _signal_main("KILL"))  # Restart=on-failure brings it back
+            elif kind == "node-kill9":  # Restart=on-failure brings it back
+                if _send(lab, host, signal_main_script("KILL"), result) == NO_MAIN_PROCESS:
+                    _skipped(result, say)
             elif kind == "node-pause":
-                lab.ssh(host, _signal_main("STOP"))
-                paused.add(host)
-                time.sleep(seconds)
-                lab.ssh(host, _signal_main("CONT"))
-                paused.discard(host)
+                paused[host] = ""  # stopped or not, the finally resumes it if the run stops here
+                pid = _send(lab, host, signal_main_script("STOP"), result)
+                if pid == NO_MAIN_PROCESS:
+                    _skipped(result, say)
+                    del paused[host]
+                elif pid:
+                    paused[host] = pid
+                    time.sleep(seconds)
+                    _send(lab, host, f"kill -CONT {pid}", result)
+                    del paused[host]
+                # "" (the command failed, a problem of the run): the finally resumes the main process
             elif kind == "nats-restart":
-                lab.ssh(host, "systemctl restart nats-server")
+                _send(lab, host, "systemctl restart nats-server", result)
         remaining = duration_s - (time.monotonic() - started)
         if remaining > 0:
             time.sleep(remaining)
@@ -163,8 +173,8 @@ def run_lab_chaos(lab, spec: Path, seed: int, duration_s: float, say=print) -> L
         for host in list(cut):
             set_link(lab.topology, host, up=True)
         lab.console = set()
-        for host in list(paused):
-            lab.ssh(host, _signal_main("CONT"))
+        for host, pid in paused.items():
+            _send(lab, host, f"kill -CONT {pid}" if pid else signal_main_script("CONT"), result)
     _wait_for_writers(lab, logs, result)
     if not result.problems:
         _oracle(lab, spec, logs, result)
@@ -172,16 +182,54 @@ def run_lab_chaos(lab, spec: Path, seed: int, duration_s: float, say=print) -> L
     return result
 
 
-def _signal_main(name: str) -> str:
-    """Signal the node service's main process only (`systemctl kill` signals every process of
-    the unit, which fails inside the lab's containers)."""
-    return f"kill -{name} $(systemctl show -p MainPID --value marmot-node)"
+def signal_main_script(name: str, wait_s: float = MAIN_PID_WAIT_S) -> str:
+    """Shell that sends SIG`name` to the node service's main process and prints its PID, or
+    prints NO_MAIN_PROCESS if systemd has none for `wait_s` seconds.
+
+    Only the main process: `systemctl kill` signals every process of the unit, which fails inside
+    the lab's containers. Never `kill -SIG $(systemctl show …)` unguarded: while systemd restarts
+    the unit (RestartSec after a `kill -9`) MainPID is 0, and `kill -STOP 0` stops the remote
+    shell's own process group, so the ssh session never answers (seed 509, docs/reliability.md)."""
+    tries = max(1, round(wait_s / 0.5))
+    return (
+        f"i=0; while [ $i -lt {tries} ]; do i=$((i + 1)); "
+        "pid=$(systemctl show -p MainPID --value marmot-node); "
+        'case "$pid" in ""|0|*[!0-9]*) ;; '
+        f'*) if kill -{name} "$pid" 2>/dev/null; then echo "$pid"; exit 0; fi ;; esac; '
+        f"sleep 0.5; done; echo {NO_MAIN_PROCESS}"
+    )
+
+
+def _send(lab, host: str, command: str, result: LabRunResult) -> str:
+    """Run a fault's command on a host, bounded: over ssh, or through the host's console (no
+    network) when ssh does not answer in time; a command that fails both ways is a problem of the
+    run (the run goes on to heal and check), never a hang or an abort. Returns its output."""
+    try:
+        return lab.ssh(host, command, timeout_s=FAULT_COMMAND_TIMEOUT_S).strip()
+    except (AssertionError, subprocess.SubprocessError) as exc:
+        first = f"{type(exc).__name__}: {exc}"
+    saved = lab.console
+    lab.console = set(saved or set()) | {host}
+    try:
+        return lab.ssh(host, command, timeout_s=FAULT_COMMAND_TIMEOUT_S).strip()
+    except (AssertionError, subprocess.SubprocessError) as exc:
+        result.problems.append(f"{host}: fault command {command!r} failed over ssh ({first[:500]}) and through "
+                               f"the console ({type(exc).__name__}: {str(exc)[:500]})")
+        return ""
+    finally:
+        lab.console = saved
+
+
+def _skipped(result: LabRunResult, say) -> None:
+    """A signal fault that found no main process (the node was mid-restart) is recorded as such."""
+    result.faults[-1] += f" (skipped: no main process for {MAIN_PID_WAIT_S:.0f}s)"
+    say(f"      skipped: no main process for {MAIN_PID_WAIT_S:.0f}s")
 
 
 def _wait_for_writers(lab, logs: dict[str, str], result: LabRunResult, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     for host, path in logs.items():
-        while '"done"' not in lab.ssh(host, f"tail -n 1 {path} 2>/dev/null || true"):
+        while '"done"' not in lab.ssh(host, f"tail -n 1 {path} 2>/dev/null || true", timeout_s=30):
             if time.monotonic() > deadline:
                 result.problems.append(f"{host}: its writer did not finish")
                 break
