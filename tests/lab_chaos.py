@@ -21,8 +21,13 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tests.test_lab_deploy import Lab
 
 HOSTS = ("node1", "node2", "node3")
 WRITER_PATH = "/tmp/marmot-lab-chaos-writer.py"
@@ -200,7 +205,7 @@ def signal_main_script(name: str, wait_s: float = MAIN_PID_WAIT_S) -> str:
     )
 
 
-def _send(lab, host: str, command: str, result: LabRunResult) -> str:
+def _send(lab: Lab, host: str, command: str, result: LabRunResult) -> str:
     """Run a fault's command on a host, bounded: over ssh, or through the host's console (no
     network) when ssh does not answer in time; a command that fails both ways is a problem of the
     run (the run goes on to heal and check), never a hang or an abort. Returns its output."""
@@ -220,7 +225,7 @@ def _send(lab, host: str, command: str, result: LabRunResult) -> str:
         lab.console = saved
 
 
-def _skipped(result: LabRunResult, say) -> None:
+def _skipped(result: LabRunResult, say: Callable[[str], None]) -> None:
     """A signal fault that found no main process (the node was mid-restart) is recorded as such."""
     result.faults[-1] += f" (skipped: no main process for {MAIN_PID_WAIT_S:.0f}s)"
     say(f"      skipped: no main process for {MAIN_PID_WAIT_S:.0f}s")
