@@ -12,6 +12,9 @@ transactions, recording each after COMMIT returned. Oracle, after healing: every
 same rows (table digests equal), `marmot-appliance verify` says converged, each host's own keys
 are exactly what its writer's log leaves (acknowledged writes kept, deletes kept deleted), and a
 contested key holds a value some writer wrote.
+
+Every remote command has a timeout; a fault's command that fails is a problem of the run, which
+still heals and checks (`_send`), never a hang or an abort.
 """
 
 from __future__ import annotations
