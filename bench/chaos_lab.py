@@ -1,7 +1,7 @@
 """Chaos on lab hosts: network partitions, node kills and pauses, nats-server restarts, under a
 writer on every host (tests/lab_chaos.py has the runs and the oracle).
 
-    sudo .venv/bin/python bench/chaos_lab.py --runs 10 --seed 500 --duration 45 --json lab-runs.jsonl
+    sudo .venv/bin/python bench/chaos_lab.py --runs 10 --seed 600 --duration 35 --json lab-runs.jsonl
 
 Brings the lab of vagrant/cluster.yaml up (root; docs/deploy.md, "The lab"), deploys it with
 ansible/site.yml, runs the seeds S..S+N-1 one after another on that cluster, and takes the lab
