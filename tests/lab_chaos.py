@@ -183,8 +183,7 @@ def run_lab_chaos(lab, spec: Path, seed: int, duration_s: float, say=print) -> L
         lab.console = set()
         for host, pid in paused.items():
             _send(lab, host, f"kill -CONT {pid}" if pid else signal_main_script("CONT"), result)
-    _wait_for_writers(lab, logs, result)
-    if not result.problems:
+    if _wait_for_writers(lab, logs, result):  # a fault command that failed does not stop the oracle
         _oracle(lab, spec, logs, result)
     result.wall_s = time.monotonic() - started
     return result
@@ -234,14 +233,18 @@ def _skipped(result: LabRunResult, say: Callable[[str], None]) -> None:
     say(f"      skipped: no main process for {MAIN_PID_WAIT_S:.0f}s")
 
 
-def _wait_for_writers(lab, logs: dict[str, str], result: LabRunResult, timeout_s: float = 60) -> None:
+def _wait_for_writers(lab, logs: dict[str, str], result: LabRunResult, timeout_s: float = 60) -> bool:
+    """Whether every host's writer finished (its log is whole, so the oracle can replay it)."""
     deadline = time.monotonic() + timeout_s
+    finished = True
     for host, path in logs.items():
         while '"done"' not in lab.ssh(host, f"tail -n 1 {path} 2>/dev/null || true", timeout_s=30):
             if time.monotonic() > deadline:
                 result.problems.append(f"{host}: its writer did not finish")
+                finished = False
                 break
             time.sleep(1)
+    return finished
 
 
 def _replay(lines: list[list]) -> tuple[dict[str, int], set[str], dict[str, set]]:
