@@ -9,6 +9,11 @@ class MarmotError(Exception):
     """Base for every error that is the user's or the environment's, not a bug."""
 
 
+class TransientError(MarmotError):
+    """Nothing was changed and the cause passes by itself (e.g. a lock held past busy_timeout):
+    retry later with back-off, never give up on the work."""
+
+
 class SpecError(MarmotError):
     """A cluster spec is invalid. `problems` holds one located message per mistake."""
 

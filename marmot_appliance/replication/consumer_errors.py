@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 
-from marmot_appliance.errors import DatabaseStateError
+from marmot_appliance.errors import DatabaseStateError, TransientError
 from marmot_appliance.replication.sqlite_util import is_environment_error
 
 # sqlite3 errors worth retrying: another writer holds the lock, or the disk is momentarily
@@ -26,7 +26,7 @@ def is_transient(exc: BaseException) -> bool:
     dead-letter. A lock held past busy_timeout, and environment errors (disk full, I/O error,
     read-only file, corruption: the applier raises DatabaseStateError for those) that last as
     long as they last: dead-lettering would lose the rows for nothing."""
-    if getattr(exc, "transient", False):  # e.g. sqlite_util.DatabaseBusyError
+    if isinstance(exc, TransientError):  # e.g. sqlite_util.DatabaseBusyError
         return True
     if is_environment(exc):
         return True

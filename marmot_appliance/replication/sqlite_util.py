@@ -13,7 +13,7 @@ import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
-from marmot_appliance.errors import DatabaseStateError, MarmotError
+from marmot_appliance.errors import DatabaseStateError, TransientError
 
 DEFAULT_BUSY_TIMEOUT_MS = 5000
 
@@ -22,13 +22,11 @@ _SQLITE_BUSY = 5
 _SQLITE_LOCKED = 6
 
 
-class DatabaseBusyError(MarmotError):
+class DatabaseBusyError(TransientError):
     """The database stayed locked by another writer past busy_timeout. Transient: retry later.
 
     Callers (publisher, consumer) retry these with bounded backoff; nothing was changed.
     """
-
-    transient = True
 
 
 def quote_ident(name: str) -> str:
