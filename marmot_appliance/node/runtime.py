@@ -59,6 +59,7 @@ from marmot_appliance.replication.sharding import shard_numbers
 from marmot_appliance.replication.streams import StreamSetupError, ensure_streams, retry_while_settling
 from marmot_appliance.replication.wakeup import CommitWakeup
 from marmot_appliance.replication.wal_checkpoint import CHECKPOINT_INTERVAL_S, WalCheckpointer
+from marmot_appliance.retry import backoff_delay, sleep_or_stop
 from marmot_appliance.snapshots.errors import SnapshotError
 
 log = logging.getLogger(__name__)
@@ -237,15 +238,12 @@ class NodeRuntime:
                 break
             except (nats.errors.Error, OSError, asyncio.TimeoutError) as exc:
                 attempt += 1
-                delay = min(5.0, 0.2 * 2 ** min(attempt, 5))
+                delay = backoff_delay(attempt, 0.2, 5.0, max_exponent=5)
                 servers = shown_servers(kwargs.get("servers"))  # never a password from a URL in the log
                 level = logging.WARNING if attempt <= 3 or attempt % 20 == 0 else logging.DEBUG
                 log.log(level, "cannot reach NATS at %s: %s; retrying in %.1fs", servers,
                         failure_reason(exc, kwargs.get("connect_timeout")), delay)
-                try:
-                    await asyncio.wait_for(stop.wait(), delay)
-                except asyncio.TimeoutError:
-                    pass
+                await sleep_or_stop(stop, delay)
         if self.nc is None:
             return False
         self.status.nats_connected = True
@@ -536,11 +534,8 @@ class NodeRuntime:
     async def _checkpoint_wal(self, stop: asyncio.Event) -> None:
         """A PASSIVE checkpoint every CHECKPOINT_INTERVAL_S, on a connection and thread of its own."""
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), CHECKPOINT_INTERVAL_S)
+            if await sleep_or_stop(stop, CHECKPOINT_INTERVAL_S):
                 return
-            except asyncio.TimeoutError:
-                pass
             if self.restores.busy:
                 continue  # the restore writes the file through the backup API; checkpoint after it
             try:
@@ -558,11 +553,8 @@ class NodeRuntime:
         last_purge = last_parked = last_status = time.monotonic()
         last_tombstones = 0.0  # a first round soon after start: the record tells the others we are back
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), SCHEMA_CHECK_S)
+            if await sleep_or_stop(stop, SCHEMA_CHECK_S):
                 return
-            except asyncio.TimeoutError:
-                pass
             if self.restores.busy:
                 continue  # the file is being replaced; the capture is re-installed after it
             now = time.monotonic()

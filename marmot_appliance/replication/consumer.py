@@ -50,11 +50,12 @@ from marmot_appliance.replication.applier import BatchApplier, DatabaseReplacedE
 from marmot_appliance.replication.consumer_errors import ConsumerStopping, is_environment, is_transient
 from marmot_appliance.replication.consumer_gather import gather
 from marmot_appliance.replication.consumer_messages import ResumeAfter, ShardMessages, TruncationHandler
-from marmot_appliance.replication.consumer_retry import backoff_delay, wait_for
+from marmot_appliance.replication.consumer_retry import consumer_backoff
 from marmot_appliance.replication.db_thread import DbThread
 from marmot_appliance.replication.own_publishes import OwnPublishes
 from marmot_appliance.replication.streams import stream_instance
 from marmot_appliance.replication.types import ConsumerStatus
+from marmot_appliance.retry import sleep_or_stop
 
 __all__ = [
     "ConsumerStopping",
@@ -124,7 +125,7 @@ class ShardConsumer(ShardMessages):
         while not stop.is_set():
             if self.holding is not None:
                 if self.gap is None or time.monotonic() < self._gap_retry_at:
-                    await wait_for(stop, IDLE_CHECK_S)
+                    await sleep_or_stop(stop, IDLE_CHECK_S)
                     continue
                 self.holding = None  # look at the gap again (it stays open until it is closed)
             sub = None
@@ -266,7 +267,7 @@ class ShardConsumer(ShardMessages):
     async def _backoff(self, what: str, exc: BaseException, stop: asyncio.Event) -> None:
         self._failures += 1
         self.metrics.inc("errors", kind="consume")
-        delay = backoff_delay(self._failures)
+        delay = consumer_backoff(self._failures)
         level = logging.WARNING if self._failures <= 3 else logging.ERROR
         log.log(level, "%s: %s: %s; retrying in %.2fs", what, type(exc).__name__, exc, delay)
-        await wait_for(stop, delay)
+        await sleep_or_stop(stop, delay)

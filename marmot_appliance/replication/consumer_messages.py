@@ -20,12 +20,13 @@ from marmot_appliance.observability.metrics import Metrics
 from marmot_appliance.replication import codec
 from marmot_appliance.replication.applier import ApplyOutcome, BatchApplier, DatabaseReplacedError
 from marmot_appliance.replication.consumer_errors import ConsumerStopping
-from marmot_appliance.replication.consumer_retry import BACKOFF_MAX_S, DatabaseRetry, wait_for
+from marmot_appliance.replication.consumer_retry import BACKOFF_MAX_S, DatabaseRetry
 from marmot_appliance.replication.db_thread import DbThread
 from marmot_appliance.replication.own_publishes import OwnPublishes
 from marmot_appliance.replication.payload_bounds import MAX_KEPT_PAYLOAD_BYTES
 from marmot_appliance.replication.streams import origin_of_subject
 from marmot_appliance.replication.types import ChangeBatch, ConsumerStatus
+from marmot_appliance.retry import sleep_or_stop
 
 # The consumer's logger: what an operator filters on stays one name across its modules.
 log = logging.getLogger("marmot_appliance.replication.consumer")
@@ -301,9 +302,7 @@ class ShardMessages:
             except Exception as exc:  # noqa: BLE001 - the dead letter itself must not be lost
                 log.warning("stream %s seq %d: cannot record dead letter (%s); retrying", self.stream, seq, exc)
                 self._retry.block(f"dead letter for seq {seq}: {type(exc).__name__}: {exc}")
-                stop = self._retry.stop or asyncio.Event()
-                await wait_for(stop, BACKOFF_MAX_S)
-                if stop.is_set():
+                if await sleep_or_stop(self._retry.stop, BACKOFF_MAX_S):
                     raise ConsumerStopping() from exc
         self.position = seq
         self._unsaved_own_seq = None

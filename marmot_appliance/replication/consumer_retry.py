@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any, Callable, TypeVar
 
 from marmot_appliance.observability.metrics import Metrics
@@ -17,6 +16,7 @@ from marmot_appliance.replication.applier import DatabaseReplacedError
 from marmot_appliance.replication.consumer_errors import ConsumerStopping, is_environment, is_transient
 from marmot_appliance.replication.db_thread import DbThread
 from marmot_appliance.replication.types import ConsumerStatus
+from marmot_appliance.retry import backoff_delay, jittered, sleep_or_stop
 
 # The consumer's logger: what an operator filters on stays one name across its modules.
 log = logging.getLogger("marmot_appliance.replication.consumer")
@@ -29,17 +29,9 @@ BACKOFF_MAX_S = 5.0
 BLOCKED_AFTER_ATTEMPTS = 10
 
 
-def backoff_delay(attempt: int) -> float:
+def consumer_backoff(attempt: int) -> float:
     """Exponential from BACKOFF_INITIAL_S, capped at BACKOFF_MAX_S, with jitter (50-100 %)."""
-    return min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * (1 << min(attempt, 10))) * (0.5 + random.random() / 2)
-
-
-async def wait_for(event: asyncio.Event, timeout_s: float) -> None:
-    """Sleep timeout_s, or less if `event` is set meanwhile."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout_s)
-    except asyncio.TimeoutError:
-        pass
+    return jittered(backoff_delay(attempt, BACKOFF_INITIAL_S, BACKOFF_MAX_S, max_exponent=10))
 
 
 class DatabaseRetry:
@@ -78,9 +70,7 @@ class DatabaseRetry:
                     self.block(f"{what}: {type(exc).__name__}: {exc}")
                 if attempt in (1, 10) or attempt % 50 == 0:
                     log.warning("stream %s %s: the database cannot take it now (%s); retrying", self.stream, what, exc)
-                stop = self.stop or asyncio.Event()
-                await wait_for(stop, backoff_delay(attempt))
-                if stop.is_set():
+                if await sleep_or_stop(self.stop, consumer_backoff(attempt)):
                     raise ConsumerStopping() from exc
                 continue
             self.unblock()

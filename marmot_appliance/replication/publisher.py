@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 
 import nats.errors
@@ -33,6 +32,7 @@ from marmot_appliance.replication.capture import PendingRows
 from marmot_appliance.replication.own_publishes import OwnPublishes
 from marmot_appliance.replication.sending import ACK_TIMEOUT_S, Sent, await_acks, send_batches
 from marmot_appliance.replication.types import CommitSignal, PublishSource, PublishStatus, WorkerThread
+from marmot_appliance.retry import backoff_delay, jittered, sleep_or_stop
 from marmot_appliance.spec.model import ReplicationSettings
 
 log = logging.getLogger(__name__)
@@ -275,14 +275,10 @@ class Publisher:
         self._failures += 1
         kind = type(exc).__name__
         self.metrics.inc("errors", kind=f"publish_{kind}")
-        delay = min(BACKOFF_MAX_S, BACKOFF_INITIAL_S * 2 ** min(self._failures, 10))
-        delay *= 0.5 + random.random() / 2  # jitter: nodes recovering together do not stampede
+        delay = jittered(backoff_delay(self._failures, BACKOFF_INITIAL_S, BACKOFF_MAX_S, max_exponent=10))
         level = logging.WARNING if self._failures <= 3 else logging.ERROR
         log.log(level, "publish failed (%s: %s); retrying in %.2fs (attempt %d)", kind, exc, delay, self._failures)
-        try:
-            await asyncio.wait_for(stop.wait(), delay)
-        except asyncio.TimeoutError:
-            pass
+        await sleep_or_stop(stop, delay)
 
     async def flush(self, timeout_s: float = 10.0) -> None:
         """Publish everything pending now (graceful shutdown). Gives up after `timeout_s`."""

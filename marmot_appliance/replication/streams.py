@@ -24,6 +24,7 @@ from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfi
 from marmot_appliance.errors import MarmotError
 from marmot_appliance.natsd.permissions import shard_stream_subjects
 from marmot_appliance.replication.sharding import shard_numbers
+from marmot_appliance.retry import backoff_delay, sleep_or_stop
 from marmot_appliance.spec.model import ReplicationSettings
 
 log = logging.getLogger(__name__)
@@ -193,21 +194,15 @@ async def retry_while_settling(
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    delay = 0.2
+    attempt = 0
     while True:
+        delay = backoff_delay(attempt, 0.2, 5.0)
         try:
             return await request()
         except Exception as exc:  # noqa: BLE001 - classified right below
             if not retryable(exc) or loop.time() + delay > deadline:
                 raise
             log.warning("%s: JetStream not ready (%s); retrying in %.1fs", what, exc or type(exc).__name__, delay)
-        if stop is None:
-            await asyncio.sleep(delay)
-        else:
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
-            except asyncio.TimeoutError:
-                pass
-            else:
-                raise MarmotError(f"stopped before {what} finished")
-        delay = min(delay * 2, 5.0)
+        if await sleep_or_stop(stop, delay):
+            raise MarmotError(f"stopped before {what} finished")
+        attempt += 1

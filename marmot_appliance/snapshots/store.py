@@ -21,6 +21,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ from nats.js.api import Header, ObjectInfo, ObjectMetaOptions, PubAck
 from nats.js.kv import KeyValue
 
 from marmot_appliance.replication.streams import retry_while_settling, wait_for_stream_leader
+from marmot_appliance.retry import backoff_delay
 from marmot_appliance.snapshots.errors import ChecksumMismatchError, NoSnapshotError, SnapshotError
 from marmot_appliance.snapshots.manifest import Manifest, SnapshotInfo
 from marmot_appliance.snapshots.progress import ProgressCallback, no_progress
@@ -80,7 +82,7 @@ async def retry_no_responders(request: Callable[[], Awaitable[T]], attempts: int
         except NO_RESPONDER_ERRORS:
             if attempt == attempts - 1:
                 raise
-            await asyncio.sleep(0.1 * 2**attempt)
+            await asyncio.sleep(backoff_delay(attempt, 0.1, math.inf))  # NO_RESPONDER_RETRIES bounds it
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
@@ -209,7 +211,7 @@ class SnapshotStore:
                 if not isinstance(exc.__cause__, NO_RESPONDER_ERRORS) or attempt == NO_RESPONDER_RETRIES - 1:
                     raise
                 log.info("snapshot upload found no stream responder yet; starting over")
-                await asyncio.sleep(0.1 * 2**attempt)
+                await asyncio.sleep(backoff_delay(attempt, 0.1, math.inf))  # NO_RESPONDER_RETRIES bounds it
         raise AssertionError("unreachable")
 
     async def _upload_once(self, path: Path, name: str, progress: ProgressCallback) -> tuple[int, str]:

@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from marmot_appliance.observability.families import VERIFY_FAMILIES
+from marmot_appliance.retry import sleep_or_stop
 from marmot_appliance.verify.client import VerifyClient
 from marmot_appliance.verify.compare import CONVERGED, DEFAULT_BUCKETS, DIVERGED, VerifyReport, verify_cluster
 from marmot_appliance.verify.report import finding_to_json
@@ -51,11 +52,8 @@ class ContinuousVerify:
         # Start at a random point of the first interval so the nodes do not all check at once.
         delay = self.interval_s * random.uniform(0.5, 1.0)
         while True:
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
+            if await sleep_or_stop(stop, delay):
                 return
-            except asyncio.TimeoutError:
-                pass
             delay = self.interval_s
             try:
                 await self.check_once()
