@@ -35,5 +35,6 @@ async def sleep_or_stop(stop: asyncio.Event | None, seconds: float) -> bool:
     try:
         await asyncio.wait_for(stop.wait(), seconds)
     except asyncio.TimeoutError:
-        return False
-    return True
+        pass
+    # Also True when `stop` was set just as the time ran out: callers asked "stop now?".
+    return stop.is_set()
