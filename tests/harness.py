@@ -14,6 +14,7 @@ from pathlib import Path
 
 from marmot_appliance.natsd.config import ServerConfig, render_server_config
 from marmot_appliance.natsd.process import NatsServerProcess, wait_for_meta_leader
+from marmot_appliance.replication.streams import retry_while_settling
 
 
 def free_ports(count: int) -> list[int]:
@@ -111,3 +112,11 @@ def make_wal_db(path: Path, schema: str = "") -> Path:
     finally:
         conn.close()
     return path
+
+
+async def add_stream(js, *args, **kwargs):
+    """A test's own stream set-up, repeated while JetStream settles (the runtime does the same,
+    replication/streams.py): under load a cluster may briefly have no meta leader, and a create
+    sent then gets no answer within the request timeout (seen once in CI). Creating a stream with
+    the same config again is a no-op, so repeating is safe."""
+    return await retry_while_settling("test stream set-up", lambda: js.add_stream(*args, **kwargs), 120.0)

@@ -26,7 +26,7 @@ from marmot_appliance.replication.consumer import ShardConsumer
 from marmot_appliance.replication.db_thread import DbThread
 from marmot_appliance.replication.types import DEAD_LETTER_TABLE, ChangeBatch, RowChange
 from marmot_appliance.spec.model import CompressionSettings
-from tests.harness import make_wal_db
+from tests.harness import add_stream, make_wal_db
 
 SCHEMA = "CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT, b BLOB)"
 COMPRESSIONS = (CompressionSettings(level=0, min_bytes=0), CompressionSettings(level=3, min_bytes=0))
@@ -68,7 +68,7 @@ async def run_scenario(nats_url: str, db_path, messages: list[tuple[bytes, dict 
     stop = asyncio.Event()
     try:
         js = nc.jetstream(timeout=10)
-        await js.add_stream(StreamConfig(name=stream, subjects=[subject]))
+        await add_stream(js, StreamConfig(name=stream, subjects=[subject]))
         key = 10**7 + next(_streams)
         sentinel = valid_payload(key, "after the corrupt ones", compressed=True)
         for payload, headers in messages:
@@ -146,7 +146,7 @@ def test_fragments_out_of_order_are_dead_lettered_and_a_whole_row_applies(nats_s
         stop = asyncio.Event()
         try:
             js = nc.jetstream(timeout=10)
-            await js.add_stream(StreamConfig(name=stream, subjects=[subject]))
+            await add_stream(js, StreamConfig(name=stream, subjects=[subject]))
             for payload, headers in messages:
                 await js.publish(subject, payload, headers=headers)
             last = (await js.publish(subject, valid_payload(78, "after", True))).seq

@@ -7,7 +7,7 @@ import os
 
 import nats
 
-from tests.harness import NatsCluster
+from tests.harness import NatsCluster, add_stream
 
 
 def _alive(pid: int) -> bool:
@@ -32,7 +32,7 @@ async def test_r3_stream_publish_consume_and_teardown(tmp_path):
         nc = await nats.connect(servers=cluster.urls, connect_timeout=5)
         try:
             js = nc.jetstream(timeout=10)
-            await js.add_stream(name="harness-r3", subjects=["harness.r3"], num_replicas=3)
+            await add_stream(js, name="harness-r3", subjects=["harness.r3"], num_replicas=3)
             info = await js.stream_info("harness-r3")
             assert info.config.num_replicas == 3
             assert info.cluster is not None and len(info.cluster.replicas or []) == 2

@@ -19,6 +19,7 @@ from marmot_appliance.replication.publisher import Publisher
 from marmot_appliance.replication.sharding import shard_for
 from marmot_appliance.replication.streams import ensure_streams, stream_config
 from marmot_appliance.spec.model import BatchLimits, ReplicationSettings
+from tests.harness import add_stream
 
 SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER, body BLOB)"
 
@@ -104,7 +105,7 @@ async def test_unacknowledged_rows_stay_pending_and_go_out_later(wal_db, js_conn
         with pytest.raises(Exception):
             await publisher.publish_round()
         assert await db_thread.run(capture.pending_count) == 2
-        await js.add_stream(stream_config(replication, 1, 1))
+        await add_stream(js, stream_config(replication, 1, 1))
         assert await publisher.publish_round() is False
         assert await db_thread.run(capture.pending_count) == 0
         msgs = await _stream_messages(js, "late-1")

@@ -26,6 +26,7 @@ from marmot_appliance.snapshots import (
 )
 from marmot_appliance.snapshots.store import retry_no_responders
 from marmot_appliance.spec.model import TableSelection
+from tests.harness import add_stream
 from tests.snapshot_support import SCHEMA, connect, fill, make_cluster, positions_of, user_digests
 
 S1, S2 = "marmot-changes-1", "marmot-changes-2"
@@ -65,7 +66,7 @@ async def test_restore_takes_only_a_snapshot_reaching_every_streams_first_entry(
     nc, js = await connect(nats_cluster.urls)
     try:
         for shard, stream in ((1, S1), (2, S2)):
-            await js.add_stream(name=stream, subjects=[f"marmot-change-log-{shard}"])
+            await add_stream(js, name=stream, subjects=[f"marmot-change-log-{shard}"])
             for i in range(30):
                 await retry_no_responders(lambda: js.publish(f"marmot-change-log-{shard}", b"x%d" % i))
         await js.purge_stream(S1, seq=21)  # S1 starts at 21

@@ -23,6 +23,7 @@ from marmot_appliance.snapshots import (
 from marmot_appliance.snapshots.errors import LeaseLostError
 from marmot_appliance.snapshots.lease import SnapshotLease
 from marmot_appliance.snapshots.store import SnapshotStore, retry_no_responders
+from tests.harness import add_stream
 from tests.snapshot_support import SCHEMA, connect, fill, make_cluster, positions_of, user_digests
 
 
@@ -164,7 +165,7 @@ async def test_restore_refuses_to_drop_unpublished_local_changes(nats_cluster, w
             published.append(ack.seq)
             capture.mark_published([p.log_id for p in pending])
 
-        await js.add_stream(name="marmot-changes-1", subjects=["marmot-change-log-1"])
+        await add_stream(js, name="marmot-changes-1", subjects=["marmot-change-log-1"])
         # (a new stream can take a moment to answer publishes on every server: retried above)
         await restore_snapshot(js, cluster, cluster.node("n2"), target, flush_pending=flush)
         assert published == [1]
@@ -217,7 +218,7 @@ async def test_decide_restore_follows_stream_bounds_and_positions(nats_cluster, 
     cluster = make_cluster(nats_cluster.urls, {"n1": db, "n9": fresh}, shards=1)
     nc, js = await connect(nats_cluster.urls)
     try:
-        await js.add_stream(name="marmot-changes-1", subjects=["marmot-change-log-1"], max_msgs=10)
+        await add_stream(js, name="marmot-changes-1", subjects=["marmot-change-log-1"], max_msgs=10)
         for i in range(5):
             await retry_no_responders(lambda: js.publish("marmot-change-log-1", b"x%d" % i))
         decision = await decide_restore(js, cluster, cluster.node("n9"), fresh)
