@@ -140,13 +140,20 @@ async def wait_for_stream_leader(js: JetStreamContext, stream: str, timeout_s: f
     """Wait until a replicated stream has elected its leader; False if it did not in time.
 
     A just-created R3 stream answers publishes only once its leader is elected; without this
-    wait the very first publish can fail with "no responders"."""
+    wait the very first publish can fail with "no responders". While there is no leader (an
+    election under load, servers down) STREAM.INFO may get no answer at all: that is "not yet",
+    not a failure, so settling errors are waited through up to the same deadline."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     while True:
-        info = await js.stream_info(stream)
-        if info.cluster is None or info.cluster.leader:
-            return True
+        try:
+            info = await js.stream_info(stream)
+            if info.cluster is None or info.cluster.leader:
+                return True
+        except Exception as exc:  # noqa: BLE001 - classified right below
+            if not is_settling_error(exc):
+                raise
+            log.debug("stream %s: no answer while waiting for its leader (%s)", stream, exc or type(exc).__name__)
         if loop.time() > deadline:
             return False
         await asyncio.sleep(0.05)
