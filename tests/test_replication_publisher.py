@@ -125,7 +125,7 @@ async def test_retry_of_same_rows_is_deduplicated(wal_db, js_conn):
     capture.install()
     _insert(db, [("x", 1, b"\x00")])
     try:
-        builder = BatchBuilder(3, replication, nc.max_payload, capture.fingerprints(), capture.primary_keys())
+        builder = BatchBuilder(3, replication, nc.max_payload)
         first = builder.build_rows(capture.read_pending_rows(100))
         again = builder.build_rows(capture.read_pending_rows(100))  # "after the crash": nothing was marked
         assert [b.msg_id for b in first] == [b.msg_id for b in again]

@@ -16,9 +16,9 @@ from operator import itemgetter
 from typing import Any
 
 from marmot_appliance.replication import codec
-from marmot_appliance.replication.capture import PendingRows
+from marmot_appliance.replication.change_log import LogLayout, PendingRows
 from marmot_appliance.replication.sharding import shard_for
-from marmot_appliance.replication.types import ChangeBatch, LogLayout
+from marmot_appliance.replication.types import ChangeBatch
 from marmot_appliance.replication.wire.encode import BodyMap, LogRow
 from marmot_appliance.spec.model import ReplicationSettings
 
@@ -102,18 +102,13 @@ class BatchBuilder:
         node_id: int,
         replication: ReplicationSettings,
         max_payload: int,
-        fingerprints: dict[str, str] | None = None,
-        primary_keys: dict[str, tuple[str, ...]] | None = None,
     ):
         self.node_id = node_id
         self.replication = replication
         self.max_payload = max(1024, max_payload - PAYLOAD_HEADROOM)
         self.max_bytes = min(replication.batch.max_bytes, self.max_payload)
         self.max_rows = max(1, replication.batch.max_rows)
-        # The capture's current layouts, kept in step by the publisher. build_rows does not read
-        # them: every log row names the layout it was captured with.
-        self.fingerprints = fingerprints or {}
-        self.primary_keys = primary_keys or {}
+        # No schema state here: every log row names the layout it was captured with.
 
     def build_rows(self, read: PendingRows) -> list[OutgoingBatch]:
         """Encoded per-shard batches straight from raw log rows (no per-row objects), in shard

@@ -78,7 +78,6 @@ class Publisher:
         self.own_publishes = own_publishes
         self.read_limit = read_limit or max(1000, replication.batch.max_rows * 20)
         self._failures = 0
-        self._schema_refresh_needed = True
         self._last_round_rows = 0  # rows the last round read: decides whether to wait for more
         # Retires run here: the capture's own thread unless the caller gives a second one (then
         # the capture should have use_retire_connection() called, so both may run at once).
@@ -87,9 +86,9 @@ class Publisher:
         self._in_flight = 0
 
     def schema_changed(self) -> None:
-        """Capture was re-installed (or the database restored): refresh fingerprints, and let
-        the pipeline drain and re-read from the oldest pending row before sending more."""
-        self._schema_refresh_needed = True
+        """Capture was re-installed (or the database restored): let the pipeline drain and
+        re-read from the oldest pending row before sending more (each log row names its own
+        layout, so there is no schema state to refresh)."""
         self._resync = True
 
     def reread_log(self) -> None:
@@ -97,11 +96,6 @@ class Publisher:
         as log id, capture.relog_own_rows): drain, then read again from the oldest pending row.
         Without this they waited for the idle fallback, which a busy file never reaches."""
         self._resync = True
-
-    async def _refresh_schema(self) -> None:
-        self.builder.fingerprints = await self.db.run(self.capture.fingerprints)
-        self.builder.primary_keys = await self.db.run(self.capture.primary_keys)
-        self._schema_refresh_needed = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Publish until `stop` is set, then flush what is pending (bounded) and return.
@@ -154,8 +148,6 @@ class Publisher:
                 if self._pipeline_failure is not None:
                     continue
                 try:
-                    if self._schema_refresh_needed:
-                        await self._refresh_schema()
                     read, batches = await self.db.run(self._read_and_build, cursor)
                 except asyncio.CancelledError:
                     raise
@@ -293,8 +285,6 @@ class Publisher:
 
     async def publish_round(self) -> bool:
         """Publish one read of pending rows. True if more rows may be waiting."""
-        if self._schema_refresh_needed:
-            await self._refresh_schema()
         # Read and encode on the capture thread: the event loop stays free for acks.
         read, batches = await self.db.run(self._read_and_build)
         self._last_round_rows = len(read)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection
 
-    from marmot_appliance.replication.capture import PendingRows
+    from marmot_appliance.replication.change_log import PendingRows
 
 BOOKKEEPING_PREFIX = "_marmot_"
 # Applied stream positions, written in the same transaction as the rows they applied.
@@ -59,21 +59,6 @@ class ChangeBatch:
 _T = TypeVar("_T")
 
 
-class LogLayout(Protocol):
-    """The layout a log row was captured with (capture's _marmot_layouts row)."""
-
-    @property
-    def table(self) -> str: ...
-    @property
-    def columns(self) -> tuple[str, ...]: ...
-    @property
-    def primary_key(self) -> tuple[str, ...]: ...
-    @property
-    def fingerprint(self) -> str: ...
-    @property
-    def pk_indexes(self) -> tuple[int, ...]: ...
-
-
 class WorkerThread(Protocol):
     """Runs blocking database calls off the event loop, one at a time (a DbThread)."""
 
@@ -83,8 +68,6 @@ class WorkerThread(Protocol):
 class PublishSource(Protocol):
     """The captured-row log the publisher reads, retires and reports into (a ChangeCapture)."""
 
-    def fingerprints(self) -> dict[str, str]: ...
-    def primary_keys(self) -> dict[str, tuple[str, ...]]: ...
     def read_pending_rows(self, limit: int = ..., after_id: int = ...) -> PendingRows: ...
     def mark_rows_published(self, read: PendingRows, acked: Collection[int] | None = ...) -> int: ...
     def record_dead_letter(self, stream: str, reason: str) -> None: ...

@@ -28,12 +28,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cbor2
 
 from marmot_appliance.replication import bookkeeping as bk
-from marmot_appliance.replication.types import ChangeBatch, LogLayout, RowChange
+from marmot_appliance.replication.types import ChangeBatch, RowChange
 from marmot_appliance.replication.wire.envelope import (
     MAX_FRAGMENTS,
     MAX_ROW_BODY_BYTES,
@@ -42,6 +42,9 @@ from marmot_appliance.replication.wire.envelope import (
 )
 from marmot_appliance.replication.wire.errors import CodecError
 from marmot_appliance.spec.model import CompressionSettings
+
+if TYPE_CHECKING:  # change_log reads SQLite; the wire format only needs the layout's shape
+    from marmot_appliance.replication.change_log import LogLayout
 
 BodyMap = dict[str, Any]
 # A raw log row as capture.read_pending_rows returns it: (id, layout id, op, c0, c1, ...).
