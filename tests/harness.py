@@ -114,9 +114,17 @@ def make_wal_db(path: Path, schema: str = "") -> Path:
     return path
 
 
+async def settled(request, timeout_s: float = 120.0):
+    """A test's own idempotent JetStream request (`request` makes the coroutine), repeated while
+    the cluster settles, as the runtime does (replication/streams.py): under load a stream may be
+    electing its leader, and a STREAM.INFO sent then gets no answer within the request timeout
+    (CI failed that way on a bare stream_info)."""
+    return await retry_while_settling("test request", request, timeout_s)
+
+
 async def add_stream(js, *args, **kwargs):
     """A test's own stream set-up, repeated while JetStream settles (the runtime does the same,
     replication/streams.py): under load a cluster may briefly have no meta leader, and a create
     sent then gets no answer within the request timeout (seen once in CI). Creating a stream with
     the same config again is a no-op, so repeating is safe."""
-    return await retry_while_settling("test stream set-up", lambda: js.add_stream(*args, **kwargs), 120.0)
+    return await settled(lambda: js.add_stream(*args, **kwargs))

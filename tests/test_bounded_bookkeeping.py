@@ -19,7 +19,7 @@ from marmot_appliance.appliance.health import NodeHealth
 from marmot_appliance.appliance.status import NodeStatus, ProcessStatus, render_status_text
 from marmot_appliance.replication.own_publishes import OwnPublishes
 from marmot_appliance.spec.loader import load_cluster
-from tests.harness import free_ports
+from tests.harness import free_ports, settled
 from tests.replication_cluster import SubprocessNode, execute, external_nats_spec, wait_until
 
 SCHEMA = "CREATE TABLE notes (k TEXT PRIMARY KEY, v);"
@@ -120,7 +120,7 @@ async def test_a_change_log_that_does_not_drain_raises_the_alarm_and_keeps_every
         assert "\nmarmot_change_log_alarm 0.0" in node.metrics()
         nc = await nats.connect(nats_server.urls[0])
         try:
-            info = await nc.jetstream(timeout=10).stream_info("marmot-changes-1")
+            info = await settled(lambda: nc.jetstream(timeout=10).stream_info("marmot-changes-1"))
             assert info.state.messages >= 1  # the rows went out, none was dropped from the log
         finally:
             await nc.close()

@@ -21,6 +21,7 @@ from marmot_appliance.replication.codec import ORIGIN_HEADER, encode_batch
 from marmot_appliance.replication.streams import wait_for_stream_leader
 from marmot_appliance.replication.types import ChangeBatch, RowChange
 from marmot_appliance.spec.model import CompressionSettings, ReplicationSettings
+from tests.harness import settled
 
 STREAM_PREFIX = "marmot-changes"
 SUBJECT_PREFIX = "marmot-change-log"
@@ -115,7 +116,7 @@ async def wait_for_consumers(js, stream: str, count: int = 1, process=None) -> N
 
     `process` (a Popen running the feed) ends the wait early, with its stderr, if it exits."""
     for _ in range(900):
-        if (await js.stream_info(stream)).state.consumer_count >= count:
+        if (await settled(lambda: js.stream_info(stream))).state.consumer_count >= count:
             return
         if process is not None and process.poll() is not None:
             raise AssertionError(f"the feed exited ({process.returncode}) before a consumer appeared on "

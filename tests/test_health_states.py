@@ -20,7 +20,7 @@ from marmot_appliance.natsd.permissions import node_publish_allow
 from marmot_appliance.natsd.process import NatsServerProcess
 from marmot_appliance.node.config import config_from_flags
 from marmot_appliance.snapshots import save_snapshot
-from tests.harness import free_ports
+from tests.harness import free_ports, settled
 from tests.replication_cluster import (
     SubprocessNode,
     execute,
@@ -82,7 +82,7 @@ async def test_health_is_503_restoring_while_a_running_node_restores_a_snapshot(
                 if i % 10 == 0:
                     await asyncio.sleep(0.05)  # many messages
             await wait_until(lambda: log_rows(db1, "kv") == 0, 60, 0.2, "node 1 to publish everything")
-            last = (await js.stream_info(STREAM)).state.last_seq
+            last = (await settled(lambda: js.stream_info(STREAM))).state.last_seq
             await wait_until(lambda: positions(db1).get(STREAM, 0) >= last, 60, 0.2, "node 1's own position")
             config = config_from_flags(str(db1), 1, ",".join(urls), shards=1, max_log_entries=MAX_LOG_ENTRIES)
             await save_snapshot(js, config.cluster, config.node, db1, force=True)

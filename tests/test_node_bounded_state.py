@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from marmot_appliance.node.runtime import NodeRuntime
+from tests.harness import settled
 from tests.replication_cluster import InProcessNode, execute, log_rows, table_rows, wait_until
 
 SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v)"
@@ -66,7 +67,7 @@ async def test_replicate_false_forgets_acknowledged_sequences(nats_server, wal_d
         for i in range(20):
             execute(db, "INSERT INTO kv VALUES (?, ?)", (f"k{i}", i))
             await wait_until(lambda: log_rows(db, "kv") == 0, 30, 0.05, "the row to be published")
-        published = (await writer.runtime.js.stream_info(writer.runtime.replication.stream_name(1))).state.messages
+        published = (await settled(lambda: writer.runtime.js.stream_info(writer.runtime.replication.stream_name(1)))).state.messages
         assert published >= 2
         remembered = sum(len(seqs) for seqs in writer.runtime.own_publishes._seqs.values())
         assert remembered == 0, f"{remembered} acknowledged sequences kept by a node that never consumes"

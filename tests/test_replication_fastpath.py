@@ -20,6 +20,7 @@ from marmot_appliance.replication.capture import ChangeCapture
 from marmot_appliance.replication.digest import table_digest
 from marmot_appliance.replication.types import ChangeBatch, RowChange
 from marmot_appliance.spec.model import ReplicationSettings
+from tests.harness import settled
 
 SCHEMA = (
     "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER, price REAL, label TEXT, data BLOB);"
@@ -287,7 +288,7 @@ async def test_pipelined_publisher_publishes_everything_once(wal_db, nats_server
         await asyncio.wait_for(task, 60)
         seen = []
         for shard in (1, 2):
-            info = await js.stream_info(replication.stream_name(shard))
+            info = await settled(lambda: js.stream_info(replication.stream_name(shard)))
             for seq in range(info.state.first_seq, info.state.last_seq + 1):
                 msg = await js.get_msg(replication.stream_name(shard), seq)
                 seen += [r.pk[0] for r in codec.decode_batch(msg.data).rows]

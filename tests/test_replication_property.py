@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.harness import settled
 from tests.replication_cluster import InProcessNode, execute, table_rows, wait_converged
 
 SCHEMA = "CREATE TABLE kv (k TEXT PRIMARY KEY, v, who INTEGER)"
@@ -43,7 +44,7 @@ async def _republish_last(urls: list[str], stream: str, subject: str) -> None:
     nc = await nats.connect(urls, connect_timeout=10)
     try:
         js = nc.jetstream(timeout=10)
-        info = await js.stream_info(stream)
+        info = await settled(lambda: js.stream_info(stream))
         if info.state.messages == 0:
             return
         msg = await js.get_msg(stream, info.state.last_seq)

@@ -19,7 +19,7 @@ from marmot_appliance.replication.publisher import Publisher
 from marmot_appliance.replication.sharding import shard_for
 from marmot_appliance.replication.streams import ensure_streams, stream_config
 from marmot_appliance.spec.model import BatchLimits, ReplicationSettings
-from tests.harness import add_stream
+from tests.harness import add_stream, settled
 
 SCHEMA = "CREATE TABLE items (id TEXT PRIMARY KEY, n INTEGER, body BLOB)"
 
@@ -41,7 +41,7 @@ def _insert(db, rows):
 
 
 async def _stream_messages(js, stream: str) -> list:
-    info = await js.stream_info(stream)
+    info = await settled(lambda: js.stream_info(stream))
     out = []
     for seq in range(info.state.first_seq, info.state.last_seq + 1):
         out.append(await js.get_msg(stream, seq))
@@ -132,7 +132,7 @@ async def test_retry_of_same_rows_is_deduplicated(wal_db, js_conn):
         for outgoing in first + again:
             ack = await js.publish(f"{replication.subject(1)}.3", outgoing.payload, headers={MSG_ID_HEADER: outgoing.msg_id})
         assert ack.duplicate is True
-        assert (await js.stream_info(replication.stream_name(1))).state.messages == 1
+        assert (await settled(lambda: js.stream_info(replication.stream_name(1)))).state.messages == 1
     finally:
         capture.close()
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from tests.harness import settled
 from tests.test_appliance_local import (
     SCHEMA,
     Appliance,
@@ -222,7 +223,7 @@ def test_no_identity_may_purge_or_delete_the_streams(applied: Appliance):
                 js = nc.jetstream(timeout=3)
                 reasons[f"{who} purge"] = await refused(lambda: js.purge_stream(STREAM), errors)
                 reasons[f"{who} delete"] = await refused(lambda: js.delete_stream(STREAM), errors)
-                info = await js.stream_info(STREAM)
+                info = await settled(lambda: js.stream_info(STREAM))
                 assert info.state.messages > 0, who
             finally:
                 await nc.close()

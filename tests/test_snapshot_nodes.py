@@ -13,6 +13,7 @@ import nats
 from marmot_appliance.node.config import NodeConfig
 from marmot_appliance.snapshots import open_store, save_snapshot
 from marmot_appliance.spec.model import SnapshotSettings
+from tests.harness import settled
 from tests.replication_cluster import InProcessNode, digest, execute, wait_converged, wait_until
 
 SCHEMA = "CREATE TABLE notes (id TEXT PRIMARY KEY, body TEXT, n INTEGER);"
@@ -45,7 +46,7 @@ async def write_many_commits(db, prefix: str, count: int) -> None:
 
 
 async def stream_first_seq(js) -> int:
-    return (await js.stream_info(STREAM)).state.first_seq
+    return (await settled(lambda: js.stream_info(STREAM))).state.first_seq
 
 
 async def push_log_past(js, db, prefix: str, position: int) -> None:

@@ -12,6 +12,7 @@ import nats
 import pytest
 
 from marmot_appliance.feed import json_value
+from tests.harness import settled
 from tests.replication_cluster import SubprocessNode, execute, wait_converged
 from tests.test_watch import WatchProcess
 
@@ -64,13 +65,13 @@ async def test_changes_on_two_nodes_appear_in_watch_in_stream_order(nats_cluster
         # stream instance): wait for both, or the watch's consumer is mistaken for a node's and
         # the rows are written before the watch listens.
         for _ in range(600):
-            if (await js.stream_info("marmot-changes-1")).state.consumer_count >= len(nodes):
+            if (await settled(lambda: js.stream_info("marmot-changes-1"))).state.consumer_count >= len(nodes):
                 break
             await asyncio.sleep(0.1)
-        baseline = (await js.stream_info("marmot-changes-1")).state.consumer_count
+        baseline = (await settled(lambda: js.stream_info("marmot-changes-1"))).state.consumer_count
         live = WatchProcess("--nats-url", nats_cluster.url, "--table", "kinds")  # from now
         for _ in range(600):
-            if (await js.stream_info("marmot-changes-1")).state.consumer_count > baseline:
+            if (await settled(lambda: js.stream_info("marmot-changes-1"))).state.consumer_count > baseline:
                 break
             await asyncio.sleep(0.1)
 
