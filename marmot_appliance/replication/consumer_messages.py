@@ -125,6 +125,7 @@ class ShardMessages:
         items: list[ApplyItem] = []
         expected = self.position + 1
         simple = True
+        all_own = True  # every item this process's own publish: nothing to apply, only the position moves
         for m in msgs:
             seq = m.metadata.sequence.stream
             if seq < expected:
@@ -135,6 +136,7 @@ class ShardMessages:
             if self.own_publishes is not None and self.own_publishes.take(self.stream, seq):
                 items.append((ChangeBatch(origin=self.node_id, rows=()), self.stream, seq))
             else:
+                all_own = False
                 try:
                     batch = await _decode(m.data)
                 except codec.CodecError:
@@ -148,6 +150,11 @@ class ShardMessages:
                     break
                 items.append((batch, self.stream, seq))
             expected = seq + 1
+        if simple and items and all_own:
+            # As handle() does for one own message: no write transaction, the position is
+            # stored at the next idle moment (OWN_POSITION_SAVE_S) or with the next applied batch.
+            await self._skip_own(items[-1][2], msgs[-1].metadata.num_pending)
+            return False
         if simple and items:
             try:
                 await self._apply_many_with_retry(items)
@@ -198,12 +205,7 @@ class ShardMessages:
             if await self._truncated(seq):
                 return True
         if self.own_publishes is not None and self.own_publishes.take(self.stream, seq):
-            # Published by this very process: the rows are ours already, only the position moves.
-            self.position = seq
-            self._unsaved_own_seq = seq
-            if num_pending == 0 and time.monotonic() - self._own_position_saved_at >= OWN_POSITION_SAVE_S:
-                await self._save_own_position()
-            self._after_apply(num_pending, rows=0)
+            await self._skip_own(seq, num_pending)
             return False
         try:
             batch = await _decode(payload)
@@ -312,6 +314,16 @@ class ShardMessages:
         self.metrics.inc("dead_letter_bytes", kept)
         if kept < len(payload):
             self.metrics.inc("dead_letters_truncated")
+
+    async def _skip_own(self, seq: int, num_pending: int) -> None:
+        """Messages up to `seq` were published by this very process: the rows are ours already,
+        only the position moves (stored when the stream is drained, at most every
+        OWN_POSITION_SAVE_S, or by the next applied batch's transaction)."""
+        self.position = seq
+        self._unsaved_own_seq = seq
+        if num_pending == 0 and time.monotonic() - self._own_position_saved_at >= OWN_POSITION_SAVE_S:
+            await self._save_own_position()
+        self._after_apply(num_pending, rows=0)
 
     async def _save_own_position(self) -> None:
         """Store the position reached by skipping own messages (an empty batch moves it)."""
