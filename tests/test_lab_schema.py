@@ -138,7 +138,7 @@ def test_site_yml_rolls_a_schema_change_out_while_every_host_writes(lab, schema_
     migrated = re.findall(r"TASK \[marmot_node : Apply the declared schema to the node's database\].*?\n"
                           r"(?:.*\n)*?changed: \[(node\d)\]", rolling)
     assert migrated == HOSTS, rolling[-4000:]
-    assert "Restart where the configuration or code changed" in rolling  # the rolling play ran ...
+    assert "TASK [Restart the node if its configuration changed]" in rolling  # the rolling play ran ...
     assert "TASK [marmot_service : Restart under systemd marmot-node]" not in rolling  # ... restarting nothing
     for host in HOSTS:
         assert json.loads(lab.python(host, COLUMNS)) == {
