@@ -18,7 +18,7 @@ from marmot_appliance.replication import bookkeeping as bk
 from marmot_appliance.replication.introspect import TableLayout, table_layout, user_tables
 from marmot_appliance.replication.sqlite_util import quote_ident, schema_version
 from marmot_appliance.replication.trigger_guard import AppTriggerGuard
-from marmot_appliance.replication.types import RowChange
+from marmot_appliance.replication.types import BOOKKEEPING_PREFIX, RowChange
 from marmot_appliance.spec.model import TableSelection
 
 PlanAction = Literal["apply", "park", "ignore"]
@@ -52,6 +52,13 @@ class RowPlan:
     # parameters, for a group whose every row won (see RowWriter.apply_groups); "" when not allowed.
     unguarded_sql: str = ""
     grouped_key: GroupedKeyOf = field(default=_no_key)  # grouped row -> its key (a value, or a tuple)
+    # The same three statements as one statement each over the group's rows loaded into the set
+    # table of their width (set_table; RowWriter.apply_groups): "" when rows this wide cannot
+    # have a set table (SQLite's column limit), and the group takes the executemany form.
+    width: int = 0  # of a grouped row: the columns, then version and origin
+    set_versions_sql: str = ""
+    set_apply_sql: str = ""
+    set_unguarded_sql: str = ""  # "" exactly when unguarded_sql is ""
 
 
 class _VersionGetters(dict[int, Callable[[Sequence[Any]], int]]):
@@ -68,6 +75,56 @@ _VERSION_OF = _VersionGetters()
 def version_of(width: int) -> Callable[[Sequence[Any]], int]:
     """The getter of a grouped row's version, for rows of `width` columns (cached)."""
     return _VERSION_OF[width]
+
+
+# The set tables: one temporary table per row width on the applier's connection, untyped
+# columns p1 .. pN (a value keeps the storage class it was bound with), loaded with a row group
+# in its order; its statements read it as SET_ALIAS and the rowid gives that order.
+SET_ALIAS = '"src"'
+SET_ORDER = f"{SET_ALIAS}.rowid"
+
+
+def set_table(width: int) -> str:
+    return f"temp.{quote_ident(f'{BOOKKEEPING_PREFIX}set_{width}')}"
+
+
+def set_ref(param: int) -> str:
+    """The set table's column for the numbered parameter ?param of the per-row statements.
+
+    The unary + makes it an expression without affinity, as a bound parameter is: compared with
+    a table column, the column's affinity applies to it exactly as to ?param (a bare column
+    reference of an untyped table has BLOB affinity and would compare '5' and 5 unconverted).
+    It still counts as a column for collation, with precedence to the left operand: every
+    comparison keeps the table's column on the left, so that column's collation applies.
+    """
+    return f"+{SET_ALIAS}.{quote_ident(f'p{param}')}"
+
+
+@dataclass(frozen=True)
+class SetTableSql:
+    create: str
+    clear: str
+    load: str
+
+
+class _SetTables(dict[int, SetTableSql]):
+    def __missing__(self, width: int) -> SetTableSql:
+        table = set_table(width)
+        columns = ", ".join(quote_ident(f"p{i + 1}") for i in range(width))
+        sql = self[width] = SetTableSql(
+            f"CREATE TEMP TABLE IF NOT EXISTS {table} ({columns})",
+            f"DELETE FROM {table}",
+            f"INSERT INTO {table} ({columns}) VALUES ({', '.join('?' * width)})",
+        )
+        return sql
+
+
+_SET_TABLES = _SetTables()
+
+
+def set_table_sql(width: int) -> SetTableSql:
+    """The statements that create, clear and load the set table of rows `width` wide (cached)."""
+    return _SET_TABLES[width]
 
 
 def _single_key(index: int) -> KeyOf:
@@ -88,6 +145,8 @@ class RowPlanner:
         self._layouts: dict[str, TableLayout] = {}  # lower-case name -> layout
         self.plans: dict[Shape, RowPlan] = {}
         self._versions_ready: set[str] = set()
+        # Rows wider than this get no set table (a table has at most this many columns).
+        self._max_set_width = conn.getlimit(sqlite3.SQLITE_LIMIT_COLUMN)
 
     def forget_schema(self) -> None:
         """The file was replaced: re-read its schema on the next refresh."""
@@ -162,10 +221,23 @@ class RowPlanner:
         # every parameter of a row to be numbered in the statement.
         always = f"?{version_param} IS NOT NULL AND ?{origin_param} IS NOT NULL"
         table = quote_ident(layout.name)
+        # The set forms: the same statements over the group's rows in the set table, in their
+        # order (set_ref: each ?N becomes the column pN, compared exactly as the parameter).
+        width = n + 2
+        source = f"{set_table(width)} AS {SET_ALIAS}"
+        key_refs = [set_ref(p) for p in key_params]
+        set_winner = bk.recorded_version_condition(layout.name, key_refs, set_ref(version_param), set_ref(origin_param))
         if op == "delete":
             match = " AND ".join(f"{quote_ident(col)} = ?{p}" for col, p in zip(layout.primary_key, key_params))
             apply_sql = f"DELETE FROM {table} WHERE {match} AND {winner}"
             unguarded_sql = f"DELETE FROM {table} WHERE {match} AND {always}"
+            # The key columns on the left: their affinity and collation apply, as in `match`.
+            key_tuple = f"({', '.join(quote_ident(col) for col in layout.primary_key)})"
+            set_apply_sql = (
+                f"DELETE FROM {table} WHERE {key_tuple} IN "
+                f"(SELECT {', '.join(key_refs)} FROM {source} WHERE {set_winner})"
+            )
+            set_unguarded_sql = f"DELETE FROM {table} WHERE {key_tuple} IN (SELECT {', '.join(key_refs)} FROM {source})"
             deleted = 1
         else:
             targets = ", ".join(quote_ident(local_columns[col]) for col in incoming)
@@ -201,6 +273,16 @@ class RowPlanner:
                 f"ON CONFLICT ({conflict}) DO UPDATE SET {', '.join(updates)} WHERE {always}"
                 if updates else ""
             )
+            set_values = ", ".join(set_ref(i + 1) for i in range(n))
+            set_apply_sql = (
+                f"INSERT INTO {table} ({targets}) SELECT {set_values} FROM {source} WHERE {set_winner} "
+                f"ORDER BY {SET_ORDER} ON CONFLICT ({conflict}) {on_conflict}"
+            )
+            set_unguarded_sql = (
+                f"INSERT INTO {table} ({targets}) SELECT {set_values} FROM {source} WHERE true "
+                f"ORDER BY {SET_ORDER} ON CONFLICT ({conflict}) DO UPDATE SET {', '.join(updates)}"
+                if updates else ""
+            )
             deleted = 0
         if len(key_positions) == 1:
             key_of = _single_key(key_positions[0])
@@ -210,6 +292,13 @@ class RowPlanner:
         # Python" (the duplicate check in RowWriter.apply_groups): true for BINARY keys, not NOCASE/RTRIM.
         if any(collation.upper() != "BINARY" for collation in layout.pk_collations):
             unguarded_sql = ""
+        if not unguarded_sql:
+            set_unguarded_sql = ""
+        set_versions_sql = bk.versions_upsert_set_sql(
+            layout.name, key_refs, set_ref(version_param), set_ref(origin_param), deleted, source, SET_ORDER
+        )
+        if width > self._max_set_width:
+            set_versions_sql = set_apply_sql = set_unguarded_sql = ""
         return RowPlan(
             "apply",
             table=layout.name,
@@ -222,4 +311,8 @@ class RowPlanner:
             ),
             unguarded_sql=unguarded_sql,
             grouped_key=operator.itemgetter(*key_positions),
+            width=width,
+            set_versions_sql=set_versions_sql,
+            set_apply_sql=set_apply_sql,
+            set_unguarded_sql=set_unguarded_sql,
         )

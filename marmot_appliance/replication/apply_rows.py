@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from marmot_appliance.replication.apply_plan import RowPlan, RowPlanner, Shape, version_of
+from marmot_appliance.replication.apply_plan import RowPlan, RowPlanner, Shape, set_table_sql, version_of
 from marmot_appliance.replication.apply_transaction import ApplyOutcome, ApplyTransaction
 from marmot_appliance.replication.codec import GroupedBatch
 from marmot_appliance.replication.parked_rows import HeldEntry, ParkedEntry, ParkedRows, encode_parked_change
@@ -28,6 +28,11 @@ GroupWork = tuple[RowPlan, list[list[Any]], list[list[Any]]]
 
 class RowWriter:
     """Applies rows of one batch at a time through the plans; one connection, one caller."""
+
+    # Row groups go through their plans' set statements (RowPlan.set_*_sql): one executemany
+    # loads a group into a temporary table, and the versions upsert and the row statement run
+    # once each over it. False: one executemany per statement, as before (tests compare both).
+    set_based = True
 
     def __init__(self, tx: ApplyTransaction, planner: RowPlanner, parked: ParkedRows) -> None:
         self._tx = tx
@@ -102,7 +107,10 @@ class RowWriter:
         outcome.rows_stale += len(planned) - won
 
     def apply_groups(self, batch: GroupedBatch, outcome: ApplyOutcome, stream: str, seq: int) -> None:
-        """Apply a GroupedBatch (inside the open transaction): two executemany per row group.
+        """Apply a GroupedBatch (inside the open transaction): per row group, one executemany
+        loads its rows into the set table of their width, then the versions upsert and the row
+        statement run once each over that table (RowPlan.set_*_sql), row by row in the group's
+        order, exactly as an executemany of the per-row statements would.
 
         Same statements and guarantees as apply_rows; the row lists go to SQLite as they came
         out of the decoder. Rare cases (parked tables, a constraint error) take the per-row path.
@@ -137,18 +145,27 @@ class RowWriter:
         conn.execute("SAVEPOINT marmot_batch")
         try:
             won = total = 0
-            statements = []
+            unguarded: list[bool] = []
+            # The set table of each width and the row list it holds now (loads in this savepoint).
+            loaded: dict[int, list[list[Any]]] = {}
             # All version records first (see apply_rows), then the rows that won.
             for plan, recorded, params in work:
-                group_won = max(conn.executemany(plan.grouped_versions_sql, recorded).rowcount, 0) if recorded else 0
+                if not recorded:
+                    group_won = 0
+                elif plan.set_versions_sql and self.set_based:
+                    self._load_set(conn, loaded, plan.width, recorded)
+                    group_won = max(conn.execute(plan.set_versions_sql).rowcount, 0)
+                else:
+                    group_won = max(conn.executemany(plan.grouped_versions_sql, recorded).rowcount, 0)
                 won += group_won
                 total += len(params)
-                statements.append(
-                    plan.unguarded_sql if group_won == len(params) and self.keys_unique(plan, params, work)
-                    else plan.apply_sql
-                )
-            for (_, _, params), statement in zip(work, statements):
-                conn.executemany(statement, params)
+                unguarded.append(group_won == len(params) and self.keys_unique(plan, params, work))
+            for (plan, _, params), bare in zip(work, unguarded):
+                if plan.set_versions_sql and self.set_based:
+                    self._load_set(conn, loaded, plan.width, params)
+                    conn.execute(plan.set_unguarded_sql if bare else plan.set_apply_sql)
+                else:
+                    conn.executemany(plan.unguarded_sql if bare else plan.apply_sql, params)
         except sqlite3.Error as exc:
             rollback_to_savepoint(conn, "marmot_batch", exc)
             if is_busy_error(exc) or is_environment_error(exc):
@@ -163,6 +180,25 @@ class RowWriter:
         conn.execute("RELEASE marmot_batch")
         outcome.rows_applied += won
         outcome.rows_stale += total - won
+
+    @staticmethod
+    def _load_set(
+        conn: sqlite3.Connection, loaded: dict[int, list[list[Any]]], width: int, rows: list[list[Any]]
+    ) -> None:
+        """Make the set table of `width` hold exactly `rows`, in their order (rowids ascending).
+
+        `loaded` is the caller's record of what each set table holds since its savepoint began:
+        a list already loaded is not loaded again. The table is created on first use (in the
+        savepoint, so a rollback may drop it again: hence IF NOT EXISTS once per savepoint).
+        """
+        if loaded.get(width) is rows:
+            return
+        sql = set_table_sql(width)
+        if width not in loaded:
+            conn.execute(sql.create)
+        conn.execute(sql.clear)
+        conn.executemany(sql.load, rows)
+        loaded[width] = rows
 
     @staticmethod
     def keys_unique(plan: RowPlan, params: list[list[Any]], work: list[GroupWork]) -> bool:

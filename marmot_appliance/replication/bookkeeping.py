@@ -300,10 +300,34 @@ def recorded_version_sql(table: str, key_params: list[int], version_param: int, 
     After the batch's versions were recorded (newer ones only), this holds exactly for the rows
     that won. key_params are the numbered parameters (?N) holding the key values, in key order.
     """
-    conditions = " AND ".join(f"{quote_ident(key_column(i))} = ?{p}" for i, p in enumerate(key_params))
+    return recorded_version_condition(
+        table, [f"?{p}" for p in key_params], f"?{version_param}", f"?{origin_param}"
+    )
+
+
+def recorded_version_condition(table: str, key_refs: list[str], version_ref: str, origin_ref: str) -> str:
+    """recorded_version_sql over any expressions: parameters (?N), or the columns of the
+    applier's set table (apply_plan.set_ref: "+src.pN", which compares like a parameter)."""
+    conditions = " AND ".join(f"{quote_ident(key_column(i))} = {ref}" for i, ref in enumerate(key_refs))
     return (
         f"EXISTS (SELECT 1 FROM {quote_ident(versions_table_name(table))} WHERE {conditions} "
-        f"AND version = ?{version_param} AND origin = ?{origin_param})"
+        f"AND version = {version_ref} AND origin = {origin_ref})"
+    )
+
+
+def versions_upsert_set_sql(
+    table: str, key_refs: list[str], version_ref: str, origin_ref: str, deleted: int, source: str, order: str
+) -> str:
+    """versions_upsert_numbered_sql over the rows of a set table (`source`, in `order`): one
+    statement for a whole row group, row by row in the group's order as executemany would."""
+    keys = ", ".join(quote_ident(key_column(i)) for i in range(len(key_refs)))
+    return (
+        f"INSERT INTO {quote_ident(versions_table_name(table))} ({keys}, version, origin, deleted) "
+        f"SELECT {', '.join(key_refs)}, {version_ref}, {origin_ref}, {int(deleted)} FROM {source} "
+        f"WHERE true ORDER BY {order} "
+        f"ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version, "
+        "origin = excluded.origin, deleted = excluded.deleted "
+        "WHERE (excluded.version, excluded.origin) > (version, origin)"
     )
 
 
